@@ -1,0 +1,40 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    create .venv, install, start the app on http://localhost:8501
+#   make test   install the test tools and Chromium too, then run the whole suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test install install-test chromium lint gpu-test
+
+$(BIN)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(BIN)/.installed-test: requirements-test.txt $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -r requirements-test.txt
+	touch $@
+
+install: $(BIN)/.installed
+
+install-test: $(BIN)/.installed-test chromium
+
+chromium:
+	@command -v chromium >/dev/null || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver)
+
+run: install
+	$(BIN)/streamlit run Home.py --server.port 8501
+
+lint: $(BIN)/.installed-test
+	$(BIN)/ruff check .
+
+# pytest exits 5 when it collected nothing: that is a failure too.
+test: install-test lint
+	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# On a CUDA machine (the device tool runs this there): only the GPU tests.
+gpu-test:
+	HF_HUB_OFFLINE=1 python3 -m pytest -m gpu $(PYTEST_ARGS)

@@ -1,0 +1,15 @@
+"""The process-wide objects, built once with `st.cache_resource` and shared by every browser session.
+
+This is the only module in `core/` that imports streamlit.
+"""
+from __future__ import annotations
+
+import streamlit as st
+
+from core.config import Settings
+from core.manager import ModelManager
+
+
+@st.cache_resource(show_spinner=False)
+def get_manager() -> ModelManager:
+    return ModelManager(Settings.from_env())

@@ -1,0 +1,43 @@
+"""Typed failures of the model core. Pages turn each into one message with its remedy."""
+from __future__ import annotations
+
+
+class DashboardError(Exception):
+    """Base class: `remedy` tells the user what to do about it."""
+
+    remedy: str = ""
+
+    def __init__(self, message: str, remedy: str | None = None) -> None:
+        super().__init__(message)
+        if remedy is not None:
+            self.remedy = remedy
+
+
+class ModelUnavailableError(DashboardError):
+    """The model's weights cannot be had: offline, unknown repo id, missing or broken files."""
+
+    remedy = (
+        "Check the repo id, or point DASH_MODELS_ROOT at a folder that holds the model in Hub layout, "
+        "or use the stand-in model (random weights) to try the page."
+    )
+
+
+class GatedModelError(ModelUnavailableError):
+    """The repo exists but needs an accepted licence and a token."""
+
+    remedy = (
+        "Accept the model's licence on its Hub page, then set HF_TOKEN in the environment "
+        "or in .streamlit/secrets.toml and restart the app."
+    )
+
+
+class GpuOutOfMemoryError(DashboardError):
+    """The GPU ran out of memory; what the run held has been released."""
+
+    remedy = "Try a smaller input or batch, unload other models on the VRAM monitor page, or use the CPU."
+
+
+class BadInputError(DashboardError):
+    """The user's input cannot be used; the message names the input and its value."""
+
+    remedy = "Correct the input and try again."

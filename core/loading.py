@@ -1,0 +1,136 @@
+"""Turning a ModelSpec into a live object through each library's public loading API.
+
+Where a model comes from, in order: a per-model folder (`DASH_MODEL_<KEY>`), `<models_root>/<repo_id>`,
+then the Hub (or GitHub for torch.hub). Every failure comes out as a typed `core.errors` exception.
+"""
+from __future__ import annotations
+
+import os
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.config import Settings
+from core.errors import GatedModelError, ModelUnavailableError
+from core.registry import Family, ModelSpec
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from: a local folder (Hub layout) or a Hub / GitHub repo id."""
+
+    location: str
+    is_local: bool
+    is_standin: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.is_standin:
+            return f"stand-in (random weights) at {self.location}"
+        return f"local folder {self.location}" if self.is_local else f"Hub: {self.location}"
+
+
+def env_var_for(spec: ModelSpec) -> str:
+    base_key = spec.key.split("@", 1)[0]
+    return "DASH_MODEL_" + base_key.upper().replace("-", "_")
+
+
+def resolve_source(spec: ModelSpec, settings: Settings, environ: dict[str, str] | None = None) -> ModelSource:
+    env = os.environ if environ is None else environ
+    if "@" not in spec.key and env.get(env_var_for(spec)):
+        return ModelSource(str(Path(env[env_var_for(spec)]).expanduser()), is_local=True)
+    if Path(spec.repo_id).is_absolute():
+        return ModelSource(spec.repo_id, is_local=True)
+    if settings.models_root is not None:
+        candidate = settings.models_root / spec.repo_id.split(":", 1)[0]
+        if candidate.is_dir():
+            return ModelSource(str(candidate), is_local=True)
+    return ModelSource(spec.repo_id, is_local=False)
+
+
+def load(spec: ModelSpec, source: ModelSource, device: torch.device, dtype: torch.dtype, settings: Settings) -> Any:
+    """Load `spec` from `source` onto `device`; raises ModelUnavailableError / GatedModelError."""
+    if source.is_local and not Path(source.location).is_dir():
+        raise ModelUnavailableError(f"{spec.title}: the local folder {source.location} does not exist.")
+    try:
+        if spec.family is Family.TRANSFORMERS:
+            return _load_transformers(spec, source, device, dtype, settings)
+        if spec.family is Family.TORCH_HUB:
+            return _load_torch_hub(spec, source, device, dtype)
+        return _load_diffusers(spec, source, device, dtype, settings)
+    except ModelUnavailableError:
+        raise
+    except Exception as exc:  # each library raises its own zoo; classify once, here
+        raise classify_load_error(spec, source, exc) from exc
+
+
+def _load_transformers(spec: ModelSpec, source: ModelSource, device: torch.device, dtype: torch.dtype, settings: Settings) -> Any:
+    from transformers import pipeline
+
+    hub_args = {} if source.is_local else {"revision": spec.revision, "token": settings.hf_token}
+    pipe = pipeline(spec.task, model=source.location, device=device, dtype=dtype, **hub_args)
+    pipe.model.eval()
+    return pipe
+
+
+def _load_torch_hub(spec: ModelSpec, source: ModelSource, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    if source.is_local:
+        model = torch.hub.load(source.location, spec.hub_entry, source="local", weights=spec.hub_weights)
+    else:
+        try:
+            model = torch.hub.load(spec.repo_id, spec.hub_entry, weights=spec.hub_weights, trust_repo=True)
+        except (urllib.error.URLError, OSError):
+            # GitHub unreachable or rate-limited: the same network and weights enum ship inside torchvision.
+            import torchvision
+
+            weights = torchvision.models.get_weight(spec.hub_weights) if spec.hub_weights else None
+            model = torchvision.models.get_model(spec.hub_entry, weights=weights)
+    model = model.to(device=device, dtype=dtype).eval()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _load_diffusers(spec: ModelSpec, source: ModelSource, device: torch.device, dtype: torch.dtype, settings: Settings) -> Any:
+    import diffusers
+
+    pipeline_class = getattr(diffusers, spec.pipeline_class or "DiffusionPipeline")
+    hub_args = {} if source.is_local else {"revision": spec.revision, "token": settings.hf_token}
+    pipe = pipeline_class.from_pretrained(source.location, dtype=dtype, **hub_args)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def classify_load_error(spec: ModelSpec, source: ModelSource, exc: BaseException) -> ModelUnavailableError:
+    """One typed error, with the cause in words, for whatever a library raised while loading."""
+    from huggingface_hub import errors as hub_errors
+
+    where = source.label
+    for cause in _exception_chain(exc):
+        if isinstance(cause, hub_errors.GatedRepoError):
+            return GatedModelError(f"{spec.title}: {spec.repo_id} is a gated repo and needs an accepted licence and a token.")
+        if isinstance(cause, hub_errors.RepositoryNotFoundError):
+            return ModelUnavailableError(
+                f"{spec.title}: no repo {spec.repo_id} on the Hub (or it is private and needs a token).",
+                remedy="Check the spelling of the repo id (owner/name), or set HF_TOKEN for a private repo.",
+            )
+        if isinstance(cause, hub_errors.RevisionNotFoundError):
+            return ModelUnavailableError(f"{spec.title}: {spec.repo_id} has no revision {spec.revision!r}.")
+        if isinstance(cause, (hub_errors.OfflineModeIsEnabled, hub_errors.LocalEntryNotFoundError)):
+            return ModelUnavailableError(f"{spec.title}: the Hub cannot be reached and {spec.repo_id} is not in the local cache.")
+        if isinstance(cause, (TimeoutError, ConnectionError, urllib.error.URLError)):
+            return ModelUnavailableError(f"{spec.title}: the Hub, GitHub or download.pytorch.org could not be reached ({type(cause).__name__}).")
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ModelUnavailableError(f"{spec.title}: could not load from {where}: {message[:300]}")

@@ -1,0 +1,120 @@
+"""The models the dashboard serves, as plain specs. Loading lives in `core.loading`."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+
+class Family(StrEnum):
+    """Which public API loads the model; each has one loader and one stand-in builder."""
+
+    TRANSFORMERS = "transformers"  # transformers.pipeline(task, model=...)
+    TORCH_HUB = "torch.hub"  # torch.hub.load(repo, entry, weights=...)
+    DIFFUSERS = "diffusers"  # DiffusionPipeline.from_pretrained(...)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    key: str
+    title: str
+    task: str  # the transformers / diffusers task name, e.g. "image-classification"
+    family: Family
+    repo_id: str  # Hub repo id, or the torch.hub GitHub repo ("owner/name:tag")
+    param_count: int  # drives the memory estimate before the model is ever loaded
+    revision: str = "main"
+    hub_entry: str | None = None  # torch.hub entry point, e.g. "resnet50"
+    hub_weights: str | None = None  # torchvision weights enum name, e.g. "ResNet50_Weights.DEFAULT"
+    pipeline_class: str | None = None  # diffusers pipeline class name
+    standin_labels: tuple[str, ...] = ()  # class names a stand-in copies from the real config
+
+    def estimate_bytes(self, dtype_bytes: int) -> int:
+        # Weights plus ~20% for buffers and the allocator's rounding: close enough to decide what fits.
+        return int(self.param_count * dtype_bytes * 1.2)
+
+
+# torchvision publishes a tag per release; pinning it keeps torch.hub from running newer hubconf code.
+TORCHVISION_HUB_REPO = "pytorch/vision:v0.29.1"
+
+MODELS: dict[str, ModelSpec] = {
+    spec.key: spec
+    for spec in (
+        ModelSpec(
+            key="hotdog",
+            title="Hot dog or not (ViT-base)",
+            task="image-classification",
+            family=Family.TRANSFORMERS,
+            repo_id="julien-c/hotdog-not-hotdog",
+            param_count=85_800_000,
+            standin_labels=("hot dog", "not hot dog"),
+        ),
+        ModelSpec(
+            key="resnet50",
+            title="ImageNet classifier (ResNet50)",
+            task="imagenet-classification",
+            family=Family.TORCH_HUB,
+            repo_id=TORCHVISION_HUB_REPO,
+            param_count=25_600_000,
+            hub_entry="resnet50",
+            hub_weights="ResNet50_Weights.DEFAULT",
+        ),
+        ModelSpec(
+            key="sentiment",
+            title="Sentiment (DistilBERT SST-2)",
+            task="text-classification",
+            family=Family.TRANSFORMERS,
+            repo_id="distilbert/distilbert-base-uncased-finetuned-sst-2-english",
+            param_count=67_000_000,
+            standin_labels=("NEGATIVE", "POSITIVE"),
+        ),
+        ModelSpec(
+            key="sd15",
+            title="Stable Diffusion 1.5",
+            task="text-to-image",
+            family=Family.DIFFUSERS,
+            repo_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            param_count=1_066_000_000,
+            pipeline_class="StableDiffusionPipeline",
+        ),
+        ModelSpec(
+            key="sd14",
+            title="Stable Diffusion 1.4",
+            task="text-to-image",
+            family=Family.DIFFUSERS,
+            repo_id="CompVis/stable-diffusion-v1-4",
+            param_count=1_066_000_000,
+            pipeline_class="StableDiffusionPipeline",
+        ),
+        ModelSpec(
+            key="mr-potato-head",
+            title="Mr. Potato Head (DreamBooth SD 1.x)",
+            task="text-to-image",
+            family=Family.DIFFUSERS,
+            repo_id="sd-dreambooth-library/mr-potato-head",
+            param_count=1_066_000_000,
+            pipeline_class="StableDiffusionPipeline",
+        ),
+        ModelSpec(
+            key="ddpm-butterflies",
+            title="DDPM butterflies 32px (unconditional)",
+            task="unconditional-image-generation",
+            family=Family.DIFFUSERS,
+            repo_id="johnowhitaker/ddpm-butterflies-32px",
+            param_count=18_000_000,
+            pipeline_class="DDPMPipeline",
+        ),
+    )
+}
+
+# owner/name, as the Hub allows: letters, digits, '-', '_', '.', no '..' and no leading or trailing separator.
+_REPO_ID = re.compile(r"^(?!.*\.\.)[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?/[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?$")
+
+
+def is_valid_repo_id(repo_id: str) -> bool:
+    return bool(_REPO_ID.match(repo_id))
+
+
+def custom_spec(base_key: str, repo_id: str) -> ModelSpec:
+    """A spec for a user-chosen repo of the same kind as `base_key` (another SD 1.x, another classifier)."""
+    base = MODELS[base_key]
+    return replace(base, key=f"{base_key}@{repo_id}", title=repo_id, repo_id=repo_id, standin_labels=base.standin_labels)

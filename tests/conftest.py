@@ -1,0 +1,123 @@
+"""Shared fixtures: offline Hub, stand-in models built once per run, a fresh manager, a running app."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# Nothing in the tests may wait on a network timeout: the Hub is unreachable here, in CI and on the device.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU: run with the device tool (see README, GPU tests)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def standin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One stand-in folder per test run: each stand-in is built once, on first use."""
+    return tmp_path_factory.mktemp("standins")
+
+
+@pytest.fixture()
+def settings(standin_dir: Path):
+    from core.config import Settings
+
+    return Settings(standin_dir=standin_dir, device="auto")
+
+
+@pytest.fixture()
+def manager(settings):
+    from core.manager import ModelManager
+
+    return ModelManager(settings)
+
+
+@pytest.fixture()
+def app_env(monkeypatch: pytest.MonkeyPatch, standin_dir: Path):
+    """Environment for AppTest runs: stand-ins allowed automatically, and a fresh process-wide manager."""
+    from core.app_state import get_manager
+
+    monkeypatch.setenv("DASH_STANDIN_DIR", str(standin_dir))
+    monkeypatch.setenv("DASH_STANDIN_FALLBACK", "1")
+    get_manager.clear()
+    yield
+    get_manager.clear()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def app_url(tmp_path_factory: pytest.TempPathFactory, standin_dir: Path):
+    """The app started as the README starts it (streamlit run Home.py, the project's config), on a free port."""
+    port = _free_port()
+    env = {**os.environ, "DASH_STANDIN_DIR": str(standin_dir), "DASH_STANDIN_FALLBACK": "1"}
+    log = (tmp_path_factory.mktemp("app") / "streamlit.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "Home.py", "--server.port", str(port), "--server.address", "127.0.0.1"],
+        cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"streamlit did not start; see {log.name}") from None
+            time.sleep(0.2)  # polling a health endpoint, not synchronising on a guess
+    yield url
+    process.terminate()
+    process.wait(timeout=20)
+    log.close()
+
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    executable = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+    if not Path(executable).exists():
+        pytest.fail(f"Chromium not found at {executable}: `make test` installs Debian's chromium package")
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
+        yield instance
+        instance.close()
+
+
+@pytest.fixture()
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    tab = context.new_page()
+    yield tab
+    context.close()

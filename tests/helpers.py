@@ -1,0 +1,24 @@
+"""Helpers for browser tests (imported by test modules; fixtures live in conftest.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+
+
+def screenshot(tab, name: str) -> Path:
+    """Full-page screenshot under artifacts/screenshots/, for people to look at."""
+    path = ARTIFACTS / "screenshots" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tab.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def wait_for_app_idle(tab, timeout_ms: int = 60_000) -> None:
+    """Streamlit shows its status widget while a script runs; wait until the run has finished."""
+    tab.wait_for_selector("[data-testid='stApp']", timeout=timeout_ms)
+    tab.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
+        " || !document.querySelector('[data-testid=\"stStatusWidget\"]').innerText.includes('Running')",
+        timeout=timeout_ms,
+    )

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from core.app_state import get_manager
+from core.errors import ModelUnavailableError
+from core.registry import MODELS
+
+HOME = str(Path(__file__).resolve().parent.parent / "Home.py")
+
+
+def test_home_renders_machine_and_every_model(app_env):
+    at = AppTest.from_file(HOME, default_timeout=60).run()
+    assert not at.exception
+    assert at.title[0].value.startswith("🧪 Model dashboard")
+    assert any(m.label == "Accelerator" for m in at.metric)
+    table = at.dataframe[0].value
+    assert list(table["Model"]) == [spec.title for spec in MODELS.values()]
+    assert set(table["State"]) == {"not loaded"}
+
+
+def test_home_shows_a_loaded_standin_as_such(app_env):
+    get_manager().get(MODELS["sentiment"], allow_standin=True)
+    at = AppTest.from_file(HOME, default_timeout=60).run()
+    table = at.dataframe[0].value
+    row = table[table["Model"] == MODELS["sentiment"].title].iloc[0]
+    assert row["State"] == "ready (stand-in, random weights)"
+    assert row["Device"] == "cpu" and row["Load time"].endswith(" s")
+
+
+def test_home_shows_why_a_model_failed(app_env, monkeypatch):
+    monkeypatch.setenv("DASH_STANDIN_FALLBACK", "0")
+    get_manager.clear()
+    with pytest.raises(ModelUnavailableError):
+        get_manager().get(MODELS["hotdog"])
+    at = AppTest.from_file(HOME, default_timeout=60).run()
+    table = at.dataframe[0].value
+    row = table[table["Model"] == MODELS["hotdog"].title].iloc[0]
+    assert row["State"] == "failed" and "not in the local cache" in row["Note"]
