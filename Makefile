@@ -22,8 +22,10 @@ install: $(BIN)/.installed
 
 install-test: $(BIN)/.installed-test chromium
 
+# The emoji font makes page icons render in screenshots as they do in a user's browser.
 chromium:
-	@command -v chromium >/dev/null || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver)
+	@command -v chromium >/dev/null && [ -d /usr/share/fonts/truetype/noto ] || \
+		($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver fonts-noto-color-emoji)
 
 run: install
 	$(BIN)/streamlit run Home.py --server.port 8501

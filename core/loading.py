@@ -64,7 +64,7 @@ def load(spec: ModelSpec, source: ModelSource, device: torch.device, dtype: torc
     except ModelUnavailableError:
         raise
     except Exception as exc:  # each library raises its own zoo; classify once, here
-        raise classify_load_error(spec, source, exc) from exc
+        raise classify_load_error(spec, source, exc, token=settings.hf_token) from exc
 
 
 def _load_transformers(spec: ModelSpec, source: ModelSource, device: torch.device, dtype: torch.dtype, settings: Settings) -> Any:
@@ -113,8 +113,11 @@ def _exception_chain(exc: BaseException) -> list[BaseException]:
     return chain
 
 
-def classify_load_error(spec: ModelSpec, source: ModelSource, exc: BaseException) -> ModelUnavailableError:
-    """One typed error, with the cause in words, for whatever a library raised while loading."""
+def classify_load_error(spec: ModelSpec, source: ModelSource, exc: BaseException, token: str | None = None) -> ModelUnavailableError:
+    """One typed error, with the cause in words, for whatever a library raised while loading.
+
+    The library's own message is quoted only as a last resort, with the token (if it ever appears there) cut out.
+    """
     from huggingface_hub import errors as hub_errors
 
     where = source.label
@@ -133,4 +136,6 @@ def classify_load_error(spec: ModelSpec, source: ModelSource, exc: BaseException
         if isinstance(cause, (TimeoutError, ConnectionError, urllib.error.URLError)):
             return ModelUnavailableError(f"{spec.title}: the Hub, GitHub or download.pytorch.org could not be reached ({type(cause).__name__}).")
     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if token:
+        message = message.replace(token, "[token hidden]")
     return ModelUnavailableError(f"{spec.title}: could not load from {where}: {message[:300]}")

@@ -72,3 +72,10 @@ def test_missing_local_folder_is_reported(settings, tmp_path: Path):
     source = loading.ModelSource(str(tmp_path / "absent"), is_local=True)
     with pytest.raises(ModelUnavailableError, match="does not exist"):
         loading.load(MODELS["hotdog"], source, torch.device("cpu"), torch.float32, settings)
+
+
+def test_a_token_quoted_by_a_library_never_reaches_the_message():
+    token = "hf_abcdefSECRET123"
+    leaked = OSError(f"401 for url with Authorization: Bearer {token}")
+    classified = loading.classify_load_error(MODELS["hotdog"], HUB, leaked, token=token)
+    assert token not in str(classified) and "[token hidden]" in str(classified)
