@@ -1,0 +1,64 @@
+"""What every benchmark shares: timing with warm-up and medians, device facts, one JSON line per figure."""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHARED_MODELS = PROJECT_ROOT.parent / "shared" / "models"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(run: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
+    """Median wall time of `run()` after `warmup` untimed calls, with the GPU drained around each timing."""
+    for _ in range(warmup):
+        run()
+    timings = []
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        run()
+        synchronize(device)
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings)
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """Date, device, versions and commit: the header of every figure in docs/PERFORMANCE.md."""
+    import diffusers
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "device": name,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "diffusers": diffusers.__version__,
+        "commit": commit,
+    }
+
+
+def emit(figure: str, naive: float | None, ours: float, unit: str, higher_is_better: bool, **details: object) -> dict[str, object]:
+    """Print one figure as a JSON line; `ratio` says how many times better our path is than the naive one."""
+    ratio = None
+    if naive:
+        ratio = round(ours / naive if higher_is_better else naive / ours, 2)
+    record = {"figure": figure, "naive": naive, "ours": ours, "unit": unit, "ratio": ratio, **details}
+    print(json.dumps(record), flush=True)
+    return record

@@ -1,0 +1,77 @@
+"""Run the benchmarks and write their figures to docs/PERFORMANCE.md.
+
+    python -m bench.report [--quick] bench.bench_classifiers bench.bench_sentiment ...
+
+Each benchmark module prints one JSON line per figure (see bench.common.emit); this collects them in one table with
+the date, device, versions and commit, so the document always says where its numbers came from.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import torch
+
+from bench.common import PROJECT_ROOT, environment
+
+
+def run_benchmark(module: str, quick: bool) -> list[dict[str, object]]:
+    command = [sys.executable, "-m", module] + (["--quick"] if quick else [])
+    completed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    sys.stderr.write(completed.stderr[-4000:])
+    if completed.returncode != 0:
+        raise SystemExit(f"{module} failed with exit code {completed.returncode}")
+    figures = []
+    for line in completed.stdout.splitlines():
+        if line.startswith("{"):
+            print(line, flush=True)
+            figures.append({"bench": module.rsplit(".", 1)[-1], **json.loads(line)})
+    return figures
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:,.4g}"
+    return str(value)
+
+
+def markdown(figures: list[dict[str, object]], header: dict[str, str], quick: bool) -> str:
+    lines = [
+        "# Performance",
+        "",
+        f"Latest run: {header['date']} on **{header['device']}**, commit `{header['commit']}`, torch {header['torch']}, "
+        f"transformers {header['transformers']}, diffusers {header['diffusers']}{' (quick, reduced sizes)' if quick else ''}.",
+        "Full-size architectures with random weights (speed and memory do not depend on weight values). "
+        "`naive` is the tutorial way (fp32, one item per call); `ours` is the app's core path, timed in the same process. "
+        "`ratio` is how many times better ours is.",
+        "",
+        "| bench | figure | naive | ours | unit | ratio | notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for figure in figures:
+        notes = {k: v for k, v in figure.items() if k not in {"bench", "figure", "naive", "ours", "unit", "ratio"}}
+        lines.append(
+            f"| {figure['bench']} | {figure['figure']} | {_cell(figure['naive'])} | {_cell(figure['ours'])} | {figure['unit']} "
+            f"| {_cell(figure['ratio'])} | {', '.join(f'{k}={_cell(v)}' for k, v in notes.items())} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="+")
+    parser.add_argument("--quick", action="store_true", help="reduced sizes, for a CPU")
+    parser.add_argument("--output", default=str(PROJECT_ROOT / "docs" / "PERFORMANCE.md"))
+    args = parser.parse_args()
+    figures = [figure for module in args.modules for figure in run_benchmark(module, args.quick)]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with open(args.output, "w") as handle:
+        handle.write(markdown(figures, environment(device), args.quick))
+
+
+if __name__ == "__main__":
+    main()
