@@ -72,7 +72,9 @@ def _load_transformers(spec: ModelSpec, source: ModelSource, device: torch.devic
 
     hub_args = {} if source.is_local else {"revision": spec.revision, "token": settings.hf_token}
     pipe = pipeline(spec.task, model=source.location, device=device, dtype=dtype, **hub_args)
-    pipe.model.eval()
+    # Inference only: no parameter gradients, so attributions that backpropagate to the inputs never
+    # accumulate .grad tensors on a model every session shares.
+    pipe.model.eval().requires_grad_(False)
     return pipe
 
 
@@ -88,7 +90,7 @@ def _load_torch_hub(spec: ModelSpec, source: ModelSource, device: torch.device, 
 
             weights = torchvision.models.get_weight(spec.hub_weights) if spec.hub_weights else None
             model = torchvision.models.get_model(spec.hub_entry, weights=weights)
-    model = model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model

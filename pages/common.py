@@ -1,10 +1,14 @@
 """UI pieces every page shares: loading a model with a clear failure message and the stand-in offer."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
 from core.app_state import get_manager
-from core.errors import DashboardError, ModelUnavailableError
+from core.classify import LabelScore
+from core.errors import BadInputError, DashboardError, ModelUnavailableError
+from core.images import DecodedImage, decode_image
 from core.manager import LoadedModel
 from core.registry import ModelSpec
 
@@ -47,3 +51,42 @@ def require_model(spec: ModelSpec) -> LoadedModel:
     if model.is_standin:
         st.warning(STANDIN_NOTE, icon="⚠️")
     return model
+
+
+SAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "samples"
+
+
+def image_inputs(key: str) -> list[DecodedImage]:
+    """Images from uploads (several at once), the camera, or the bundled samples.
+
+    A file that cannot be read gets its own message; the others still go through.
+    """
+    source = st.radio("Image source", ["Upload", "Camera", "Samples"], horizontal=True, key=f"{key}:source")
+    files: list[tuple[str, bytes]] = []
+    if source == "Upload":
+        uploads = st.file_uploader(
+            "Images (JPEG, PNG, GIF, WebP, BMP)", accept_multiple_files=True, key=f"{key}:upload",
+            type=["jpg", "jpeg", "png", "gif", "webp", "bmp", "tif", "tiff"],
+        )
+        files = [(upload.name, upload.getvalue()) for upload in uploads or []]
+    elif source == "Camera":
+        photo = st.camera_input("Take a photo", key=f"{key}:camera")
+        files = [("camera photo", photo.getvalue())] if photo else []
+    else:
+        names = sorted(path.name for path in SAMPLES_DIR.glob("*.png"))
+        chosen = st.multiselect("Sample pictures (drawn, bundled with the app)", names, default=names[:1], key=f"{key}:samples")
+        files = [(name, (SAMPLES_DIR / name).read_bytes()) for name in chosen]
+    decoded: list[DecodedImage] = []
+    for name, data in files:
+        try:
+            decoded.append(decode_image(data, name))
+        except BadInputError as error:
+            show_error(error)
+    return decoded
+
+
+def show_scores(scores: tuple[LabelScore, ...]) -> None:
+    """Every label as a bar with its probability, highest first; the winner in bold."""
+    for rank, item in enumerate(scores):
+        text = f"**{item.label}: {item.score:.1%}**" if rank == 0 else f"{item.label}: {item.score:.1%}"
+        st.progress(min(max(item.score, 0.0), 1.0), text=text)
