@@ -15,10 +15,12 @@ def screenshot(tab, name: str) -> Path:
 
 
 def wait_for_app_idle(tab, timeout_ms: int = 60_000) -> None:
-    """Streamlit shows its status widget while a script runs; wait until the run has finished."""
+    """Streamlit shows its status widget ("Running…", with a Stop button) while a script runs; wait until it is gone."""
     tab.wait_for_selector("[data-testid='stApp']", timeout=timeout_ms)
     tab.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
-        " || !document.querySelector('[data-testid=\"stStatusWidget\"]').innerText.includes('Running')",
+        """() => {
+            const status = document.querySelector('[data-testid="stStatusWidget"]');
+            return !status || !/Running|Stop/.test(status.innerText);
+        }""",
         timeout=timeout_ms,
     )

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from app_pages.common import TASK_PAGES
 from core.app_state import get_manager
 from core.devices import machine_info
 from core.formatting import human_bytes
-from pages.common import TASK_PAGES
 
 st.title("🧪 Model dashboard")
 st.write(

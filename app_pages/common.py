@@ -14,11 +14,11 @@ from core.registry import ModelSpec
 
 # (file, title, icon, url path): Home.py builds the navigation from this, the Home page its links.
 TASK_PAGES = (
-    ("pages/hotdog.py", "Hot dog or not", "🌭", "hotdog"),
-    ("pages/imagenet.py", "ImageNet classifier", "🖼️", "imagenet"),
-    ("pages/sentiment.py", "Sentiment", "💬", "sentiment"),
-    ("pages/generate.py", "Image generation", "🎨", "generate"),
-    ("pages/vram.py", "VRAM monitor", "📊", "vram"),
+    ("app_pages/hotdog.py", "Hot dog or not", "🌭", "hotdog"),
+    ("app_pages/imagenet.py", "ImageNet classifier", "🖼️", "imagenet"),
+    ("app_pages/sentiment.py", "Sentiment", "💬", "sentiment"),
+    ("app_pages/generate.py", "Image generation", "🎨", "generate"),
+    ("app_pages/vram.py", "VRAM monitor", "📊", "vram"),
 )
 
 STANDIN_NOTE = "Stand-in model with random weights: its outputs are meaningless and only show that the page works."

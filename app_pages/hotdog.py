@@ -7,10 +7,10 @@ import io
 import pandas as pd
 import streamlit as st
 
+from app_pages.common import image_inputs, require_model, show_error, show_scores
 from core.classify import classify_images
 from core.errors import DashboardError
 from core.registry import MODELS
-from pages.common import image_inputs, require_model, show_error, show_scores
 
 st.title("🌭 Hot Dog? Or Not?")
 st.caption(f"`{MODELS['hotdog'].repo_id}` through `transformers.pipeline('image-classification')`.")

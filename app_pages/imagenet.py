@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import streamlit as st
 
+from app_pages.common import image_inputs, require_model, show_error, show_scores
 from core import imagenet
 from core.classify import classify_images
 from core.errors import DashboardError
 from core.registry import MODELS
-from pages.common import image_inputs, require_model, show_error, show_scores
 
 st.title("🖼️ ImageNet classifier")
 names = imagenet.classifier_names()
