@@ -1,17 +1,95 @@
-"""Settings read once from the environment and `.streamlit/secrets.toml`.
+"""Settings read once from the environment and `.streamlit/secrets.toml`: the one place an operator configures.
 
-Every field has an environment variable; the HF token may also come from `secrets.toml`.
-Nothing here touches CUDA or the network.
+Every field has an environment variable; the HF token may also come from `secrets.toml`. `Settings.from_env`
+checks every value and raises one `SettingsError` naming each bad variable and its value, so a server refuses
+to start on a typo instead of failing later in a page. `python -m core.config` runs that check on its own
+(the systemd unit does, before starting the app). Nothing here touches CUDA or the network.
 """
 from __future__ import annotations
 
 import os
+import re
+import sys
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SECRETS_FILE = PROJECT_ROOT / ".streamlit" / "secrets.toml"
+STREAMLIT_CONFIG_FILE = PROJECT_ROOT / ".streamlit" / "config.toml"
+
+# The task pages an operator can turn off with DASH_PAGES (their URL paths); Home is always on.
+PAGE_KEYS = ("hotdog", "imagenet", "sentiment", "generate", "vram")
+
+# Streamlit enforces the upload limit itself and reads it from this variable (or server.maxUploadSize in
+# .streamlit/config.toml); Settings reads the same two places so that pages can quote the limit in force.
+UPLOAD_LIMIT_VAR = "STREAMLIT_SERVER_MAX_UPLOAD_SIZE"
+STREAMLIT_DEFAULT_UPLOAD_MB = 200
+
+_UNIT_BYTES = {
+    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([a-z]+)$")
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """One or more settings are invalid; the message has one line per variable, with its value."""
+
+
+@dataclass(frozen=True)
+class VramBudget:
+    """How much GPU memory the models may hold on each GPU: a fixed size, or a share of the card."""
+
+    size_bytes: int | None = None
+    fraction: float | None = None  # of the card's total memory, in (0, 1]
+
+    def limit_bytes(self, card_total_bytes: int) -> int:
+        """The budget in bytes on a card of `card_total_bytes`; a fixed size never exceeds the card."""
+        if self.size_bytes is not None:
+            return min(self.size_bytes, card_total_bytes)
+        return int(card_total_bytes * (self.fraction or 1.0))
+
+
+def parse_bytes(text: str, variable: str) -> int:
+    """'20GiB', '512 MiB', '8GB' -> bytes. Binary (KiB, MiB, GiB, TiB) or decimal (kB, MB, GB, TB) units."""
+    match = _SIZE.match(text.strip().lower())
+    if not match or match.group(2) not in _UNIT_BYTES:
+        raise SettingsError(f"{variable} must be a size such as 20GiB or 512MiB, not {text!r}")
+    size_bytes = int(float(match.group(1)) * _UNIT_BYTES[match.group(2)])
+    if size_bytes <= 0:
+        raise SettingsError(f"{variable} must be more than zero, not {text!r}")
+    return size_bytes
+
+
+def parse_vram_budget(text: str, variable: str = "DASH_VRAM_BUDGET") -> VramBudget:
+    """'20GiB' (a size), '0.8' or '80%' (a share of each card)."""
+    value = text.strip()
+    try:
+        fraction = float(value.removesuffix("%")) / (100 if value.endswith("%") else 1)
+    except ValueError:
+        return VramBudget(size_bytes=parse_bytes(value, variable))
+    if not 0 < fraction <= 1:
+        # A bare "20" is more likely GiB with the unit forgotten than 20 bytes or 2000 %: refuse, and say how.
+        raise SettingsError(
+            f"{variable} must be a share of the card between 0 and 1 (0.8), a percentage (80%), "
+            f"or a size with its unit (20GiB), not {text!r}"
+        )
+    return VramBudget(fraction=fraction)
+
+
+def parse_pages(text: str, variable: str = "DASH_PAGES") -> tuple[str, ...]:
+    """'all' or a comma-separated list of page keys -> the enabled keys, in menu order."""
+    if text.strip().lower() in {"", "all"}:
+        return PAGE_KEYS
+    wanted = [part.strip().lower() for part in text.split(",") if part.strip()]
+    unknown = [key for key in wanted if key not in PAGE_KEYS]
+    if unknown:
+        raise SettingsError(f"{variable} has unknown page(s) {', '.join(map(repr, unknown))}: choose from all, {', '.join(PAGE_KEYS)}")
+    return tuple(key for key in PAGE_KEYS if key in wanted)
 
 
 def _read_token(environ: dict[str, str], secrets_file: Path) -> str | None:
@@ -25,10 +103,27 @@ def _read_token(environ: dict[str, str], secrets_file: Path) -> str | None:
     return None
 
 
-def _flag(value: str | None, default: bool) -> bool:
-    if value is None or value == "":
+def _upload_limit_mb(environ: dict[str, str], streamlit_config: Path) -> int:
+    text = environ.get(UPLOAD_LIMIT_VAR, "").strip()
+    if not text and streamlit_config.is_file():
+        with streamlit_config.open("rb") as handle:
+            text = str(tomllib.load(handle).get("server", {}).get("maxUploadSize", ""))
+    if not text:
+        return STREAMLIT_DEFAULT_UPLOAD_MB
+    if not text.isdigit() or int(text) <= 0:
+        raise SettingsError(f"{UPLOAD_LIMIT_VAR} (or server.maxUploadSize) must be a whole number of MiB above 0, not {text!r}")
+    return int(text)
+
+
+def _flag(value: str | None, default: bool, variable: str) -> bool:
+    if value is None or value.strip() == "":
         return default
-    return value.strip().lower() in {"1", "true", "yes", "on"}
+    text = value.strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise SettingsError(f"{variable} must be 1 or 0 (true/false, yes/no, on/off), not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -41,21 +136,96 @@ class Settings:
     standin_fallback: bool = False
     # "auto" picks CUDA when present; "cpu" forces the CPU even on a GPU machine.
     device: str = "auto"
+    # GPU memory the models may hold per card; None leaves it to core.memory (the card less its margin).
+    vram_budget: VramBudget | None = None
+    # Task pages in the menu (Home is always there); an operator turns off, say, generation on a CPU box.
+    enabled_pages: tuple[str, ...] = PAGE_KEYS
+    # MiB per uploaded file, as Streamlit enforces it; 200 is Streamlit's own default.
+    max_upload_mb: int = STREAMLIT_DEFAULT_UPLOAD_MB
     # Kept out of repr so that printing the settings never shows it.
     hf_token: str | None = field(default=None, repr=False)
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, secrets_file: Path = SECRETS_FILE) -> Settings:
+    def from_env(
+        cls,
+        environ: dict[str, str] | None = None,
+        secrets_file: Path = SECRETS_FILE,
+        streamlit_config: Path = STREAMLIT_CONFIG_FILE,
+    ) -> Settings:
+        """Settings from the environment; raises SettingsError listing every bad value at once."""
         env = dict(os.environ if environ is None else environ)
-        root = env.get("DASH_MODELS_ROOT")
-        standin_dir = env.get("DASH_STANDIN_DIR")
-        device = env.get("DASH_DEVICE", "auto").strip().lower()
+        errors: list[str] = []
+
+        def checked(parse: Callable[..., T], *args: object) -> T | None:  # every error, so all are fixed in one go
+            try:
+                return parse(*args)
+            except SettingsError as error:
+                errors.append(str(error))
+                return None
+
+        models_root = checked(_models_root, env.get("DASH_MODELS_ROOT", ""))
+        device = env.get("DASH_DEVICE", "auto").strip().lower() or "auto"
         if device not in {"auto", "cpu", "cuda"}:
-            raise ValueError(f"DASH_DEVICE must be auto, cpu or cuda, not {device!r}")
+            errors.append(f"DASH_DEVICE must be auto, cpu or cuda, not {device!r}")
+        budget_text = env.get("DASH_VRAM_BUDGET", "").strip()
+        vram_budget = checked(parse_vram_budget, budget_text) if budget_text else None
+        enabled_pages = checked(parse_pages, env.get("DASH_PAGES", ""))
+        max_upload_mb = checked(_upload_limit_mb, env, streamlit_config)
+        standin_fallback = checked(_flag, env.get("DASH_STANDIN_FALLBACK"), False, "DASH_STANDIN_FALLBACK")
+        if errors:
+            raise SettingsError("\n".join(errors))
+        standin_dir = env.get("DASH_STANDIN_DIR", "").strip()
         return cls(
-            models_root=Path(root).expanduser() if root else None,
+            models_root=models_root,
             standin_dir=Path(standin_dir).expanduser() if standin_dir else cls.standin_dir,
-            standin_fallback=_flag(env.get("DASH_STANDIN_FALLBACK"), default=False),
+            standin_fallback=standin_fallback,
             device=device,
+            vram_budget=vram_budget,
+            enabled_pages=enabled_pages,
+            max_upload_mb=max_upload_mb,
             hf_token=_read_token(env, secrets_file),
         )
+
+
+def _models_root(text: str) -> Path | None:
+    if not text.strip():
+        return None
+    root = Path(text.strip()).expanduser()
+    if not root.is_dir():
+        raise SettingsError(f"DASH_MODELS_ROOT must be an existing folder, not {text!r}")
+    return root
+
+
+def describe(settings: Settings) -> str:
+    """The settings in force, one per line, for a start-up log; the token only as set / not set."""
+    budget = settings.vram_budget
+    return "\n".join((
+        f"models root:      {settings.models_root or 'none (the Hub, or its local cache)'}",
+        f"device:           {settings.device}",
+        f"VRAM budget:      {_describe_budget(budget) if budget else 'default (the card less a margin)'}",
+        f"pages:            {', '.join(settings.enabled_pages) or 'none (Home only)'}",
+        f"upload limit:     {settings.max_upload_mb} MiB per file",
+        f"stand-ins:        {'automatic' if settings.standin_fallback else 'on request'}, in {settings.standin_dir}",
+        f"HF token:         {'set' if settings.hf_token else 'not set'}",
+    ))
+
+
+def _describe_budget(budget: VramBudget) -> str:
+    if budget.size_bytes is not None:
+        return f"{budget.size_bytes / 2**30:.1f} GiB per card"
+    return f"{budget.fraction:.0%} of each card"
+
+
+def main() -> int:
+    """Check the settings as the app will read them: exit 0 and print them, or exit 2 with every error."""
+    try:
+        settings = Settings.from_env()
+    except SettingsError as error:
+        print(f"Invalid settings:\n{error}", file=sys.stderr)
+        return 2
+    print(describe(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
