@@ -27,7 +27,9 @@ def run_benchmark(module: str, quick: bool) -> list[dict[str, object]]:
     for line in completed.stdout.splitlines():
         if line.startswith("{"):
             print(line, flush=True)
-            figures.append({"bench": module.rsplit(".", 1)[-1], **json.loads(line)})
+            record = json.loads(line)
+            if "figure" in record:
+                figures.append({"bench": module.rsplit(".", 1)[-1], **record})
     return figures
 
 
