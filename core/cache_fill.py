@@ -21,6 +21,7 @@ from typing import Protocol
 
 from core import loading
 from core.config import Settings, SettingsError
+from core.errors import GatedModelError
 from core.formatting import human_bytes
 from core.registry import MODELS, Family, ModelSpec
 
@@ -28,6 +29,11 @@ from core.registry import MODELS, Family, ModelSpec
 _KEPT_SUFFIXES = (".json", ".txt", ".model", ".safetensors")
 # The .bin weight files transformers and diffusers load (not training_args.bin, optimizer.bin, ...).
 _BIN_WEIGHT_PREFIXES = ("pytorch_model", "diffusion_pytorch_model")
+# The loaders' remedies speak to a page's user (stand-ins, restart the app); here the machine or the repo is at fault.
+_FETCH_REMEDY = (
+    "Check that this machine reaches huggingface.co (for ResNet50: github.com and download.pytorch.org), "
+    "the repo id, and HF_TOKEN for a private repo."
+)
 
 
 def _is_variant(path: PurePosixPath) -> bool:
@@ -180,14 +186,16 @@ def main(argv: list[str] | None = None, hub: Hub | None = None) -> int:
             result = fetch(spec, hub, settings.hf_token, args.models_root)
         except Exception as exc:  # one gated or missing repo must not stop the others; say why, without the token
             error = loading.classify_load_error(spec, loading.ModelSource(spec.repo_id, is_local=False), exc, token=settings.hf_token)
-            print(f"  FAILED: {error}\n  What to do: {error.remedy}", flush=True)
+            remedy = error.remedy if isinstance(error, GatedModelError) else _FETCH_REMEDY
+            print(f"  FAILED: {error}\n  What to do: {remedy}", flush=True)
             continue
         fetched.append(result)
         print(f"  {len(result.files)} files, {human_bytes(result.size_bytes)} in {result.location}", flush=True)
         for name in result.files:
             print(f"    {name}")
     print(f"\nFetched {len(fetched)} of {len(specs)} models, {human_bytes(sum(item.size_bytes for item in fetched))}.")
-    print(_offline_hint(hub, args.models_root))
+    if fetched:
+        print(_offline_hint(hub, args.models_root))
     return 0 if len(fetched) == len(specs) else 1
 
 

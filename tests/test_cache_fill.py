@@ -168,7 +168,7 @@ def test_a_failing_model_is_reported_without_the_token_and_the_rest_still_come(
     captured = capsys.readouterr()
     assert SECRET not in captured.out + captured.err
     assert "sentiment" in captured.out and "FAILED" in captured.out and "[token hidden]" in captured.out
-    assert "Fetched 2 of 3 models" in captured.out
+    assert "Fetched 2 of 3 models" in captured.out and "reaches huggingface.co" in captured.out
     assert hub.tokens_seen == [SECRET] * 3  # the token reached the Hub calls, and only them
 
 
