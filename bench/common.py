@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -12,7 +13,8 @@ from pathlib import Path
 import torch
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SHARED_MODELS = PROJECT_ROOT.parent / "shared" / "models"
+# The model configs in ../shared/models; SHARED_MODELS_DIR points elsewhere (the GPU machine gets a copy in the repo).
+SHARED_MODELS = Path(os.environ.get("SHARED_MODELS_DIR", PROJECT_ROOT.parent / "shared" / "models"))
 
 
 def synchronize(device: torch.device) -> None:
@@ -42,7 +44,7 @@ def environment(device: torch.device) -> dict[str, str]:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        commit = os.environ.get("BENCH_COMMIT", "unknown")  # a copy of the tree without .git, as on the GPU machine
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),

@@ -10,7 +10,7 @@ import torch
 from core import loading, standins
 from core.config import Settings
 from core.errors import ModelUnavailableError
-from core.manager import ModelManager, ModelState, module_bytes
+from core.manager import ModelManager, ModelState, module_bytes, release_memory
 from core.registry import MODELS
 
 HOTDOG = MODELS["hotdog"]
@@ -123,6 +123,7 @@ def test_cpu_machine_uses_fp32(manager):
 @pytest.mark.gpu
 def test_unload_gives_gpu_memory_back(settings):
     manager = ModelManager(settings, loader=lambda spec, source, device, dtype, cfg: torch.nn.Linear(4096, 4096).to(device, dtype))
+    release_memory()  # garbage left by earlier tests must not be counted as freed by this unload
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     manager.get(HOTDOG)
