@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from app_pages.common import TASK_PAGES
-from core.app_state import get_manager
+from core.app_state import get_manager, get_settings
 from core.devices import machine_info
 from core.formatting import human_bytes
 
@@ -40,5 +40,6 @@ rows = [
 st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key="model_table")
 
 st.subheader("Pages")
-for path, title, icon, _url_path in TASK_PAGES:
-    st.page_link(path, label=title, icon=icon)
+for path, title, icon, url_path in TASK_PAGES:
+    if url_path in get_settings().enabled_pages:
+        st.page_link(path, label=title, icon=icon)

@@ -11,5 +11,11 @@ from core.manager import ModelManager
 
 
 @st.cache_resource(show_spinner=False)
+def get_settings() -> Settings:
+    """Read and checked once per process; raises SettingsError (every bad variable at once) on a bad setting."""
+    return Settings.from_env()
+
+
+@st.cache_resource(show_spinner=False)
 def get_manager() -> ModelManager:
-    return ModelManager(Settings.from_env())
+    return ModelManager(get_settings())

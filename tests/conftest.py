@@ -53,12 +53,14 @@ def manager(settings):
 @pytest.fixture()
 def app_env(monkeypatch: pytest.MonkeyPatch, standin_dir: Path):
     """Environment for AppTest runs: stand-ins allowed automatically, and a fresh process-wide manager."""
-    from core.app_state import get_manager
+    from core.app_state import get_manager, get_settings
 
     monkeypatch.setenv("DASH_STANDIN_DIR", str(standin_dir))
     monkeypatch.setenv("DASH_STANDIN_FALLBACK", "1")
+    get_settings.clear()
     get_manager.clear()
     yield
+    get_settings.clear()
     get_manager.clear()
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core.app_state import get_manager
+from core.app_state import get_manager, get_settings
 from core.errors import ModelUnavailableError
 from core.registry import MODELS
 
@@ -40,3 +40,28 @@ def test_home_shows_why_a_model_failed(app_env, monkeypatch):
     table = at.dataframe[0].value
     row = table[table["Model"] == MODELS["hotdog"].title].iloc[0]
     assert row["State"] == "failed" and "not in the local cache" in row["Note"]
+
+
+def test_pages_turned_off_by_the_operator_are_not_offered(app_env, monkeypatch):
+    monkeypatch.setenv("DASH_PAGES", "hotdog,vram")
+    get_settings.clear()
+    try:
+        at = AppTest.from_file(HOME, default_timeout=60).run()
+        assert not at.exception
+        links = [link.proto.label for link in at.get("page_link")]
+        assert links == ["Hot dog or not", "VRAM monitor"]
+    finally:
+        get_settings.clear()
+
+
+def test_invalid_settings_stop_the_app_with_every_error(app_env, monkeypatch):
+    monkeypatch.setenv("DASH_DEVICE", "tpu")
+    monkeypatch.setenv("DASH_PAGES", "nonsense")
+    get_settings.clear()
+    try:
+        at = AppTest.from_file(HOME, default_timeout=60).run()
+        assert not at.exception
+        message = at.error[0].value
+        assert "DASH_DEVICE" in message and "DASH_PAGES" in message and "did not start" in message
+    finally:
+        get_settings.clear()
