@@ -5,6 +5,7 @@ then the Hub (or GitHub for torch.hub). Every failure comes out as a typed `core
 """
 from __future__ import annotations
 
+import importlib
 import os
 import urllib.error
 from dataclasses import dataclass
@@ -117,6 +118,18 @@ def _exception_chain(exc: BaseException) -> list[BaseException]:
     return chain
 
 
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Connection failures and time-outs, whichever HTTP client this huggingface_hub uses (httpx2 for 2.x, httpx for 1.x)."""
+    errors: list[type[BaseException]] = [TimeoutError, ConnectionError, urllib.error.URLError]
+    for client in ("httpx2", "httpx"):
+        try:
+            module = importlib.import_module(client)
+        except ImportError:
+            continue
+        errors += [module.NetworkError, module.TimeoutException]
+    return tuple(errors)
+
+
 def classify_load_error(spec: ModelSpec, source: ModelSource, exc: BaseException, token: str | None = None) -> ModelUnavailableError:
     """One typed error, with the cause in words, for whatever a library raised while loading.
 
@@ -137,7 +150,7 @@ def classify_load_error(spec: ModelSpec, source: ModelSource, exc: BaseException
             return ModelUnavailableError(f"{spec.title}: {spec.repo_id} has no revision {spec.revision!r}.")
         if isinstance(cause, (hub_errors.OfflineModeIsEnabled, hub_errors.LocalEntryNotFoundError)):
             return ModelUnavailableError(f"{spec.title}: the Hub cannot be reached and {spec.repo_id} is not in the local cache.")
-        if isinstance(cause, (TimeoutError, ConnectionError, urllib.error.URLError)):
+        if isinstance(cause, _network_errors()):
             return ModelUnavailableError(f"{spec.title}: the Hub, GitHub or download.pytorch.org could not be reached ({type(cause).__name__}).")
     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if token:

@@ -45,7 +45,10 @@ def test_unknown_repo_names_the_repo_id():
     assert "nobody/no-such-model" in str(classified) and "spelling" in classified.remedy
 
 
-@pytest.mark.parametrize("cause", [TimeoutError("read timed out"), urllib.error.URLError("no route"), ConnectionError("refused")])
+@pytest.mark.parametrize("cause", [
+    TimeoutError("read timed out"), urllib.error.URLError("no route"), ConnectionError("refused"),
+    httpx2.ConnectError("[Errno -2] Name or service not known"), httpx2.ReadTimeout("timed out"),
+])
 def test_network_failures_say_the_hub_could_not_be_reached(cause):
     classified = loading.classify_load_error(MODELS["sentiment"], HUB, cause)
     assert "could not be reached" in str(classified)
