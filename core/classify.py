@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from core.cuda_graphs import graphed_forward
 from core.errors import BadInputError, GpuOutOfMemoryError
 from core.images import DecodedImage
 from core.manager import LoadedModel, release_memory
@@ -58,8 +59,7 @@ def preprocess(pipe: Any, images: list[DecodedImage]) -> dict[str, torch.Tensor]
 
 
 def _forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(**inputs).logits
+    return graphed_forward(model, lambda pixel_values: model(pixel_values=pixel_values).logits, inputs["pixel_values"])
 
 
 def postprocess(logits: torch.Tensor, id2label: dict[int, str], images: list[DecodedImage]) -> list[Classification]:

@@ -12,6 +12,7 @@ import torchvision
 from PIL import Image
 
 from core.classify import Classification, scores_from_logits
+from core.cuda_graphs import graphed_forward
 from core.errors import BadInputError, GpuOutOfMemoryError
 from core.images import DecodedImage
 from core.manager import LoadedModel, release_memory
@@ -62,8 +63,7 @@ def preprocess(model: LoadedModel, images: list[DecodedImage]) -> torch.Tensor:
 
 
 def _forward(module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return module(batch)
+    return graphed_forward(module, module, batch)
 
 
 def postprocess(logits: torch.Tensor, categories: list[str], images: list[DecodedImage], top_k: int) -> list[Classification]:
