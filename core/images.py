@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from core.errors import BadInputError
 
 # 40 megapixels covers any camera photo; decompression bombs claim far more than that in a few KiB.
 MAX_PIXELS = 40_000_000
 EXIF_ORIENTATION = 0x0112
+_TOO_BIG_REMEDY = "Downscale the image before uploading it."
 
 
 @dataclass(frozen=True)
@@ -23,37 +23,35 @@ class DecodedImage:
 
 
 def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> DecodedImage:
+    """The first frame of `data` as upright RGB; BadInputError for empty, unreadable, damaged or oversized files.
+
+    The pixel count is checked from the header, before a single pixel is decoded.
+    """
     if not data:
         raise BadInputError(f"{name} is empty (0 bytes).", remedy="Choose a non-empty image file.")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise BadInputError(f"{name} claims more pixels than this app decodes (limit {max_pixels:,}): {exc}", remedy=_TOO_BIG_REMEDY) from exc
+    except Exception as exc:  # each PIL format plugin raises its own types on malformed bytes
         raise BadInputError(
-            f"{name} claims more pixels than this app decodes (limit {max_pixels:,}): {exc}",
-            remedy="Downscale the image before uploading it.",
+            f"{name} is not an image this app can read ({type(exc).__name__}).", remedy="Upload a JPEG, PNG, GIF, BMP, TIFF or WebP file."
         ) from exc
-    except (UnidentifiedImageError, OSError) as exc:
-        raise BadInputError(f"{name} is not an image this app can read ({type(exc).__name__}).", remedy="Upload a JPEG, PNG, GIF, BMP or WebP file.") from exc
     width, height = image.size
     if width * height > max_pixels:
-        raise BadInputError(
-            f"{name} is {width}×{height} = {width * height:,} pixels, over the limit of {max_pixels:,}.",
-            remedy="Downscale the image before uploading it.",
-        )
+        raise BadInputError(f"{name} is {width}×{height} = {width * height:,} pixels, over the limit of {max_pixels:,}.", remedy=_TOO_BIG_REMEDY)
     notes: list[str] = []
-    frames = getattr(image, "n_frames", 1)
-    if frames > 1:
-        image.seek(0)
-        notes.append(f"first frame of {frames}")
     try:
+        frames = getattr(image, "n_frames", 1)
+        if frames > 1:
+            image.seek(0)
+            notes.append(f"first frame of {frames}")
         image.load()
-    except (OSError, SyntaxError, ValueError) as exc:
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            image = ImageOps.exif_transpose(image)
+            notes.append("turned upright from its EXIF orientation")
+    except Exception as exc:  # as above: a header that parsed can still hide damaged data behind it
         raise BadInputError(f"{name} is truncated or damaged ({exc}).", remedy="Re-export or re-download the file.") from exc
-    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
-        image = ImageOps.exif_transpose(image)
-        notes.append("turned upright from its EXIF orientation")
     return DecodedImage(name, to_rgb(image, notes), tuple(notes))
 
 
@@ -70,10 +68,13 @@ def to_rgb(image: Image.Image, notes: list[str]) -> Image.Image:
         image = Image.fromarray(((array - array.min()) / span * 255.0).astype(np.uint8), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in {"RGBA", "LA", "PA", "RGBa", "La"}:
+    if image.mode in {"RGBA", "LA", "PA"}:
+        rgba = image.convert("RGBA")
+        alpha = rgba.getchannel("A")
         background = Image.new("RGB", image.size, "white")
-        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
-        notes.append("transparency drawn over white")
+        background.paste(rgba, mask=alpha)
+        if alpha.getextrema()[0] < 255:
+            notes.append("transparency drawn over white")
         return background
     if image.mode == "CMYK":
         notes.append("converted from CMYK")

@@ -5,6 +5,8 @@ import io
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from core.errors import BadInputError
@@ -68,6 +70,21 @@ def test_rgba_transparency_is_drawn_over_white():
     decoded = decode_image(encode(image, "PNG"), "logo.png")
     assert decoded.image.getpixel((5, 5)) == (255, 255, 255)
     assert decoded.image.getpixel((0, 0)) == (0, 0, 255)
+    assert "transparency drawn over white" in decoded.notes
+    opaque = decode_image(encode(Image.new("RGBA", (4, 4), (1, 2, 3, 255)), "PNG"), "opaque.png")
+    assert opaque.image.getpixel((1, 1)) == (1, 2, 3) and opaque.notes == ()
+
+
+def test_greyscale_with_alpha_and_transparent_palette():
+    grey_alpha = Image.new("LA", (4, 4), (0, 0))
+    grey_alpha.putpixel((0, 0), (40, 255))
+    decoded = decode_image(encode(grey_alpha, "PNG"), "la.png").image
+    assert decoded.getpixel((0, 0)) == (40, 40, 40) and decoded.getpixel((2, 2)) == (255, 255, 255)
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 200, 0, 0])
+    palette.putpixel((0, 0), 0)
+    decoded = decode_image(encode(palette, "PNG", transparency=0), "pal-alpha.png").image
+    assert decoded.getpixel((0, 0)) == (255, 255, 255) and decoded.getpixel((3, 3)) == (200, 0, 0)
 
 
 def test_greyscale_and_palette_become_rgb():
@@ -94,3 +111,42 @@ def test_exif_rotated_photo_is_turned_upright():
     assert decoded.image.size == (20, 40)
     assert sum(decoded.image.getpixel((10, 5))) > 600  # the white half is now on top
     assert any("EXIF" in note for note in decoded.notes)
+
+
+def _valid_files() -> dict[str, bytes]:
+    picture = Image.effect_noise((48, 32), 50).convert("RGB")
+    return {
+        "png": encode(picture, "PNG"),
+        "jpg": encode(picture, "JPEG"),
+        "gif": encode(picture, "GIF", save_all=True, append_images=[picture.rotate(180)]),
+        "webp": encode(picture, "WEBP"),
+        "bmp": encode(picture, "BMP"),
+        "tiff": encode(picture, "TIFF"),
+    }
+
+
+VALID_FILES = _valid_files()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kind=st.sampled_from(sorted(VALID_FILES)),
+    edits=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255), st.integers(0, 40)), min_size=1, max_size=6),
+)
+def test_damaged_files_decode_or_raise_bad_input_only(kind, edits):
+    """Flipped, dropped and inserted bytes in every format: an RGB image or BadInputError, never anything else."""
+    data = bytearray(VALID_FILES[kind])
+    for where, value, length in edits:
+        at = int(where * len(data))
+        if length == 0:
+            data[at] = value
+        elif length % 2:
+            del data[at : at + length]
+        else:
+            data[at:at] = bytes([value]) * length
+    try:
+        decoded = decode_image(bytes(data), f"damaged.{kind}")
+    except BadInputError as error:
+        assert f"damaged.{kind}" in str(error)
+    else:
+        assert decoded.image.mode == "RGB" and decoded.image.size[0] * decoded.image.size[1] > 0
