@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,12 +36,37 @@ class Classification:
 
 @dataclass(frozen=True)
 class ClassificationRun:
-    results: tuple[Classification, ...]
-    seconds: float  # preprocessing, forward and postprocessing of the whole batch
+    results: tuple[Classification, ...]  # one per image, in the order given
+    seconds: float  # preprocessing, forward and postprocessing of every image
     device: str
     dtype: str
     model_title: str
-    is_standin: bool
+    is_standin: bool  # random weights: the page must say the labels mean nothing
+
+
+@contextmanager
+def gpu_memory_guard(doing: str) -> Iterator[None]:
+    """Turns a CUDA out-of-memory error into GpuOutOfMemoryError, after giving back what the failed run held."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        release_memory()
+        raise GpuOutOfMemoryError(f"The GPU ran out of memory {doing}.") from exc
+
+
+def run_batched(model: LoadedModel, images: list[DecodedImage], classify_chunk: Callable[[list[DecodedImage]], list[Classification]]) -> ClassificationRun:
+    """`classify_chunk` over `images` in chunks of MAX_BATCH, timed as a whole."""
+    if not images:
+        raise BadInputError("No image to classify.", remedy="Upload an image, take a photo or pick a sample.")
+    started = time.perf_counter()
+    results: list[Classification] = []
+    with gpu_memory_guard(f"classifying {len(images)} images with {model.spec.title}"):
+        for start in range(0, len(images), MAX_BATCH):
+            results.extend(classify_chunk(images[start : start + MAX_BATCH]))
+    return ClassificationRun(
+        tuple(results), time.perf_counter() - started, str(model.device), str(model.dtype).removeprefix("torch."),
+        model.spec.title, model.is_standin,
+    )
 
 
 def scores_from_logits(logits: torch.Tensor, labels: list[str], top_k: int | None = None) -> list[tuple[LabelScore, ...]]:
@@ -68,21 +95,6 @@ def postprocess(logits: torch.Tensor, id2label: dict[int, str], images: list[Dec
 
 
 def classify_images(model: LoadedModel, images: list[DecodedImage]) -> ClassificationRun:
-    """Every image through the model, in batches of MAX_BATCH; probabilities for every label, highest first."""
-    if not images:
-        raise BadInputError("No image to classify.", remedy="Upload an image, take a photo or pick a sample.")
+    """Every image through the pipeline's model, batched; probabilities for every label of its config, highest first."""
     pipe = model.obj
-    started = time.perf_counter()
-    results: list[Classification] = []
-    try:
-        for start in range(0, len(images), MAX_BATCH):
-            chunk = images[start : start + MAX_BATCH]
-            logits = _forward(pipe.model, preprocess(pipe, chunk))
-            results.extend(postprocess(logits, pipe.model.config.id2label, chunk))
-    except torch.OutOfMemoryError as exc:
-        release_memory()
-        raise GpuOutOfMemoryError(f"The GPU ran out of memory classifying {len(images)} images.") from exc
-    return ClassificationRun(
-        tuple(results), time.perf_counter() - started, str(model.device), str(model.dtype).removeprefix("torch."),
-        model.spec.title, model.is_standin,
-    )
+    return run_batched(model, images, lambda chunk: postprocess(_forward(pipe.model, preprocess(pipe, chunk)), pipe.model.config.id2label, chunk))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass, replace
 from functools import cache
 
@@ -11,11 +10,11 @@ import torch
 import torchvision
 from PIL import Image
 
-from core.classify import Classification, scores_from_logits
+from core.classify import Classification, ClassificationRun, gpu_memory_guard, run_batched, scores_from_logits
 from core.cuda_graphs import graphed_forward
-from core.errors import BadInputError, GpuOutOfMemoryError
+from core.errors import BadInputError
 from core.images import DecodedImage
-from core.manager import LoadedModel, release_memory
+from core.manager import LoadedModel
 from core.registry import MODELS, ModelSpec
 
 DEFAULT_TOP_K = 5
@@ -44,14 +43,9 @@ def weights_of(spec: ModelSpec) -> torchvision.models.WeightsEnum:
     return torchvision.models.get_weight(spec.hub_weights)
 
 
-@dataclass(frozen=True)
-class ImageNetRun:
-    results: tuple[Classification, ...]
-    seconds: float
-    device: str
-    dtype: str
-    model_title: str
-    is_standin: bool
+def categories(spec: ModelSpec) -> list[str]:
+    """The class names in the order of the model's outputs, from the weights' own metadata."""
+    return list(weights_of(spec).meta["categories"])
 
 
 def preprocess(model: LoadedModel, images: list[DecodedImage]) -> torch.Tensor:
@@ -70,26 +64,18 @@ def postprocess(logits: torch.Tensor, categories: list[str], images: list[Decode
     return [Classification(d.name, scores) for d, scores in zip(images, scores_from_logits(logits, categories, top_k), strict=True)]
 
 
-def classify(model: LoadedModel, images: list[DecodedImage], top_k: int = DEFAULT_TOP_K) -> ImageNetRun:
-    if not images:
-        raise BadInputError("No image to classify.", remedy="Upload an image or pick a sample.")
-    if not 1 <= top_k <= 1000:
-        raise BadInputError(f"`top_k` must be between 1 and 1000, not {top_k}.")
-    categories = list(weights_of(model.spec).meta["categories"])
-    started = time.perf_counter()
-    try:
-        logits = _forward(model.obj, preprocess(model, images))
-        results = postprocess(logits, categories, images, top_k)
-    except torch.OutOfMemoryError as exc:
-        release_memory()
-        raise GpuOutOfMemoryError(f"The GPU ran out of memory classifying {len(images)} images.") from exc
-    return ImageNetRun(tuple(results), time.perf_counter() - started, str(model.device), str(model.dtype).removeprefix("torch."),
-                       model.spec.title, model.is_standin)
+def classify(model: LoadedModel, images: list[DecodedImage], top_k: int = DEFAULT_TOP_K) -> ClassificationRun:
+    """The `top_k` most likely ImageNet classes of every image, batched, highest first."""
+    names = categories(model.spec)
+    if not 1 <= top_k <= len(names):
+        raise BadInputError(f"`top_k` must be between 1 and {len(names)}, not {top_k}.")
+    return run_batched(model, images, lambda chunk: postprocess(_forward(model.obj, preprocess(model, chunk)), names, chunk, top_k))
 
 
 @dataclass(frozen=True)
 class Saliency:
     class_label: str
+    layer: str  # the module whose feature map is explained, e.g. "layer4" for ResNet50
     heatmap: np.ndarray  # float32 in [0, 1], the model's input size (224×224 for ResNet50)
     overlay: Image.Image  # the centre crop the model saw, with the heat map over it
 
@@ -99,45 +85,48 @@ class Saliency:
         return not self.heatmap.any()
 
 
-def _last_conv_block(module: torch.nn.Module) -> torch.nn.Module:
-    """The block whose output Grad-CAM explains: ResNet's layer4, else the parent of the last Conv2d."""
-    if isinstance(getattr(module, "layer4", None), torch.nn.Module):
-        return module.layer4
-    parents = {id(child): parent for parent in module.modules() for child in parent.children()}
-    last_conv = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-    return parents.get(id(last_conv), last_conv)
+_POOLING = (torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveMaxPool2d, torch.nn.AvgPool2d, torch.nn.MaxPool2d)
+
+
+def _is_feature_map(module: torch.nn.Module, output: object) -> bool:
+    # N×C×H×W with a spatial extent: pooling to 1×1 (and the classifier after it) has nothing left to localise.
+    return isinstance(output, torch.Tensor) and output.ndim == 4 and min(output.shape[-2:]) > 1 and not isinstance(module, _POOLING)
 
 
 def grad_cam(model: LoadedModel, image: DecodedImage, class_index: int) -> Saliency:
-    """Grad-CAM for `class_index`: ReLU of the activations weighted by their spatially pooled gradients.
+    """Grad-CAM for `class_index`: ReLU of the last conv block's activations weighted by their pooled gradients.
 
-    The hooks sit on a model every session shares, so they record only the calling thread's pass.
+    Forward hooks find the last block to finish with a spatial feature map (ResNet's layer4, a MobileNet's
+    features, a ViT's patch embedding); the hooks sit on a model every session shares, so they record only
+    the calling thread's pass and are removed before returning. No parameter gradient is accumulated.
     """
-    categories = list(weights_of(model.spec).meta["categories"])
-    if not 0 <= class_index < len(categories):
-        raise BadInputError(f"`class_index` must be between 0 and {len(categories) - 1}, not {class_index}.")
-    block, owner, captured = _last_conv_block(model.obj), threading.get_ident(), {}
+    names = categories(model.spec)
+    if not 0 <= class_index < len(names):
+        raise BadInputError(f"`class_index` must be between 0 and {len(names) - 1}, not {class_index}.")
+    owner, last = threading.get_ident(), {}
+    module_names = {module: name for name, module in model.obj.named_modules()}
 
-    def keep_activation(_module, _inputs, output):
-        if threading.get_ident() == owner:
-            captured["activation"] = output
-            output.register_hook(lambda grad: captured.__setitem__("gradient", grad))
+    def keep_feature_map(module: torch.nn.Module, _inputs: object, output: object) -> None:
+        if threading.get_ident() == owner and _is_feature_map(module, output):
+            last["layer"], last["activation"] = module_names[module], output
 
-    handle = block.register_forward_hook(keep_activation)
+    handles = [module.register_forward_hook(keep_feature_map) for module in module_names]
     try:
-        batch = preprocess(model, [image]).requires_grad_(True)
-        with torch.enable_grad():
+        with gpu_memory_guard(f"computing Grad-CAM with {model.spec.title}"), torch.enable_grad():
+            batch = preprocess(model, [image]).requires_grad_(True)  # weights are frozen: the graph hangs on the input
             logits = model.obj(batch)
-            logits[0, class_index].backward()
+            if "activation" not in last:
+                raise BadInputError(f"{model.spec.hub_entry} has no spatial feature map to explain with Grad-CAM.")
+            (gradient,) = torch.autograd.grad(logits[0, class_index], last["activation"])
     finally:
-        handle.remove()
-    activation, gradient = captured["activation"].detach().float(), captured["gradient"].float()
-    weights = gradient.mean(dim=(2, 3), keepdim=True)
-    cam = torch.relu((weights * activation).sum(dim=1, keepdim=True))
+        for handle in handles:
+            handle.remove()
+    activation, gradient = last["activation"].detach().float(), gradient.float()
+    cam = torch.relu((gradient.mean(dim=(2, 3), keepdim=True) * activation).sum(dim=1, keepdim=True))
     cam = torch.nn.functional.interpolate(cam, size=batch.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
     cam = cam - cam.min()
     heatmap = (cam / cam.max() if cam.max() > 0 else cam).cpu().numpy().astype(np.float32)
-    return Saliency(categories[class_index], heatmap, overlay_heatmap(model_view(model, image), heatmap))
+    return Saliency(names[class_index], last["layer"], heatmap, overlay_heatmap(model_view(model, image), heatmap))
 
 
 def model_view(model: LoadedModel, image: DecodedImage) -> Image.Image:
