@@ -10,7 +10,21 @@ import streamlit as st
 from app_pages.common import image_inputs, require_model, show_error, show_scores
 from core.classify import classify_images
 from core.errors import DashboardError
+from core.images import DecodedImage
 from core.registry import MODELS
+
+
+def verdict(label: str) -> str:
+    return "🌭 Hot dog!" if label.replace("_", " ").lower() == "hot dog" else f"🚫 {label.capitalize()}"
+
+
+def thumbnail_url(decoded: DecodedImage) -> str:
+    thumb = decoded.image.copy()
+    thumb.thumbnail((96, 96))
+    buffer = io.BytesIO()
+    thumb.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
 
 st.title("🌭 Hot Dog? Or Not?")
 st.caption(f"`{MODELS['hotdog'].repo_id}` through `transformers.pipeline('image-classification')`.")
@@ -29,35 +43,25 @@ except DashboardError as error:
 
 st.caption(f"{len(run.results)} image(s) in {run.seconds * 1000:.0f} ms on {run.device} ({run.dtype}), one batched call.")
 
-
-def verdict(label: str) -> str:
-    return "🌭 Hot dog!" if label.replace("_", " ").lower() == "hot dog" else f"🚫 {label.capitalize()}"
-
-
-for decoded, result in zip(images, run.results, strict=True):
-    image_column, score_column = st.columns([3, 2], gap="large")
-    image_column.image(decoded.image, caption=decoded.name + (f" ({', '.join(decoded.notes)})" if decoded.notes else ""))
-    with score_column:
-        st.subheader(verdict(result.top.label))
-        show_scores(result.scores)
-
-
-def thumbnail_url(decoded) -> str:
-    thumb = decoded.image.copy()
-    thumb.thumbnail((96, 96))
-    buffer = io.BytesIO()
-    thumb.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 if len(run.results) > 1:
     st.subheader("All images")
     table = pd.DataFrame(
         {"file": [r.name for r in run.results], "label": [r.top.label for r in run.results], "score": [round(r.top.score, 4) for r in run.results]}
     )
     st.dataframe(
-        table.assign(thumbnail=[thumbnail_url(d) for d in images]),
-        column_config={"thumbnail": st.column_config.ImageColumn("image"), "score": st.column_config.ProgressColumn("score", min_value=0, max_value=1)},
-        hide_index=True,
+        table.assign(thumbnail=[thumbnail_url(d) for d in images])[["thumbnail", "file", "label", "score"]],
+        column_config={
+            "thumbnail": st.column_config.ImageColumn("image"),
+            "score": st.column_config.ProgressColumn("score", min_value=0, max_value=1, format="percent"),
+        },
+        hide_index=True, key="hotdog:table",
     )
-    st.download_button("Download results (CSV)", table.to_csv(index=False), "hotdog-results.csv", "text/csv", key="hotdog:csv")
+    # "ignore": downloading must not rerun the page (and the model) for results it already has.
+    st.download_button("Download results (CSV)", table.to_csv(index=False), "hotdog-results.csv", "text/csv", key="hotdog:csv", on_click="ignore")
+
+for decoded, result in zip(images, run.results, strict=True):
+    image_column, score_column = st.columns([3, 2], gap="large")
+    image_column.image(decoded.image, caption=decoded.caption)
+    with score_column:
+        st.subheader(verdict(result.top.label))
+        show_scores(result.scores)

@@ -1,19 +1,42 @@
 """ImageNet classifier: ResNet50 (or any torchvision classifier) through torch.hub, with Grad-CAM and a comparison."""
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
+from typing import TypeVar
+
 import streamlit as st
 
 from app_pages.common import image_inputs, require_model, show_error, show_scores
 from core import imagenet
 from core.classify import classify_images
 from core.errors import DashboardError
+from core.images import DecodedImage
+from core.manager import LoadedModel
 from core.registry import MODELS
+
+Value = TypeVar("Value")
+TABS = ("Top-k", "Why? (Grad-CAM)", "Compare with the hot dog model")
+
+
+def fingerprint(images: list[DecodedImage]) -> tuple[tuple[str, str], ...]:
+    return tuple((decoded.name, hashlib.blake2b(decoded.image.tobytes(), digest_size=16).hexdigest()) for decoded in images)
+
+
+def remembered(key: str, model: LoadedModel, inputs: tuple, compute: Callable[[], Value]) -> Value:
+    """compute() once per model and inputs, kept across reruns: picking a Grad-CAM class must not re-classify."""
+    identity = (model.spec.key, model.source.location, inputs)
+    saved = st.session_state.get(key)
+    if saved is None or saved[0] != identity:
+        st.session_state[key] = saved = (identity, compute())
+    return saved[1]
+
 
 st.title("🖼️ ImageNet classifier")
 names = imagenet.classifier_names()
 settings_column, k_column = st.columns([3, 1])
 name = settings_column.selectbox("Model (every torchvision ImageNet classifier)", names, index=names.index("resnet50"), key="imagenet:model")
-top_k = k_column.number_input("Top k", min_value=1, max_value=20, value=imagenet.DEFAULT_TOP_K, key="imagenet:top_k")
+top_k = int(k_column.number_input("Top k", min_value=1, max_value=20, value=imagenet.DEFAULT_TOP_K, key="imagenet:top_k"))
 spec = imagenet.spec_for(name)
 st.caption(f"`torch.hub.load('{spec.repo_id}', '{spec.hub_entry}', weights='{spec.hub_weights}')`; labels and preprocessing from the weights.")
 
@@ -21,50 +44,58 @@ images = image_inputs("imagenet")
 if not images:
     st.info("Upload one or more images, take a photo, or pick a sample.")
     st.stop()
+prints = fingerprint(images)
 
 model = require_model(spec)
 try:
-    run = imagenet.classify(model, images, int(top_k))
+    run = remembered("imagenet:run", model, (prints, top_k), lambda: imagenet.classify(model, images, top_k))
 except DashboardError as error:
     show_error(error)
     st.stop()
 
-top_tab, saliency_tab, compare_tab = st.tabs(["Top-k", "Why? (Grad-CAM)", "Compare with the hot dog model"])
+# Tabs that track their state run only when open: Grad-CAM and the hot dog model cost nothing until asked for.
+top_tab, saliency_tab, compare_tab = st.tabs(TABS, key="imagenet:view", on_change="rerun")
 
-with top_tab:
-    st.caption(f"{len(images)} image(s) in {run.seconds * 1000:.0f} ms on {run.device} ({run.dtype}).")
-    for decoded, result in zip(images, run.results, strict=True):
-        image_column, score_column = st.columns([3, 2], gap="large")
-        image_column.image(decoded.image, caption=decoded.name + (f" ({', '.join(decoded.notes)})" if decoded.notes else ""))
-        with score_column:
-            st.subheader(result.top.label)
-            show_scores(result.scores)
+if top_tab.open:
+    with top_tab:
+        st.caption(f"{len(images)} image(s) in {run.seconds * 1000:.0f} ms on {run.device} ({run.dtype}), {run.model_title}.")
+        for decoded, result in zip(images, run.results, strict=True):
+            image_column, score_column = st.columns([3, 2], gap="large")
+            image_column.image(decoded.image, caption=decoded.caption)
+            with score_column:
+                st.subheader(result.top.label)
+                show_scores(result.scores)
 
-with saliency_tab:
-    choice = st.selectbox("Image", range(len(images)), format_func=lambda i: images[i].name, key="imagenet:cam_image")
-    labels = [item.label for item in run.results[choice].scores]
-    label = st.selectbox("Explain the class", labels, key="imagenet:cam_class")
-    categories = list(imagenet.weights_of(spec).meta["categories"])
-    try:
-        saliency = imagenet.grad_cam(model, images[choice], categories.index(label))
-    except DashboardError as error:
-        show_error(error)
-    else:
-        if saliency.is_empty:
-            st.info(f"No region of this image raised the score of “{saliency.class_label}”, so the heat map is empty.")
-        crop_column, cam_column = st.columns(2)
-        crop_column.image(imagenet.model_view(model, images[choice]), caption="What the model sees (resize, centre crop)", width="stretch")
-        cam_column.image(saliency.overlay, caption=f"Grad-CAM for “{saliency.class_label}”: red marks what raised its score", width="stretch")
+if saliency_tab.open:
+    with saliency_tab:
+        choice = st.selectbox("Image", range(len(images)), format_func=lambda i: images[i].name, key="imagenet:cam_image")
+        label = st.selectbox("Explain the class", [item.label for item in run.results[choice].scores], key="imagenet:cam_class")
+        class_index = imagenet.categories(spec).index(label)
+        try:
+            saliency = remembered("imagenet:cam", model, (prints[choice], class_index), lambda: imagenet.grad_cam(model, images[choice], class_index))
+        except DashboardError as error:
+            show_error(error)
+        else:
+            if saliency.is_empty:
+                st.info(f"No region of this image raised the score of “{saliency.class_label}”, so the heat map is empty.")
+            crop_column, cam_column = st.columns(2)
+            crop_column.image(imagenet.model_view(model, images[choice]), caption="What the model sees (resize, centre crop)", width="stretch")
+            cam_column.image(
+                saliency.overlay, width="stretch",
+                caption=f"Grad-CAM on `{saliency.layer}` for “{saliency.class_label}”: red marks what raised its score",
+            )
 
-with compare_tab:
-    hotdog = require_model(MODELS["hotdog"])
-    try:
-        hotdog_run = classify_images(hotdog, images)
-    except DashboardError as error:
-        show_error(error)
-    else:
-        for decoded, mine, theirs in zip(images, run.results, hotdog_run.results, strict=True):
-            st.markdown(f"**{decoded.name}**")
-            left, right = st.columns(2)
-            left.metric(f"{run.model_title}", mine.top.label, f"{mine.top.score:.1%} · {run.seconds * 1000:.0f} ms", delta_color="off")
-            right.metric(hotdog_run.model_title, theirs.top.label, f"{theirs.top.score:.1%} · {hotdog_run.seconds * 1000:.0f} ms", delta_color="off")
+if compare_tab.open:
+    with compare_tab:
+        hotdog = require_model(MODELS["hotdog"])
+        try:
+            hotdog_run = remembered("imagenet:hotdog", hotdog, prints, lambda: classify_images(hotdog, images))
+        except DashboardError as error:
+            show_error(error)
+        else:
+            st.caption("Each model's time is for all the images in one batched call, as it was first computed.")
+            for decoded, mine, theirs in zip(images, run.results, hotdog_run.results, strict=True):
+                image_column, left, right = st.columns([1, 2, 2], vertical_alignment="center")
+                image_column.image(decoded.image, caption=decoded.name, width=140)
+                left.metric(run.model_title, mine.top.label, f"{mine.top.score:.1%} · {run.seconds * 1000:.0f} ms", delta_color="off")
+                right.metric(hotdog_run.model_title, theirs.top.label, f"{theirs.top.score:.1%} · {hotdog_run.seconds * 1000:.0f} ms", delta_color="off")

@@ -21,6 +21,11 @@ class DecodedImage:
     image: Image.Image  # RGB, EXIF orientation applied
     notes: tuple[str, ...]  # what was done to it, for the page to say ("first frame of 12", "EXIF rotation")
 
+    @property
+    def caption(self) -> str:
+        """The file name, and what decoding did to it, if anything."""
+        return self.name + (f" ({', '.join(self.notes)})" if self.notes else "")
+
 
 def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> DecodedImage:
     """The first frame of `data` as upright RGB; BadInputError for empty, unreadable, damaged or oversized files.
