@@ -127,8 +127,9 @@ def highlighted(attributions: sentiment.Attributions) -> str:
 
 def one_text(model: LoadedModel) -> None:
     st.text_area("Text", key="sentiment:text", height=110, placeholder="Type or paste a review, a tweet, a sentence…")
-    for column, (title, example) in zip(st.columns(len(EXAMPLES) + 2)[: len(EXAMPLES)], EXAMPLES.items(), strict=True):
-        column.button(f"Try: {title}", key=f"sentiment:example:{title}", on_click=st.session_state.__setitem__, args=("sentiment:text", example))
+    with st.container(horizontal=True):
+        for title, example in EXAMPLES.items():
+            st.button(f"Try: {title}", key=f"sentiment:example:{title}", on_click=st.session_state.__setitem__, args=("sentiment:text", example))
     text = st.session_state.get("sentiment:text", "")
     if not text.strip():
         st.info("Type a text, or try an example: the label appears at once." if not text else "The text is only whitespace: type some words.")
