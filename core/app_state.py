@@ -4,9 +4,13 @@ This is the only module in `core/` that imports streamlit.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import streamlit as st
 
 from core.config import Settings
+from core.gpu import GpuMonitor, load_nvml
+from core.history import HistorySampler, take_sample
 from core.manager import ModelManager
 
 
@@ -19,3 +23,17 @@ def get_settings() -> Settings:
 @st.cache_resource(show_spinner=False)
 def get_manager() -> ModelManager:
     return ModelManager(get_settings())
+
+
+@st.cache_resource(show_spinner=False)
+def get_gpu_monitor() -> GpuMonitor:
+    """NVML through nvidia-ml-py; on a machine without it the monitor reports why, and no GPUs."""
+    return GpuMonitor(load_nvml())
+
+
+@st.cache_resource(show_spinner=False)
+def get_history() -> HistorySampler:
+    """The one history sampler of the process, started when a page first asks for it."""
+    sampler = HistorySampler(partial(take_sample, get_gpu_monitor()))
+    sampler.start()
+    return sampler
