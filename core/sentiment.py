@@ -177,9 +177,18 @@ def preprocess(tokenizer: Any, texts: Sequence[str], limit: int) -> Encoded:
     counts = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
     truncated = counts > limit
     for index in np.flatnonzero(truncated):
-        ids[index] = ids[index][: limit - 1] + ids[index][-1:]
+        ids[index] = cut(ids[index], limit)
     cut_chars = np.fromiter((len(text) > MAX_CHARS for text in texts), dtype=bool, count=len(texts))
     return Encoded(ids, counts, truncated | cut_chars)
+
+
+def cut(sequence: list, limit: int) -> list:
+    """The first `limit - 1` items and the last (the closing [SEP]) of a tokenised text longer than `limit`.
+
+    We cut, not the tokenizer: asking it to truncate changes state inside the Rust tokenizer that every session
+    shares, and a call from another thread at that moment fails with "Already borrowed".
+    """
+    return sequence if len(sequence) <= limit else sequence[: limit - 1] + sequence[-1:]
 
 
 def length_sorted_batches(lengths: np.ndarray, max_rows: int, max_batch_tokens: int) -> list[np.ndarray]:
@@ -345,12 +354,11 @@ def explain(
         raise BadInputError(f"`steps` must be at least 1 but is {steps}.")
     pipe = model.obj
     labels = labels_of(pipe.model)
-    encoding = pipe.tokenizer(
-        text[:MAX_CHARS], truncation=True, max_length=max_tokens(pipe), return_offsets_mapping=True,
-        return_special_tokens_mask=True, return_tensors="pt",
-    )
-    input_ids = encoding["input_ids"].to(model.device)
-    special = encoding["special_tokens_mask"].to(model.device).bool()
+    limit = max_tokens(pipe)
+    encoding = pipe.tokenizer(text[:MAX_CHARS], verbose=False, return_offsets_mapping=True, return_special_tokens_mask=True)
+    word_ids, offsets = cut(encoding.word_ids(), limit), cut(encoding["offset_mapping"], limit)
+    input_ids = torch.tensor([cut(encoding["input_ids"], limit)], device=model.device)
+    special = torch.tensor([cut(encoding["special_tokens_mask"], limit)], device=model.device).bool()
     attention_mask = torch.ones_like(input_ids)
     embed = pipe.model.get_input_embeddings()
     # inference_mode(False): gradients must flow even if a caller runs this inside inference_mode.
@@ -363,8 +371,8 @@ def explain(
     alphas, weights = _path_points(method, steps)
     raw = _path_attributions(pipe.model, inputs, baseline, attention_mask, target, alphas, weights)
     return Attributions(
-        text, labels[target], _words(text, encoding, raw), method if method == GRADIENT_X_INPUT else f"{method} ({steps} points)",
-        int(encoding["offset_mapping"][0, :, 1].max()), output_change, abs(float(raw.sum()) - output_change),
+        text, labels[target], _words(text, word_ids, offsets, raw), method if method == GRADIENT_X_INPUT else f"{method} ({steps} points)",
+        max(end for _, end in offsets), output_change, abs(float(raw.sum()) - output_change),
     )
 
 
@@ -404,13 +412,13 @@ def _path_attributions(
     return (delta[0] * gradient_sum).sum(dim=-1).cpu()
 
 
-def _words(text: str, encoding: Any, raw: torch.Tensor) -> tuple[WordAttribution, ...]:
+def _words(text: str, word_ids: list[int | None], offsets: list[tuple[int, int]], raw: torch.Tensor) -> tuple[WordAttribution, ...]:
     """Token attributions summed per word (WordPiece splits words), scaled so the strongest word is +-1."""
     spans: dict[int, list[float]] = {}
-    for position, word_id in enumerate(encoding.word_ids(0)):
+    for position, word_id in enumerate(word_ids):
         if word_id is None:
             continue
-        start, end = (int(v) for v in encoding["offset_mapping"][0, position])
+        start, end = offsets[position]
         span = spans.setdefault(word_id, [start, end, 0.0])
         span[0], span[1], span[2] = min(span[0], start), max(span[1], end), span[2] + float(raw[position])
     largest = max((abs(score) for _, _, score in spans.values()), default=0.0) or 1.0

@@ -203,6 +203,8 @@ def test_attributions_stop_where_the_model_stopped_reading(model):
     attributions = sentiment.explain(model, text, steps=2)
     assert len(attributions.words) == 510 and attributions.covered_chars < len(text)
     assert all(w.end <= attributions.covered_chars for w in attributions.words)
+    # Cutting is ours: the shared Rust tokenizer is never switched into truncation, which is not thread-safe.
+    assert model.obj.tokenizer.backend_tokenizer.truncation is None
     with pytest.raises(BadInputError, match=r"`label` is 'HAPPY', not one of the model's labels"):
         sentiment.explain(model, "fine", label="HAPPY")
     with pytest.raises(BadInputError, match=r"`method` is 'saliency', not"):
