@@ -72,18 +72,17 @@ def show_host() -> None:
 
 
 def history_frames(samples: tuple[Sample, ...], with_gpus: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Memory in GiB, and GPU utilisation in % (empty without GPUs), indexed by local time."""
+    """Memory in GiB, and GPU utilisation in % (empty without GPUs), indexed by seconds before now."""
     memory_rows, utilization_rows = [], []
+    now = time.time()
     for sample in samples:
-        moment = pd.Timestamp.fromtimestamp(sample.taken_at)
+        ago = {"seconds": round(sample.taken_at - now)}
         if with_gpus:
-            memory_rows.append({"time": moment} | {
-                f"GPU {p.gpu_index} used": None if p.used_bytes is None else p.used_bytes / GIB for p in sample.gpus
-            })
-            utilization_rows.append({"time": moment} | {f"GPU {p.gpu_index}": p.utilization_pct for p in sample.gpus})
+            memory_rows.append(ago | {f"GPU {p.gpu_index} used": None if p.used_bytes is None else p.used_bytes / GIB for p in sample.gpus})
+            utilization_rows.append(ago | {f"GPU {p.gpu_index}": p.utilization_pct for p in sample.gpus})
         else:
-            memory_rows.append({"time": moment, "System RAM used": sample.host_used_bytes / GIB, "This app's process": sample.process_rss_bytes / GIB})
-    return tuple(pd.DataFrame(rows).set_index("time") if rows else pd.DataFrame() for rows in (memory_rows, utilization_rows))
+            memory_rows.append(ago | {"System RAM used": sample.host_used_bytes / GIB, "This app's process": sample.process_rss_bytes / GIB})
+    return tuple(pd.DataFrame(rows).set_index("seconds") if rows else pd.DataFrame() for rows in (memory_rows, utilization_rows))
 
 
 @st.fragment(run_every=get_history().interval_s)
@@ -108,23 +107,25 @@ def live_panel() -> None:
         st.caption("Collecting samples: the chart appears after the second one (every few seconds).")
         return
     memory_column, utilization_column = st.columns(2) if report.gpus else (st.container(), None)
-    memory_column.line_chart(memory, y_label="memory used (GiB)")
+    memory_column.line_chart(memory, x_label="seconds (0 is now)", y_label="memory used (GiB)")
     if utilization_column is not None:
-        utilization_column.line_chart(utilization, y_label="GPU utilisation (%)")
+        utilization_column.line_chart(utilization, x_label="seconds (0 is now)", y_label="GPU utilisation (%)")
 
 
 live_panel()
 
-# --- torch's allocator in this process -------------------------------------------------------------------------
-st.subheader("This process's torch allocator")
-st.caption(
-    "NVML **used** is everything on the card: every process, each CUDA context and torch's pool. "
-    "torch **reserved** is this process's pool; **allocated** is the live tensors inside it. "
-    "NVML for this process minus reserved is the CUDA context and other libraries' memory; reserved minus allocated is cached, reusable blocks."
-)
+# --- torch's allocator in this process (only where there is a GPU to explain) --------------------------------
 allocator = gpu.allocator_stats()
+cards = get_gpu_monitor().snapshot().gpus
+if cards or allocator:
+    st.subheader("This process's torch allocator")
+    st.caption(
+        "NVML **used** is everything on the card: every process, each CUDA context and torch's pool. "
+        "torch **reserved** is this process's pool; **allocated** is the live tensors inside it. "
+        "NVML for this process minus reserved is the CUDA context and other libraries' memory; reserved minus allocated is cached, reusable blocks."
+    )
 if allocator:
-    nvml_by_uuid = {card.uuid: card.this_process_bytes for card in get_gpu_monitor().snapshot().gpus}
+    nvml_by_uuid = {card.uuid: card.this_process_bytes for card in cards}
     rows = []
     for stats in allocator:
         nvml_bytes = nvml_by_uuid.get(stats.uuid)
@@ -138,7 +139,7 @@ if allocator:
             "Context and other": _bytes_or_na(None if nvml_bytes is None else nvml_bytes - stats.reserved_bytes),
         })
     st.dataframe(pd.DataFrame(rows), hide_index=True, key="vram:allocator")
-else:
+elif cards:
     st.caption("torch has not used a GPU in this process: no model is on a GPU, so nothing is allocated or cached.")
 
 for budget in manager.gpu_budgets():
@@ -159,7 +160,7 @@ st.dataframe(
             "Device": row.device or "—",
             "dtype": row.dtype or "—",
             "Memory": human_bytes(row.memory_bytes) if row.memory_bytes is not None
-            else f"~{human_bytes(row.estimate_bytes)} ({'measured before' if row.estimate_measured else 'estimate'})",
+            else f"~{human_bytes(row.estimate_bytes)} ({'measured' if row.estimate_measured else 'estimate'})",
             "Last used": _ago(row.last_used),
             "Running now": row.busy,
         }
@@ -179,11 +180,16 @@ PENDING, RESULT = "vram:pending", "vram:result"
 titles = {row.key: row.title for row in status}
 
 
+def _change(freed_bytes: int) -> str:
+    """A decrease as −N, and an increase (another session allocated meanwhile) as +N."""
+    return f"−{human_bytes(freed_bytes)}" if freed_bytes >= 0 else f"+{human_bytes(-freed_bytes)}"
+
+
 def describe_freed(what: str, freed: Freed) -> str:
     parts = [f"{what}: the weights held {human_bytes(freed.model_bytes)}."]
     if gpu.allocator_stats():
-        parts.append(f"torch allocated −{human_bytes(freed.allocated_bytes)}, reserved −{human_bytes(freed.reserved_bytes)} (given back to the driver).")
-    parts.append(f"This process's RAM −{human_bytes(freed.process_rss_bytes)} (the C allocator may keep freed pages for reuse).")
+        parts.append(f"torch allocated {_change(freed.allocated_bytes)}, reserved {_change(freed.reserved_bytes)} (given back to the driver).")
+    parts.append(f"This process's RAM {_change(freed.process_rss_bytes)} (the C allocator may keep freed pages for reuse).")
     return " ".join(parts)
 
 

@@ -220,7 +220,10 @@ class ModelManager:
         """Load the model, or bring it back from the CPU or another card, where the memory policy says; sets entry.model."""
         spec = entry.spec
         if not self._budgets_bytes():
-            entry.model = self._load_real_or_standin(spec, allow_standin, self.device)
+            model = self._load_real_or_standin(spec, allow_standin, self.device)
+            with self._lock:
+                entry.model = model
+                self._measured_bytes[spec.key] = model.memory_bytes
             return
         need_bytes = self._footprint_bytes(spec)
         with self._memory_lock:

@@ -62,6 +62,7 @@ def test_no_gpu_says_so_and_shows_ram_and_this_process(monitor_page):
     assert {"System RAM", "RAM used", "RAM available", "This app's process"} <= set(values)
     assert values["This app's process"].endswith(("MiB", "GiB"))
     assert len(at.get("vega_lite_chart")) == 1  # RAM history, no GPU utilisation chart
+    assert "This process's torch allocator" not in [s.value for s in at.subheader]  # nothing to explain without a GPU
 
 
 def test_nvml_not_installed_is_explained(monitor_page):
@@ -97,6 +98,8 @@ def test_one_gpu_shows_memory_power_processes_and_history(monitor_page):
     assert processes.loc[4242, "GPU memory"] == "n/a" and not processes.loc[4242, "Process"].endswith("(this app)")
     assert len(at.get("vega_lite_chart")) == 2  # memory and utilisation
     assert any("NVML **used** is everything on the card" in c.value for c in at.caption)
+    if not torch.cuda.is_available():
+        assert any("torch has not used a GPU in this process" in c.value for c in at.caption)
 
 
 def test_two_gpus_are_both_shown(monitor_page):
@@ -139,6 +142,8 @@ def test_unload_asks_first_then_says_what_it_freed(monitor_page, settings):
     assert at.success[0].value.startswith("Unloaded Sentiment (DistilBERT SST-2): the weights held 1.0 MiB.")
     assert memory_of(manager, "sentiment") is None
     assert at.button(key="vram:unload").disabled  # nothing left to unload
+    models = table(at, "Last used")
+    assert models[models["Model"] == MODELS["sentiment"].title].iloc[0]["Memory"] == "~1.0 MiB (measured)"
 
 
 def test_unload_all_asks_first(monitor_page, settings):
