@@ -97,5 +97,5 @@ if compare_tab.open:
             for decoded, mine, theirs in zip(images, run.results, hotdog_run.results, strict=True):
                 image_column, left, right = st.columns([1, 2, 2], vertical_alignment="center")
                 image_column.image(decoded.image, caption=decoded.name, width=140)
-                left.metric(run.model_title, mine.top.label, f"{mine.top.score:.1%} · {run.seconds * 1000:.0f} ms", delta_color="off")
-                right.metric(hotdog_run.model_title, theirs.top.label, f"{theirs.top.score:.1%} · {hotdog_run.seconds * 1000:.0f} ms", delta_color="off")
+                left.metric(run.model_title, mine.top.label, f"{mine.top.score:.1%} · {run.seconds * 1000:.0f} ms", delta_color="off", delta_arrow="off")
+                right.metric(hotdog_run.model_title, theirs.top.label, f"{theirs.top.score:.1%} · {hotdog_run.seconds * 1000:.0f} ms", delta_color="off", delta_arrow="off")
