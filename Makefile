@@ -37,6 +37,8 @@ lint: $(BIN)/.installed-test
 test: install-test lint
 	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# On a CUDA machine (the device tool runs this there): only the GPU tests.
+# On a CUDA machine (the device tool runs this there): only the GPU tests, only from the files that have them,
+# so that the GPU machine needs no streamlit (page tests import it).
+GPU_TEST_FILES = $(shell grep -l "pytest.mark.gpu" tests/test_*.py)
 gpu-test:
-	HF_HUB_OFFLINE=1 python3 -m pytest -m gpu $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 python3 -m pytest -m gpu -p no:cacheprovider -s $(GPU_TEST_FILES) $(PYTEST_ARGS)
