@@ -1,0 +1,480 @@
+"""Stable Diffusion text-to-image on a shared pipeline, read like a small diffusers pipeline.
+
+`generate()` runs numbered steps: check the inputs, wait for the device's slot in the GPU queue, put the shared
+pipeline in the run's precision and memory mode, build the run's own scheduler from the model's config, one seeded
+generator per image, then diffusers' denoising loop with a step callback for progress, a cheap latent preview and
+cancel. Everything that changes the shared pipeline happens while holding the slot, so runs never race.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import secrets
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from core.errors import BadInputError, GpuOutOfMemoryError
+from core.gpu_queue import SlotAbandoned, queue_for
+from core.jobs import JobCancelled, JobContext
+from core.manager import LoadedModel, module_bytes, release_memory
+from core.registry import MODELS, ModelSpec, custom_spec, is_valid_repo_id
+
+log = logging.getLogger(__name__)
+
+SD_MODEL_KEYS = ("sd15", "sd14", "mr-potato-head")
+
+# Limits, as AUTOMATIC1111 has them: beyond these a run is refused with a message, never clamped.
+MIN_SIDE_PX, MAX_SIDE_PX = 64, 2048
+MAX_STEPS = 150
+MAX_GUIDANCE = 30.0
+MAX_IMAGES = 8
+MAX_SEED = 2**53 - 1  # the largest whole number a browser's number input holds exactly
+PREVIEW_EVERY_S = 0.4  # a preview costs a device-to-host copy (a sync): a few per second is enough for the eye
+
+
+@dataclass(frozen=True)
+class SchedulerChoice:
+    class_name: str  # a diffusers scheduler class
+    overrides: tuple[tuple[str, Any], ...] = ()  # on top of the model's own scheduler config
+    a1111_name: str = ""  # the sampler name AUTOMATIC1111 writes in PNG metadata, when it differs
+    needs: str | None = None  # a module the scheduler imports at run time
+
+
+SCHEDULERS: dict[str, SchedulerChoice] = {
+    "PNDM": SchedulerChoice("PNDMScheduler", a1111_name="PLMS"),  # SD 1.x's own (PLMS steps)
+    "DDIM": SchedulerChoice("DDIMScheduler"),
+    "Euler": SchedulerChoice("EulerDiscreteScheduler"),
+    "Euler a": SchedulerChoice("EulerAncestralDiscreteScheduler"),
+    "DPM++ 2M Karras": SchedulerChoice(
+        "DPMSolverMultistepScheduler", (("algorithm_type", "dpmsolver++"), ("solver_order", 2), ("use_karras_sigmas", True))
+    ),
+    "LMS": SchedulerChoice("LMSDiscreteScheduler", needs="scipy"),  # integrates its coefficients with scipy
+    "UniPC": SchedulerChoice("UniPCMultistepScheduler"),
+}
+DEFAULT_SCHEDULER = "PNDM"
+
+
+class Precision(StrEnum):
+    AUTO = "auto"  # the dtype the manager loaded the model in (fp16 on a GPU, fp32 on the CPU)
+    FP16 = "fp16"
+    BF16 = "bf16"
+    FP32 = "fp32"
+
+
+_DTYPES = {Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16, Precision.FP32: torch.float32}
+
+
+class MemoryMode(StrEnum):
+    NONE = "none"
+    ATTENTION_SLICING = "attention slicing"  # attention one head slice at a time
+    VAE_SLICING = "VAE slicing"  # decode one image of the batch at a time
+    VAE_TILING = "VAE tiling"  # decode in overlapping tiles: large images in little memory
+    MODEL_OFFLOAD = "model CPU offload"  # each model on the GPU only while it runs
+    SEQUENTIAL_OFFLOAD = "sequential CPU offload"  # each layer on the GPU only while it runs: least memory, slowest
+
+
+_GPU_ONLY_MODES = (MemoryMode.MODEL_OFFLOAD, MemoryMode.SEQUENTIAL_OFFLOAD)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 25  # PNDM/DPM++ give a clean SD 1.x image in 20-30 steps; 50 is diffusers' default
+    guidance_scale: float = 7.5  # diffusers' and AUTOMATIC1111's default for SD 1.x
+    width: int = 512  # SD 1.x was trained at 512x512
+    height: int = 512
+    num_images: int = 1
+    seed: int | None = None  # None: a random seed, drawn when the run starts and reported with the result
+    scheduler: str = DEFAULT_SCHEDULER
+    precision: Precision = Precision.AUTO
+    memory_mode: MemoryMode = MemoryMode.NONE
+
+    def seeds(self) -> tuple[int, ...]:
+        """Image i gets seed + i (as in AUTOMATIC1111), so any image of a batch can be made again alone."""
+        if self.seed is None:
+            raise ValueError("the seed is drawn by with_seed() before a run")
+        return tuple((self.seed + i) % (MAX_SEED + 1) for i in range(self.num_images))
+
+    def with_seed(self) -> GenerationSettings:
+        return self if self.seed is not None else replace(self, seed=secrets.randbelow(2**32))
+
+
+@dataclass(frozen=True)
+class PromptLength:
+    tokens: int  # without the start and end tokens
+    limit: int  # what the text encoder reads (75 for CLIP's 77 positions)
+    ignored_text: str  # the words past the limit, which the model never sees
+
+    @property
+    def truncated(self) -> bool:
+        return self.tokens > self.limit
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights_bytes: int  # on the device during the run (less with an offload mode)
+    activations_bytes: int  # rough: latents, attention and the VAE decode at this size and batch
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.activations_bytes
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    image: Image.Image
+    seed: int
+    blacked_out: bool  # the model's safety checker replaced it with a black image
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    images: tuple[GeneratedImage, ...]
+    settings: GenerationSettings  # with the seed that was used
+    model_name: str  # repo id or folder, as written to PNG metadata
+    model_title: str
+    is_standin: bool
+    device: str
+    dtype: str
+    seconds: float  # the run on the device, waiting in the queue excluded
+    steps_per_s: float
+    peak_memory_bytes: int | None  # torch's peak allocation on the GPU during the run; None on the CPU
+    notes: tuple[str, ...] = field(default=())
+
+    def settings_for(self, index: int) -> GenerationSettings:
+        """The settings that make image `index` again on its own."""
+        return replace(self.settings, seed=self.images[index].seed, num_images=1)
+
+
+def model_spec_for(choice: str, custom: str = "") -> ModelSpec:
+    """The spec for one of SD_MODEL_KEYS, or for a custom SD 1.x repo id (owner/name) or absolute local folder."""
+    if choice in SD_MODEL_KEYS:
+        return MODELS[choice]
+    text = custom.strip()
+    if not text:
+        raise BadInputError("Enter a Hub repo id (owner/name) or the full path of a local folder.")
+    if Path(text).is_absolute():
+        if not Path(text).is_dir():
+            raise BadInputError(f"`model` folder {text!r} does not exist.", remedy="Give the full path of a folder in Hub layout (with model_index.json).")
+    elif not is_valid_repo_id(text):
+        raise BadInputError(f"`model` {text!r} is not a Hub repo id.", remedy="A repo id looks like owner/name, for example stable-diffusion-v1-5/stable-diffusion-v1-5.")
+    return custom_spec("sd15", text)
+
+
+def available_schedulers() -> tuple[str, ...]:
+    return tuple(name for name, choice in SCHEDULERS.items() if choice.needs is None or importlib.util.find_spec(choice.needs))
+
+
+def precisions_for(device: torch.device) -> tuple[Precision, ...]:
+    # CPUs lack fast half-precision kernels for these models: fp32 only.
+    return tuple(Precision) if device.type == "cuda" else (Precision.AUTO, Precision.FP32)
+
+
+def memory_modes_for(device: torch.device) -> tuple[MemoryMode, ...]:
+    return tuple(MemoryMode) if device.type == "cuda" else tuple(m for m in MemoryMode if m not in _GPU_ONLY_MODES)
+
+
+def check_inputs(settings: GenerationSettings, device: torch.device) -> None:
+    """Refuse bad settings before any work, naming the argument and its value (an empty prompt is fine)."""
+    s = settings
+
+    def between(name: str, value: float, low: float, high: float, unit: str = "") -> None:
+        if not (low <= value <= high):  # also false for NaN
+            raise BadInputError(f"`{name}` has to be between {low:g} and {high:g}{unit} but is {value:g}.")
+
+    for name in ("steps", "width", "height", "num_images"):
+        if not isinstance(getattr(s, name), int) or isinstance(getattr(s, name), bool):
+            raise BadInputError(f"`{name}` has to be a whole number but is {getattr(s, name)!r}.")
+    between("steps", s.steps, 1, MAX_STEPS)
+    between("guidance_scale", s.guidance_scale, 0, MAX_GUIDANCE)
+    for name in ("width", "height"):
+        value = getattr(s, name)
+        if value % 8:
+            raise BadInputError(f"`{name}` has to be a multiple of 8 but is {value}.", remedy=f"Use {value // 8 * 8} or {value // 8 * 8 + 8}.")
+        between(name, value, MIN_SIDE_PX, MAX_SIDE_PX, " pixels")
+    between("num_images", s.num_images, 1, MAX_IMAGES)
+    if s.seed is not None:
+        between("seed", s.seed, 0, MAX_SEED)
+    if s.scheduler not in SCHEDULERS:
+        raise BadInputError(f"`scheduler` {s.scheduler!r} is not one of {', '.join(SCHEDULERS)}.")
+    if s.scheduler not in available_schedulers():
+        raise BadInputError(f"`scheduler` {s.scheduler!r} needs the Python package {SCHEDULERS[s.scheduler].needs}, which is not installed.", remedy="Choose another scheduler, or ask the operator to install it.")
+    if s.precision not in precisions_for(device):
+        raise BadInputError(f"`precision` {s.precision} needs a GPU; on the {device.type.upper()} this model runs in fp32.")
+    if s.memory_mode not in memory_modes_for(device):
+        raise BadInputError(f"`memory_mode` '{s.memory_mode}' moves weights between the CPU and a GPU, and this model runs on the {device.type.upper()}.")
+
+
+def prompt_length(pipe: Any, prompt: str) -> PromptLength:
+    """How many tokens `prompt` is, and what the text encoder will not read (CLIP sees 77 tokens, start and end included)."""
+    tokenizer = pipe.tokenizer
+    limit = tokenizer.model_max_length - 2
+    ids = tokenizer(prompt, truncation=False, add_special_tokens=False, verbose=False).input_ids
+    ignored = tokenizer.decode(ids[limit:]).strip() if len(ids) > limit else ""
+    return PromptLength(len(ids), limit, ignored)
+
+
+def estimate_memory(pipe: Any, settings: GenerationSettings, device: torch.device) -> MemoryEstimate:
+    """A rough device-memory figure for a run, shown before it starts (the GPU tests record the real peaks)."""
+    dtype_bytes = torch.finfo(_dtype_for(pipe, settings.precision)).bits // 8
+    scale = dtype_bytes / torch.finfo(pipe.unet.dtype).bits * 8  # weights are counted in the dtype they are loaded in
+    sizes = {name: module_bytes(module) * scale for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
+    weights = sum(sizes.values())
+    if settings.memory_mode is MemoryMode.MODEL_OFFLOAD:
+        weights = max(sizes.values())
+    elif settings.memory_mode is MemoryMode.SEQUENTIAL_OFFLOAD:
+        weights = 0.02 * weights  # one layer at a time
+    pixels = settings.width * settings.height
+    decoded_images = 1 if settings.memory_mode in (MemoryMode.VAE_SLICING, MemoryMode.SEQUENTIAL_OFFLOAD) else settings.num_images
+    if settings.memory_mode is MemoryMode.VAE_TILING:
+        pixels = min(pixels, 512 * 512)
+    # The VAE decoder holds about a dozen 128-channel full-size feature maps; the UNet's peak (CFG doubles the
+    # batch) at 1/8 size is smaller. Calibrated against SD 1.5 at 512x512 (about 1 GB of activations in fp16).
+    vae_bytes = decoded_images * pixels * 128 * 12 * dtype_bytes
+    unet_bytes = 2 * settings.num_images * (settings.width * settings.height // 64) * 1280 * 8 * dtype_bytes
+    if settings.memory_mode is MemoryMode.ATTENTION_SLICING:
+        unet_bytes //= 2
+    return MemoryEstimate(int(weights), int(vae_bytes + unet_bytes))
+
+
+def build_scheduler(pipe: Any, name: str) -> Any:
+    """A fresh scheduler for one run, from the model's own scheduler config: switching costs no reload."""
+    import diffusers
+
+    choice = SCHEDULERS[name]
+    return getattr(diffusers, choice.class_name).from_config(pipe.scheduler.config, **dict(choice.overrides))
+
+
+# Device-side state of each shared pipeline that runs change: which memory mode and dtype it is in, and what to
+# restore. Only touched while holding the device's queue slot.
+@dataclass
+class _PipelineState:
+    loaded_dtype: torch.dtype
+    memory_mode: MemoryMode = MemoryMode.NONE
+    attn_processors: dict[str, Any] | None = None  # the UNet's processors before attention slicing replaced them
+    weights_backup: dict[str, dict[str, torch.Tensor]] | None = None  # CPU copy of the loaded weights, for lossy casts
+
+
+_states: weakref.WeakKeyDictionary[Any, _PipelineState] = weakref.WeakKeyDictionary()
+
+
+def _state_of(pipe: Any) -> _PipelineState:
+    state = _states.get(pipe)
+    if state is None:
+        state = _states[pipe] = _PipelineState(loaded_dtype=pipe.unet.dtype)
+    return state
+
+
+def _dtype_for(pipe: Any, precision: Precision) -> torch.dtype:
+    return _state_of(pipe).loaded_dtype if precision is Precision.AUTO else _DTYPES[precision]
+
+
+def _torch_modules(pipe: Any) -> dict[str, torch.nn.Module]:
+    return {name: module for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
+
+
+def restore_plain(pipe: Any, device: torch.device) -> None:
+    """Undo any memory mode: no offload hooks, default VAE decoding, the UNet's own attention, every weight on `device`."""
+    state = _state_of(pipe)
+    pipe.remove_all_hooks()
+    if state.attn_processors is not None:
+        pipe.unet.set_attn_processor(state.attn_processors)
+        state.attn_processors = None
+    pipe.vae.disable_slicing()
+    pipe.vae.disable_tiling()
+    pipe.to(device)
+    state.memory_mode = MemoryMode.NONE
+
+
+def set_memory_mode(pipe: Any, mode: MemoryMode, device: torch.device) -> None:
+    """Put the shared pipeline in `mode`, from whatever mode it was in. Hold the device's queue slot."""
+    state = _state_of(pipe)
+    if mode is state.memory_mode:
+        return
+    restore_plain(pipe, device)
+    if mode is MemoryMode.ATTENTION_SLICING:
+        state.attn_processors = dict(pipe.unet.attn_processors)
+        pipe.enable_attention_slicing()
+    elif mode is MemoryMode.VAE_SLICING:
+        pipe.vae.enable_slicing()
+    elif mode is MemoryMode.VAE_TILING:
+        pipe.vae.enable_tiling()
+    elif mode is MemoryMode.MODEL_OFFLOAD:
+        pipe.enable_model_cpu_offload(device=device)
+    elif mode is MemoryMode.SEQUENTIAL_OFFLOAD:
+        pipe.enable_sequential_cpu_offload(device=device)
+    state.memory_mode = mode
+
+
+def set_precision(pipe: Any, precision: Precision, device: torch.device) -> None:
+    """Cast the shared pipeline's weights to the run's dtype. Hold the slot, with no memory mode on.
+
+    Widening the loaded dtype (fp16 -> fp32) and back is exact. A lossy cast (fp16 -> bf16) first keeps a CPU copy
+    of the loaded weights, and going back restores them from it, so one user's bf16 run never degrades the next one's.
+    """
+    state = _state_of(pipe)
+    target = _dtype_for(pipe, precision)
+    if pipe.unet.dtype == target:
+        return
+    modules = _torch_modules(pipe)
+    lossy = torch.finfo(target).bits < torch.finfo(state.loaded_dtype).bits or {target, state.loaded_dtype} == {torch.float16, torch.bfloat16}
+    if lossy and state.weights_backup is None:
+        state.weights_backup = {name: {k: v.to("cpu", copy=True) for k, v in m.state_dict().items()} for name, m in modules.items()}
+    for module in modules.values():
+        module.to(dtype=target)
+    if target == state.loaded_dtype and state.weights_backup is not None:
+        for name, module in modules.items():
+            module.load_state_dict(state.weights_backup[name])
+        state.weights_backup = None
+
+
+def latent_preview(latents: torch.Tensor) -> Image.Image:
+    """An approximate RGB picture of SD 1.x latents without the VAE: a fixed linear map, each image 1/8 size, side by side."""
+    factors = torch.tensor(_LATENT_RGB_FACTORS, dtype=torch.float32, device=latents.device)
+    rgb = torch.einsum("bchw,cr->bhwr", latents.float(), factors)
+    strip = torch.cat(list(rgb), dim=1)  # images side by side
+    pixels = ((strip + 1) * 127.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
+    return Image.fromarray(pixels)
+
+
+# Least-squares fit of SD 1.x VAE decodes to latents (as ComfyUI and AUTOMATIC1111 use for their live previews).
+_LATENT_RGB_FACTORS = ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829, 0.1762, 0.2721), (-0.2120, -0.2616, -0.7177))
+
+
+class _StepReporter:
+    """The step callback: progress with it/s and time left, a preview a few times a second, and cancel within a step."""
+
+    def __init__(self, context: JobContext | None, abandoned: Callable[[], bool]) -> None:
+        self.context = context
+        self.abandoned = abandoned
+        self.started = time.perf_counter()
+        self.last_preview = -math.inf
+        self.steps_done = 0
+
+    def stop_requested(self) -> bool:
+        return (self.context is not None and self.context.cancelled) or self.abandoned()
+
+    def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.steps_done = step + 1
+        if self.stop_requested():
+            raise JobCancelled  # leaves diffusers' loop at once: no VAE decode of partial latents
+        if self.context is not None:
+            now = time.perf_counter()
+            total = pipe.num_timesteps
+            rate = self.steps_done / (now - self.started)
+            detail = f"step {self.steps_done} of {total} · {rate:.2f} it/s · about {(total - self.steps_done) / rate:.0f} s left"
+            preview = None
+            if now - self.last_preview >= PREVIEW_EVERY_S or self.steps_done == total:
+                preview, self.last_preview = latent_preview(tensors["latents"]), now
+            self.context.report(self.steps_done, total, detail, preview)
+        return tensors
+
+
+def _report(context: JobContext | None, detail: str) -> None:
+    if context is not None:
+        context.report(0, 0, detail)
+
+
+def _place(n: int) -> str:
+    return "next in line" if n == 1 else f"{n}{'nd' if n == 2 else 'rd' if n == 3 else 'th'} in line"
+
+
+def generate(
+    model: LoadedModel,
+    settings: GenerationSettings,
+    context: JobContext | None = None,
+    abandoned: Callable[[], bool] = lambda: False,
+) -> GenerationResult:
+    """Make `settings.num_images` images with the shared SD pipeline in `model`.
+
+    Raises BadInputError before any work, JobCancelled when cancelled (partial results dropped), and
+    GpuOutOfMemoryError (memory already released) when the device runs out of memory.
+    """
+    pipe, device = model.obj, model.device
+    # 1. Check inputs
+    check_inputs(settings, device)
+    settings = settings.with_seed()
+    notes = [_prompt_note(pipe, settings.prompt, "prompt"), _prompt_note(pipe, settings.negative_prompt, "negative prompt")]
+
+    # 2. Wait for the device: one run at a time per GPU, first come first served
+    reporter = _StepReporter(context, abandoned)
+    _report(context, "waiting for the device")
+    try:
+        with queue_for(device).slot(on_wait=lambda n: _report(context, f"waiting for the GPU: {_place(n)}"), cancelled=reporter.stop_requested):
+            return _run(model, settings, context, reporter, tuple(n for n in notes if n))
+    except SlotAbandoned:
+        raise JobCancelled from None
+
+
+def _prompt_note(pipe: Any, text: str, what: str) -> str:
+    length = prompt_length(pipe, text)
+    if not length.truncated:
+        return ""
+    return f"The {what} is {length.tokens} tokens long and the model reads only the first {length.limit}: it ignored “{length.ignored_text}”."
+
+
+def _run(model: LoadedModel, settings: GenerationSettings, context: JobContext | None, reporter: _StepReporter, notes: tuple[str, ...]) -> GenerationResult:
+    pipe, device = model.obj, model.device
+    out_of_memory = False
+    try:
+        # 3. Put the shared pipeline in this run's precision and memory mode (dtype casts need the plain state)
+        _report(context, "preparing the model")
+        if pipe.unet.dtype != _dtype_for(pipe, settings.precision):
+            restore_plain(pipe, device)
+            set_precision(pipe, settings.precision, device)
+        set_memory_mode(pipe, settings.memory_mode, device)
+
+        # 4. This run's own scheduler, and one generator per image (CPU generators: same noise on any device)
+        # (A new pipeline object over the shared modules; the scheduler is set afterwards, as users of diffusers do,
+        # so the constructor's legacy-config checks never rewrite it.)
+        run_pipe = type(pipe)(**pipe.components, requires_safety_checker=False)
+        run_pipe.scheduler = build_scheduler(pipe, settings.scheduler)
+        run_pipe.set_progress_bar_config(disable=True)
+        seeds = settings.seeds()
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+        # 5. Denoise and decode
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        reporter.started = time.perf_counter()
+        output = run_pipe(
+            prompt=settings.prompt, negative_prompt=settings.negative_prompt or None,
+            num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
+            width=settings.width, height=settings.height, num_images_per_prompt=settings.num_images,
+            generator=generators, callback_on_step_end=reporter,
+        )
+        seconds = time.perf_counter() - reporter.started
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    except torch.OutOfMemoryError:
+        out_of_memory = True
+    finally:
+        pipe.maybe_free_model_hooks()  # with model offload: every model back on the CPU, as diffusers does after a call
+    if out_of_memory:
+        # 6. Out of memory: free what the run held (outside the except block, whose traceback pins the run's tensors)
+        release_memory()
+        raise GpuOutOfMemoryError(
+            f"The GPU ran out of memory making {settings.num_images} image(s) of {settings.width}x{settings.height}; what the run held is released.",
+            remedy="Try a smaller size, fewer images per run, or a memory mode (VAE slicing for batches, VAE tiling for large images, model CPU offload for the least memory).",
+        )
+
+    # 7. Results, with a note for each image the safety checker blacked out
+    flags = output.nsfw_content_detected or [False] * len(output.images)
+    images = tuple(GeneratedImage(image, seed, bool(flag)) for image, seed, flag in zip(output.images, seeds, flags, strict=True))
+    blacked = [str(i + 1) for i, image in enumerate(images) if image.blacked_out]
+    if blacked:
+        notes += (f"The model's safety checker judged image {', '.join(blacked)} not safe for work and blacked it out; try another seed or prompt.",)
+    return GenerationResult(
+        images=images, settings=settings, model_name=model.spec.repo_id, model_title=model.spec.title, is_standin=model.is_standin,
+        device=str(device), dtype=str(pipe.unet.dtype).removeprefix("torch."), seconds=seconds,
+        steps_per_s=reporter.steps_done / seconds if seconds > 0 else 0.0, peak_memory_bytes=peak, notes=notes,
+    )

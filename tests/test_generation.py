@@ -1,0 +1,262 @@
+"""core.generation on the tiny stand-in SD pipeline (64x64, a few steps) on the CPU."""
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from core import generation
+from core.errors import BadInputError, GpuOutOfMemoryError
+from core.generation import GenerationSettings, MemoryMode, Precision
+from core.gpu_queue import queue_for
+from core.jobs import Job, JobState
+from core.registry import MODELS
+
+CPU = torch.device("cpu")
+SMALL = GenerationSettings(prompt="a red bicycle", width=64, height=64, steps=3, seed=1234)
+WAIT_S = 60
+
+
+@pytest.fixture()
+def sd(manager):
+    return manager.get(MODELS["sd15"], allow_standin=True)
+
+
+def pixels(result, index: int = 0) -> np.ndarray:
+    return np.asarray(result.images[index].image)
+
+
+def wait_until(job: Job, condition) -> None:
+    """Follow a job's snapshots until `condition(snapshot)` (the job's own event paces the loop)."""
+    while not condition(job.snapshot()):
+        assert not job.wait(0.01) or condition(job.snapshot()), f"job ended first: {job.snapshot()}"
+
+
+def test_a_run_makes_the_images_asked_for(sd):
+    result = generation.generate(sd, replace(SMALL, num_images=2))
+    assert [image.image.size for image in result.images] == [(64, 64), (64, 64)]
+    assert [image.seed for image in result.images] == [1234, 1235]
+    assert result.is_standin and result.model_name == MODELS["sd15"].repo_id
+    assert result.seconds > 0 and result.steps_per_s > 0 and result.peak_memory_bytes is None
+    assert not any(image.blacked_out for image in result.images) and result.notes == ()
+    assert pixels(result, 0).std() > 0  # a picture, not a flat fill
+
+
+def test_same_seed_same_image_and_image_i_of_a_batch_alone(sd):
+    batch = generation.generate(sd, replace(SMALL, num_images=2))
+    again = generation.generate(sd, SMALL)
+    second_alone = generation.generate(sd, batch.settings_for(1))
+    other_seed = generation.generate(sd, replace(SMALL, seed=99))
+    np.testing.assert_array_equal(pixels(batch, 0), pixels(again))
+    np.testing.assert_array_equal(pixels(batch, 1), pixels(second_alone))
+    assert not np.array_equal(pixels(again), pixels(other_seed))
+
+
+def test_no_seed_draws_one_and_reports_it(sd):
+    first = generation.generate(sd, replace(SMALL, seed=None))
+    second = generation.generate(sd, replace(SMALL, seed=None))
+    assert first.settings.seed is not None and first.images[0].seed == first.settings.seed
+    assert first.settings.seed != second.settings.seed
+    np.testing.assert_array_equal(pixels(first), pixels(generation.generate(sd, first.settings_for(0))))
+
+
+def test_scheduler_switch_needs_no_reload_and_leaves_the_shared_pipeline_alone(manager, sd):
+    shared_scheduler = sd.obj.scheduler
+    images = {}
+    for name in generation.available_schedulers():
+        images[name] = pixels(generation.generate(sd, replace(SMALL, scheduler=name)))
+        assert manager.get(MODELS["sd15"]) is sd  # the same loaded model: nothing reloaded
+        assert sd.obj.scheduler is shared_scheduler  # each run had its own scheduler
+    assert {"PNDM", "DDIM", "Euler", "Euler a", "DPM++ 2M Karras", "UniPC"} <= set(images)
+    assert not np.array_equal(images["PNDM"], images["Euler a"])
+    np.testing.assert_array_equal(images["PNDM"], pixels(generation.generate(sd, SMALL)))
+
+
+def test_each_scheduler_is_built_from_the_models_config(sd):
+    for name in generation.available_schedulers():
+        scheduler = generation.build_scheduler(sd.obj, name)
+        assert type(scheduler).__name__ == generation.SCHEDULERS[name].class_name
+        assert scheduler.config.beta_schedule == sd.obj.scheduler.config.beta_schedule == "scaled_linear"
+    assert generation.build_scheduler(sd.obj, "DPM++ 2M Karras").config.use_karras_sigmas is True
+
+
+def test_cancel_mid_run_drops_the_partial_result_and_frees_the_device(sd):
+    ready, calls = threading.Event(), []
+
+    def cancel_at_third_step() -> bool:  # the user presses Cancel while step 3 runs
+        calls.append(1)
+        if len(calls) == 3:
+            job.cancel()
+        return False
+
+    def work(context):
+        ready.wait(WAIT_S)
+        return generation.generate(sd, replace(SMALL, steps=20), context, abandoned=cancel_at_third_step)
+
+    job = Job(work, "generate")
+    ready.set()
+    assert job.wait(WAIT_S)
+    snapshot = job.snapshot()
+    assert snapshot.state is JobState.CANCELLED and job.result is None
+    assert snapshot.done == 3 and snapshot.total == 21  # stopped at the next step, long before the end (PLMS: 20 + 1)
+    assert len(queue_for(CPU)) == 0
+    assert generation.generate(sd, SMALL).images  # the device serves the next run
+
+
+def test_progress_reports_steps_rate_and_a_latent_preview(sd):
+    job = Job(lambda context: generation.generate(sd, replace(SMALL, num_images=2), context), "generate")
+    assert job.wait(WAIT_S)
+    snapshot = job.snapshot()
+    assert snapshot.state is JobState.DONE and snapshot.done == snapshot.total == 4
+    assert snapshot.detail.startswith("step 4 of 4") and "it/s" in snapshot.detail
+    latent_px = 64 // sd.obj.vae_scale_factor
+    assert snapshot.preview.size == (2 * latent_px, latent_px)  # both images, side by side, at latent size
+
+
+def test_two_concurrent_runs_take_turns_on_the_device(sd):
+    first_running, release = threading.Event(), threading.Event()
+
+    def hold_the_device() -> bool:
+        first_running.set()
+        assert release.wait(WAIT_S)
+        return False
+
+    first = Job(lambda context: generation.generate(sd, SMALL, context, abandoned=hold_the_device), "first")
+    assert first_running.wait(WAIT_S)
+    second = Job(lambda context: generation.generate(sd, replace(SMALL, seed=7), context), "second")
+    wait_until(second, lambda s: "next in line" in s.detail)
+    assert second.snapshot().done == 0  # it has not touched the pipeline
+    release.set()
+    assert first.wait(WAIT_S) and second.wait(WAIT_S)
+    assert first.snapshot().state is second.snapshot().state is JobState.DONE
+    np.testing.assert_array_equal(pixels(second.result), pixels(generation.generate(sd, replace(SMALL, seed=7))))
+
+
+def test_out_of_memory_is_caught_released_and_the_app_keeps_working(sd, monkeypatch):
+    released = []
+    monkeypatch.setattr(generation, "release_memory", lambda: released.append(True))
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sd.obj.unet, "forward", no_memory)
+        with pytest.raises(GpuOutOfMemoryError) as caught:
+            generation.generate(sd, replace(SMALL, num_images=4))
+    assert "4 image(s) of 64x64" in str(caught.value) and "memory mode" in caught.value.remedy
+    assert released == [True] and len(queue_for(CPU)) == 0
+    assert generation.generate(sd, SMALL).images
+
+
+@pytest.mark.parametrize("mode", [m for m in MemoryMode if m is not MemoryMode.NONE])
+def test_memory_mode_on_then_off_restores_the_plain_pipeline(sd, mode):
+    pipe = sd.obj
+    processors = {name: type(p) for name, p in pipe.unet.attn_processors.items()}
+    before = pixels(generation.generate(sd, SMALL))
+    if mode in generation.memory_modes_for(CPU):
+        difference = np.abs(pixels(generation.generate(sd, replace(SMALL, memory_mode=mode))).astype(int) - before)
+        if mode is MemoryMode.VAE_TILING:  # tiles are decoded apart and blended at the seams: close, not equal
+            assert difference.mean() < 8
+        else:  # the same image, up to the rounding of a different order of work
+            assert difference.max() <= 2
+    else:  # offload modes need a GPU to run; their hooks still go on and come off here
+        generation.set_memory_mode(pipe, mode, CPU)
+        assert any(hasattr(module, "_hf_hook") for module in pipe.unet.modules())
+    after = pixels(generation.generate(sd, SMALL))
+    np.testing.assert_array_equal(before, after)
+    assert {name: type(p) for name, p in pipe.unet.attn_processors.items()} == processors
+    assert not pipe.vae.use_slicing and not pipe.vae.use_tiling
+    assert not any(hasattr(module, "_hf_hook") for component in (pipe.unet, pipe.vae, pipe.text_encoder) for module in component.modules())
+    assert {p.device for p in pipe.unet.parameters()} == {CPU}
+
+
+def test_a_lossy_precision_round_trip_restores_the_loaded_weights(sd):
+    pipe = sd.obj
+    loaded = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    generation.set_precision(pipe, Precision.BF16, CPU)
+    assert pipe.unet.dtype == torch.bfloat16
+    generation.set_precision(pipe, Precision.AUTO, CPU)
+    assert pipe.unet.dtype == torch.float32
+    for name, value in pipe.unet.state_dict().items():
+        assert torch.equal(value, loaded[name]), name
+
+
+def test_a_prompt_over_77_tokens_runs_and_says_what_was_ignored(sd):
+    prompt = "b" * 75 + "xyz"  # the stand-in's tokenizer makes one token per character
+    length = generation.prompt_length(sd.obj, prompt)
+    assert (length.tokens, length.limit, length.truncated, length.ignored_text) == (78, 75, True, "xyz")
+    result = generation.generate(sd, replace(SMALL, prompt=prompt))
+    assert result.images and result.notes == ("The prompt is 78 tokens long and the model reads only the first 75: it ignored “xyz”.",)
+    assert not generation.prompt_length(sd.obj, "b" * 75).truncated
+
+
+def test_an_empty_prompt_is_allowed(sd):
+    assert generation.generate(sd, replace(SMALL, prompt="")).images
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"width": 500}, "`width` has to be a multiple of 8 but is 500"),
+        ({"height": 100}, "`height` has to be a multiple of 8 but is 100"),
+        ({"steps": 0}, "`steps` has to be between 1 and 150 but is 0"),
+        ({"width": 100_000}, "`width` has to be between 64 and 2048 pixels but is 100000"),
+        ({"height": 8}, "`height` has to be between 64 and 2048 pixels but is 8"),
+        ({"num_images": 0}, "`num_images` has to be between 1 and 8 but is 0"),
+        ({"guidance_scale": float("nan")}, "`guidance_scale` has to be between 0 and 30 but is nan"),
+        ({"seed": -1}, "`seed` has to be between"),
+        ({"scheduler": "Heun"}, "`scheduler` 'Heun' is not one of"),
+        ({"precision": Precision.FP16}, "`precision` fp16 needs a GPU"),
+        ({"memory_mode": MemoryMode.SEQUENTIAL_OFFLOAD}, "`memory_mode` 'sequential CPU offload'"),
+        ({"steps": 2.5}, "`steps` has to be a whole number but is 2.5"),
+    ],
+)
+def test_bad_inputs_are_refused_before_any_work_with_the_argument_and_value(sd, change, message):
+    with pytest.raises(BadInputError, match=None) as caught:
+        generation.generate(sd, replace(SMALL, **change))
+    assert message in str(caught.value)
+    assert len(queue_for(CPU)) == 0
+
+
+def test_lms_is_offered_only_with_scipy():
+    import importlib.util
+
+    assert ("LMS" in generation.available_schedulers()) == (importlib.util.find_spec("scipy") is not None)
+
+
+def test_a_blacked_out_image_gets_a_note(sd, monkeypatch):
+    def flag_first(self, image, device, dtype):
+        return torch.zeros_like(image), [True] + [False] * (len(image) - 1)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "run_safety_checker", flag_first)
+    result = generation.generate(sd, replace(SMALL, num_images=2))
+    assert [image.blacked_out for image in result.images] == [True, False]
+    assert any("blacked it out" in note and "image 1" in note for note in result.notes)
+
+
+def test_memory_estimate_grows_with_size_and_shrinks_with_memory_modes(sd):
+    def total(**change):
+        return generation.estimate_memory(sd.obj, GenerationSettings(**change), CPU).total_bytes
+
+    assert total(width=1024, height=1024) > total() > total(width=256, height=256)
+    assert total(num_images=4, memory_mode=MemoryMode.VAE_SLICING) < total(num_images=4)
+    assert total(width=2048, height=2048, memory_mode=MemoryMode.VAE_TILING) < total(width=2048, height=2048)
+    assert total(memory_mode=MemoryMode.SEQUENTIAL_OFFLOAD) < total(memory_mode=MemoryMode.MODEL_OFFLOAD) < total()
+
+
+@pytest.mark.parametrize(
+    ("choice", "custom", "key"),
+    [("sd14", "", "sd14"), ("custom", "someone/my-sd-model", "sd15@someone/my-sd-model")],
+)
+def test_model_choice(choice, custom, key):
+    assert generation.model_spec_for(choice, custom).key == key
+
+
+@pytest.mark.parametrize("custom", ["", "not a repo id", "/no/such/folder"])
+def test_a_bad_custom_model_is_refused(custom):
+    with pytest.raises(BadInputError):
+        generation.model_spec_for("custom", custom)
