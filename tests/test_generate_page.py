@@ -1,0 +1,153 @@
+"""The image generation page through AppTest, on the stand-in SD pipeline (64x64, a few steps)."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from core import generation, pnginfo
+from core.generation import GenerationSettings
+from core.jobs import JobState
+
+HOME = str(Path(__file__).resolve().parent.parent / "Home.py")
+WAIT_S = 60
+
+
+def key(name: str) -> str:
+    return f"generate:{name}"
+
+
+def open_page(**form) -> AppTest:
+    """The page with a small, fast run set up in the form (the seed fixed unless `random_seed` is given)."""
+    at = AppTest.from_file(HOME, default_timeout=WAIT_S).run()
+    at.switch_page("app_pages/generate.py").run()
+    assert not at.exception, at.exception
+    at.toggle(key=key("random_seed")).set_value("seed" not in form).run()  # a fixed seed's box is enabled once it is off
+    for name, value in {"width": 64, "height": 64, "steps": 3, **form}.items():
+        if name in ("prompt", "negative"):
+            at.text_area(key=key(name)).input(value)
+        else:
+            at.number_input(key=key(name)).set_value(value)
+    return at.run()
+
+
+def generate(at: AppTest) -> AppTest:
+    """Press Generate, let the background job end, and rerun as the page's fragment does when it sees the end."""
+    at.button(key=key("start")).click().run()
+    run = at.session_state[key("run")]
+    assert run.job.wait(WAIT_S)
+    return at.run()
+
+
+def texts(at: AppTest) -> str:
+    return " ".join(str(element.value) for kind in ("success", "warning", "info", "error", "caption", "markdown") for element in getattr(at, kind))
+
+
+def test_a_run_shows_the_image_its_seed_and_writes_the_settings_into_the_png(app_env):
+    at = generate(open_page(prompt="a lighthouse at dawn", negative="fog", seed=42))
+    assert not at.exception and not at.error
+    assert "1 image(s) in" in at.success[0].value and "seed 42" in at.success[0].value
+    images = at.get("image")
+    assert len(images) == 2  # the latest result, and its entry in the gallery
+    assert all("Seed 42" in str(image.proto) for image in images)
+    gallery = at.session_state[key("gallery")]
+    assert len(gallery) == 1 and [image.seed for image in gallery[0].result.images] == [42]
+    text = pnginfo.read_parameters(gallery[0].pngs[0])
+    assert text.startswith("a lighthouse at dawn\nNegative prompt: fog\n")
+    assert "Steps: 3" in text and "Seed: 42" in text and "Size: 64x64" in text and "Sampler: PLMS" in text
+    assert [button.proto.label for button in at.get("download_button")] == ["Download all (zip)", "PNG"]
+    assert "stand-in model" in texts(at)
+
+
+def test_random_seed_is_shown_and_reuse_fills_the_form(app_env):
+    at = generate(open_page(prompt="a cat"))
+    seed = at.session_state[key("gallery")][0].result.settings.seed
+    assert f"seed {seed}" in at.success[0].value
+    at.button(key=key("reuse:1:0")).click().run()
+    assert at.toggle(key=key("random_seed")).value is False
+    assert at.number_input(key=key("seed")).value == seed and at.text_area(key=key("prompt")).value == "a cat"
+
+
+def test_the_gallery_keeps_runs_newest_first(app_env):
+    at = generate(open_page(prompt="first", seed=1))
+    at.text_area(key=key("prompt")).input("second")
+    at.number_input(key=key("num_images")).set_value(2)
+    at = generate(at.run())
+    gallery = at.session_state[key("gallery")]
+    assert [entry.result.settings.prompt for entry in gallery] == ["second", "first"]
+    assert [entry.number for entry in gallery] == [2, 1] and len(gallery[0].pngs) == 2
+
+
+@pytest.mark.parametrize(
+    ("form", "message"),
+    [({"width": 500}, "`width` has to be a multiple of 8 but is 500"), ({"height": 100}, "`height` has to be a multiple of 8 but is 100")],
+)
+def test_bad_settings_get_a_message_and_no_run(app_env, form, message):
+    at = open_page(**form)
+    at.button(key=key("start")).click().run()
+    assert key("run") not in at.session_state
+    assert any(message in error.value for error in at.error)
+
+
+def test_a_long_prompt_is_flagged_before_the_run(app_env):
+    at = open_page(prompt="x" * 80)
+    assert any("80 tokens" in warning.value and "will be ignored" in warning.value for warning in at.warning)
+
+
+def test_cancel_while_waiting_drops_the_run_and_says_so(app_env, monkeypatch):
+    release = threading.Event()
+    real_generate = generation.generate
+
+    def held(*args, **kwargs):  # the run waits here, as behind another session's run in the GPU queue
+        release.wait(WAIT_S)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", held)
+    at = open_page(prompt="never finished", seed=3)
+    at.button(key=key("start")).click().run()
+    assert at.get("progress") and at.button(key=key("start")).disabled
+    job = at.session_state[key("run")].job
+    at.button(key=key("cancel")).click().run()
+    release.set()
+    assert job.wait(WAIT_S) and job.snapshot().state is JobState.CANCELLED
+    at.run()
+    assert any("Cancelled" in info.value for info in at.info)
+    assert key("gallery") not in at.session_state and not at.button(key=key("start")).disabled
+
+
+def test_dropping_a_png_fills_the_form_with_its_settings(app_env):
+    settings = GenerationSettings(prompt="from a png", negative_prompt="no text", steps=7, guidance_scale=5.5, width=72, height=96,
+                                  seed=123456, scheduler="Euler a")
+    png = pnginfo.png_bytes(generation.latent_preview(__import__("torch").zeros(1, 4, 8, 8)), settings, "CompVis/stable-diffusion-v1-4")
+    at = AppTest.from_file(HOME, default_timeout=WAIT_S).run()
+    at.switch_page("app_pages/generate.py").run()
+    at.file_uploader(key=key("png")).upload("earlier.png", png, "image/png").run()
+    assert not at.exception
+    assert at.text_area(key=key("prompt")).value == "from a png" and at.text_area(key=key("negative")).value == "no text"
+    assert at.number_input(key=key("steps")).value == 7 and at.number_input(key=key("guidance")).value == 5.5
+    assert (at.number_input(key=key("width")).value, at.number_input(key=key("height")).value) == (72, 96)
+    assert at.number_input(key=key("seed")).value == 123456 and at.toggle(key=key("random_seed")).value is False
+    assert at.selectbox(key=key("scheduler")).value == "Euler a" and at.selectbox(key=key("model")).value == "sd14"
+
+
+def test_a_png_without_settings_gets_a_message(app_env):
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    at = AppTest.from_file(HOME, default_timeout=WAIT_S).run()
+    at.switch_page("app_pages/generate.py").run()
+    at.file_uploader(key=key("png")).upload("plain.png", buffer.getvalue(), "image/png").run()
+    assert any("carries no generation settings" in error.value for error in at.error)
+
+
+def test_a_bad_custom_model_id_is_refused_with_a_message(app_env):
+    at = AppTest.from_file(HOME, default_timeout=WAIT_S).run()
+    at.switch_page("app_pages/generate.py").run()
+    at.selectbox(key=key("model")).select("custom").run()
+    at.text_input(key=key("custom")).input("not a repo id").run()
+    assert any("is not a Hub repo id" in error.value for error in at.error)
