@@ -226,6 +226,8 @@ def load_table() -> tables.Table | None:
 
 
 def start_run(model: LoadedModel, table: tables.Table, texts: tables.ColumnTexts) -> None:
+    if RUN_KEY in st.session_state:  # one run per session: a second click must not orphan the first job
+        return
     # A stand-in stays allowed if the model must load again (someone unloaded it on the VRAM page mid-run).
     work = sentiment.scoring_job(get_manager(), model.spec, texts.texts, allow_standin=model.is_standin)
     st.session_state[RUN_KEY] = CsvRun(Job(work, name=f"sentiment of {table.name}"), table, texts)
@@ -302,7 +304,6 @@ def show_result(result: CsvResult) -> None:
 
 def csv_file(model: LoadedModel) -> None:
     collect_finished_run()
-    running = RUN_KEY in st.session_state
     table = load_table()
     if table is not None:
         columns = list(table.frame.columns)
@@ -316,8 +317,11 @@ def csv_file(model: LoadedModel) -> None:
             show_error(error)
         else:
             blank = f" ({plural(texts.blank_rows, 'empty cell')} skipped)" if texts.blank_rows else ""
-            if st.button(f"Classify {len(texts.texts):,} rows{blank}", type="primary", disabled=running, key="sentiment:run"):
-                start_run(model, table, texts)
+            # A callback starts the run before the page is drawn, so this very rerun already shows the button disabled.
+            st.button(
+                f"Classify {len(texts.texts):,} rows{blank}", type="primary", disabled=RUN_KEY in st.session_state, key="sentiment:run",
+                on_click=start_run, args=(model, table, texts),
+            )
     run_progress()
     note = st.session_state.get(NOTE_KEY)
     if isinstance(note, DashboardError):

@@ -44,9 +44,10 @@ def upload(at: AppTest, name: str, data: bytes) -> AppTest:
 def run_file(at: AppTest) -> AppTest:
     """Click Classify, let the background job finish, and rerun as the progress fragment would."""
     at.button(key="sentiment:run").click().run()
-    assert at.session_state[RUN_KEY].job.wait(120)
-    at.run()
-    assert not at.exception
+    if RUN_KEY in at.session_state:  # a small file may already be done and collected by the rerun the click made
+        assert at.session_state[RUN_KEY].job.wait(120)
+        at.run()
+    assert not at.exception and RESULT_KEY in at.session_state
     return at
 
 
@@ -61,7 +62,7 @@ def texts_of(at: AppTest, element: str) -> list[str]:
 
 def test_one_text_shows_the_label_at_once_with_word_attributions(app_env):
     at = open_page()
-    assert any("Stand-in model" in text for text in texts_of(at, "warning"))
+    assert any("stand-in model with random weights" in text.lower() for text in texts_of(at, "warning"))
     text = "I loved this movie, the ending was great"
     at.text_area(key="sentiment:text").input(text).run()
     expected = sentiment.classify_text(the_model(), text)
@@ -169,10 +170,11 @@ def test_stop_cancels_the_file_run_and_keeps_earlier_results(app_env, monkeypatc
     monkeypatch.setitem(sentiment.BATCH_LIMITS, "cpu", (2, 4096))
     at.file_uploader(key="sentiment:file").clear().upload("second.csv", b"text\n" + b"good\n" * 20, "text/csv").run()
     at.button(key="sentiment:run").click().run()
+    assert at.button(key="sentiment:run").disabled  # at once: one run at a time
     job = at.session_state[RUN_KEY].job
     assert first_batch_done.wait(30)
     at.run()
-    assert at.button(key="sentiment:run").disabled  # one run at a time
+    assert any(bar.proto.text.startswith("Classifying second.csv") for bar in at.get("progress"))
     at.button(key="sentiment:stop").click().run()
     release.set()
     assert job.wait(30) and job.snapshot().state is JobState.CANCELLED
