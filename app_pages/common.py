@@ -1,6 +1,8 @@
 """UI pieces every page shares: loading a model with a clear failure message and the stand-in offer."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import streamlit as st
@@ -21,7 +23,7 @@ TASK_PAGES = (
     ("app_pages/vram.py", "VRAM monitor", "📊", "vram"),
 )
 
-STANDIN_NOTE = "Stand-in model with random weights: its outputs are meaningless and only show that the page works."
+STANDIN_NOTE = "{title}: stand-in model with random weights. Its outputs are meaningless and only show that the page works."
 
 
 def show_error(error: DashboardError) -> None:
@@ -30,6 +32,13 @@ def show_error(error: DashboardError) -> None:
 
 def _standin_key(spec: ModelSpec) -> str:
     return f"use_standin:{spec.key}"
+
+
+@contextmanager
+def model_in_use(spec: ModelSpec) -> Iterator[LoadedModel]:
+    """The model for one run, counted as busy so that the memory policy never moves or evicts it mid-run."""
+    with get_manager().use(spec, allow_standin=st.session_state.get(_standin_key(spec), False)) as model:
+        yield model
 
 
 def require_model(spec: ModelSpec) -> LoadedModel:
@@ -49,15 +58,15 @@ def require_model(spec: ModelSpec) -> LoadedModel:
             )
         st.stop()
     if model.is_standin:
-        st.warning(STANDIN_NOTE, icon="⚠️")
+        st.warning(STANDIN_NOTE.format(title=spec.title), icon="⚠️")
     return model
 
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "samples"
 
 
-def image_inputs(key: str) -> list[DecodedImage]:
-    """Images from uploads (several at once), the camera, or the bundled samples.
+def image_inputs(key: str, default_sample: str | None = None) -> list[DecodedImage]:
+    """Images from uploads (several at once), the camera, or the bundled samples (`default_sample` chosen first).
 
     A file that cannot be read gets its own message; the others still go through.
     """
@@ -74,7 +83,8 @@ def image_inputs(key: str) -> list[DecodedImage]:
         files = [("camera photo", photo.getvalue())] if photo else []
     else:
         names = sorted(path.name for path in SAMPLES_DIR.glob("*.png"))
-        chosen = st.multiselect("Sample pictures (drawn, bundled with the app)", names, default=names[:1], key=f"{key}:samples")
+        default = [default_sample] if default_sample in names else names[:1]
+        chosen = st.multiselect("Sample pictures (drawn, bundled with the app)", names, default=default, key=f"{key}:samples")
         files = [(name, (SAMPLES_DIR / name).read_bytes()) for name in chosen]
     decoded: list[DecodedImage] = []
     for name, data in files:

@@ -7,7 +7,7 @@ import io
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import image_inputs, require_model, show_error, show_scores
+from app_pages.common import image_inputs, model_in_use, require_model, show_error, show_scores
 from core.classify import classify_images
 from core.errors import DashboardError
 from core.images import DecodedImage
@@ -29,14 +29,15 @@ def thumbnail_url(decoded: DecodedImage) -> str:
 st.title("🌭 Hot Dog? Or Not?")
 st.caption(f"`{MODELS['hotdog'].repo_id}` through `transformers.pipeline('image-classification')`.")
 
-images = image_inputs("hotdog")
+images = image_inputs("hotdog", default_sample="hot-dog.png")
 if not images:
     st.info("Upload one or more images, take a photo, or pick a sample.")
     st.stop()
 
-model = require_model(MODELS["hotdog"])
+require_model(MODELS["hotdog"])
 try:
-    run = classify_images(model, images)
+    with model_in_use(MODELS["hotdog"]) as model:
+        run = classify_images(model, images)
 except DashboardError as error:
     show_error(error)
     st.stop()

@@ -7,7 +7,7 @@ from typing import TypeVar
 
 import streamlit as st
 
-from app_pages.common import image_inputs, require_model, show_error, show_scores
+from app_pages.common import image_inputs, model_in_use, require_model, show_error, show_scores
 from core import imagenet
 from core.classify import classify_images
 from core.errors import DashboardError
@@ -48,7 +48,8 @@ prints = fingerprint(images)
 
 model = require_model(spec)
 try:
-    run = remembered("imagenet:run", model, (prints, top_k), lambda: imagenet.classify(model, images, top_k))
+    with model_in_use(spec) as current:
+        run = remembered("imagenet:run", current, (prints, top_k), lambda: imagenet.classify(current, images, top_k))
 except DashboardError as error:
     show_error(error)
     st.stop()
@@ -72,7 +73,8 @@ if saliency_tab.open:
         label = st.selectbox("Explain the class", [item.label for item in run.results[choice].scores], key="imagenet:cam_class")
         class_index = imagenet.categories(spec).index(label)
         try:
-            saliency = remembered("imagenet:cam", model, (prints[choice], class_index), lambda: imagenet.grad_cam(model, images[choice], class_index))
+            with model_in_use(spec) as current:
+                saliency = remembered("imagenet:cam", current, (prints[choice], class_index), lambda: imagenet.grad_cam(current, images[choice], class_index))
         except DashboardError as error:
             show_error(error)
         else:
@@ -87,9 +89,10 @@ if saliency_tab.open:
 
 if compare_tab.open:
     with compare_tab:
-        hotdog = require_model(MODELS["hotdog"])
+        require_model(MODELS["hotdog"])
         try:
-            hotdog_run = remembered("imagenet:hotdog", hotdog, prints, lambda: classify_images(hotdog, images))
+            with model_in_use(MODELS["hotdog"]) as current:
+                hotdog_run = remembered("imagenet:hotdog", current, prints, lambda: classify_images(current, images))
         except DashboardError as error:
             show_error(error)
         else:

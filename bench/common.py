@@ -38,8 +38,14 @@ def median_seconds(run: Callable[[], object], device: torch.device, warmup: int 
 
 def environment(device: torch.device) -> dict[str, str]:
     """Date, device, versions and commit: the header of every figure in docs/PERFORMANCE.md."""
-    import diffusers
     import transformers
+
+    try:
+        import diffusers
+
+        diffusers_version = diffusers.__version__
+    except ImportError:  # the classifier and sentiment benchmarks run without it
+        diffusers_version = "not installed"
 
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout.strip()
@@ -51,7 +57,7 @@ def environment(device: torch.device) -> dict[str, str]:
         "device": name,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "diffusers": diffusers.__version__,
+        "diffusers": diffusers_version,
         "commit": commit,
     }
 

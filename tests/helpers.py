@@ -7,7 +7,21 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 
 
 def screenshot(tab, name: str) -> Path:
-    """Full-page screenshot under artifacts/screenshots/, for people to look at."""
+    """Full-page screenshot under artifacts/screenshots/, for people to look at.
+
+    Waits for the run and every image, and grows the window to the page first: Streamlit scrolls inside its own
+    container, so a full-page screenshot of a short window would cut the page off.
+    """
+    wait_for_app_idle(tab)
+    tab.wait_for_function(
+        "() => [...document.querySelectorAll('[data-testid=\"stImage\"] img')].every(img => img.complete && img.naturalWidth > 0)"
+    )
+    height = tab.evaluate(
+        "() => Math.max(...[...document.querySelectorAll('[data-testid=\"stMain\"], [data-testid=\"stMainBlockContainer\"]')]"
+        ".map(e => e.scrollHeight))"
+    )
+    tab.set_viewport_size({"width": 1400, "height": min(max(int(height) + 80, 1000), 6000)})
+    wait_for_app_idle(tab)
     path = ARTIFACTS / "screenshots" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     tab.screenshot(path=str(path), full_page=True)
