@@ -144,6 +144,10 @@ def finish_run(run: Run) -> None:
         st.session_state[OUTCOME_KEY] = snapshot.error
 
 
+def images_phrase(count: int) -> str:
+    return f"{count} image{'' if count == 1 else 's'}"
+
+
 def capitalised(text: str) -> str:
     return text[:1].upper() + text[1:]
 
@@ -159,7 +163,7 @@ def run_progress() -> None:
     snapshot = run.job.snapshot()
     st.progress(snapshot.fraction, text=capitalised(snapshot.detail))
     if snapshot.preview is not None:
-        st.image(snapshot.preview, caption="Preview: a rough decode of the current latents", width=min(640, 160 * run.settings.num_images))
+        st.image(snapshot.preview, caption="Preview: a rough decode of the current latents", width=min(640, 256 * run.settings.num_images))
     st.button("Cancel", key=key("cancel"), on_click=run.job.cancel, icon="⏹️")
 
 
@@ -185,7 +189,7 @@ def zip_of(gallery: list[GalleryEntry]) -> Callable[[], bytes]:
 def show_entry(entry: GalleryEntry) -> None:
     result = entry.result
     with st.container(border=True):
-        st.markdown(f"**Run {entry.number}** · {result.model_title} · {len(result.images)} image(s) in {result.seconds:.1f} s ({result.steps_per_s:.2f} it/s)")
+        st.markdown(f"**Run {entry.number}** · {result.model_title} · {images_phrase(len(result.images))} in {result.seconds:.1f} s ({result.steps_per_s:.2f} it/s)")
         st.caption(
             f"“{result.settings.prompt}”" + (f" · not: “{result.settings.negative_prompt}”" if result.settings.negative_prompt else "")
             + f"  \n{settings_line(result.settings)} · {result.device} ({result.dtype})"
@@ -195,11 +199,11 @@ def show_entry(entry: GalleryEntry) -> None:
         columns = st.columns(min(len(result.images), 4))
         for i, (image, png) in enumerate(zip(result.images, entry.pngs, strict=True)):
             with columns[i % len(columns)]:
-                st.image(image.image, caption=f"Seed {image.seed}" + (" · blacked out by the safety checker" if image.blacked_out else ""), width="stretch", output_format="PNG")
-                left, right = st.columns(2)
-                left.download_button("PNG", png, file_name=f"run{entry.number:03d}-seed{image.seed}.png", mime="image/png",
+                st.image(image.image, caption=f"Seed {image.seed}" + (" · blacked out by the safety checker" if image.blacked_out else ""), width="content", output_format="PNG")
+                buttons = st.container(horizontal=True)
+                buttons.download_button("PNG", png, file_name=f"run{entry.number:03d}-seed{image.seed}.png", mime="image/png",
                                      key=key(f"png:{entry.number}:{i}"), icon="⬇️", on_click="ignore")
-                right.button("Reuse", key=key(f"reuse:{entry.number}:{i}"), on_click=fill_form, args=(result.settings_for(i), result.model_name),
+                buttons.button("Reuse", key=key(f"reuse:{entry.number}:{i}"), on_click=fill_form, args=(result.settings_for(i), result.model_name),
                              icon="♻️", help="Fill the form with this image's settings and seed")
 
 
@@ -276,7 +280,7 @@ with output_column:
     elif isinstance(outcome, str):
         st.info(outcome, icon="⏹️")
     elif isinstance(outcome, GenerationResult):
-        st.success(f"{len(outcome.images)} image(s) in {outcome.seconds:.1f} s · seed {outcome.settings.seed}", icon="✅")
+        st.success(f"{images_phrase(len(outcome.images))} in {outcome.seconds:.1f} s · seed {outcome.settings.seed}", icon="✅")
         for note in outcome.notes:
             st.warning(note)
     gallery: list[GalleryEntry] = st.session_state.get(GALLERY_KEY, [])

@@ -352,31 +352,34 @@ _LATENT_RGB_FACTORS = ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2
 
 
 class _StepReporter:
-    """The step callback: progress with it/s and time left, a preview a few times a second, and cancel within a step."""
+    """The step callback: progress with it/s and time left, a preview a few times a second, and cancel within a step.
 
-    def __init__(self, context: JobContext | None, abandoned: Callable[[], bool]) -> None:
+    Progress counts the steps the user asked for: PNDM runs one extra model call (PLMS warm-up), and a user who
+    asked for 30 steps should see "30 of 30" at the end, as diffusers' own progress bar shows.
+    """
+
+    def __init__(self, context: JobContext | None, abandoned: Callable[[], bool], steps: int) -> None:
         self.context = context
         self.abandoned = abandoned
+        self.steps = steps
         self.started = time.perf_counter()
         self.last_preview = -math.inf
-        self.steps_done = 0
 
     def stop_requested(self) -> bool:
         return (self.context is not None and self.context.cancelled) or self.abandoned()
 
-    def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self.steps_done = step + 1
+    def __call__(self, pipe: Any, index: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.stop_requested():
             raise JobCancelled  # leaves diffusers' loop at once: no VAE decode of partial latents
         if self.context is not None:
             now = time.perf_counter()
-            total = pipe.num_timesteps
-            rate = self.steps_done / (now - self.started)
-            detail = f"step {self.steps_done} of {total} · {rate:.2f} it/s · about {(total - self.steps_done) / rate:.0f} s left"
+            done = max(1, round((index + 1) * self.steps / pipe.num_timesteps))
+            rate = done / (now - self.started)
+            detail = f"step {done} of {self.steps} · {rate:.2f} it/s · about {(self.steps - done) / rate:.0f} s left"
             preview = None
-            if now - self.last_preview >= PREVIEW_EVERY_S or self.steps_done == total:
+            if now - self.last_preview >= PREVIEW_EVERY_S or done == self.steps:
                 preview, self.last_preview = latent_preview(tensors["latents"]), now
-            self.context.report(self.steps_done, total, detail, preview)
+            self.context.report(done, self.steps, detail, preview)
         return tensors
 
 
@@ -407,7 +410,7 @@ def generate(
     notes = [_prompt_note(pipe, settings.prompt, "prompt"), _prompt_note(pipe, settings.negative_prompt, "negative prompt")]
 
     # 2. Wait for the device: one run at a time per GPU, first come first served
-    reporter = _StepReporter(context, abandoned)
+    reporter = _StepReporter(context, abandoned, settings.steps)
     _report(context, "waiting for the device")
     try:
         with queue_for(device).slot(on_wait=lambda n: _report(context, f"waiting for the GPU: {_place(n)}"), cancelled=reporter.stop_requested):
@@ -476,5 +479,5 @@ def _run(model: LoadedModel, settings: GenerationSettings, context: JobContext |
     return GenerationResult(
         images=images, settings=settings, model_name=model.spec.repo_id, model_title=model.spec.title, is_standin=model.is_standin,
         device=str(device), dtype=str(pipe.unet.dtype).removeprefix("torch."), seconds=seconds,
-        steps_per_s=reporter.steps_done / seconds if seconds > 0 else 0.0, peak_memory_bytes=peak, notes=notes,
+        steps_per_s=settings.steps / seconds if seconds > 0 else 0.0, peak_memory_bytes=peak, notes=notes,
     )

@@ -48,7 +48,7 @@ def texts(at: AppTest) -> str:
 def test_a_run_shows_the_image_its_seed_and_writes_the_settings_into_the_png(app_env):
     at = generate(open_page(prompt="a lighthouse at dawn", negative="fog", seed=42))
     assert not at.exception and not at.error
-    assert "1 image(s) in" in at.success[0].value and "seed 42" in at.success[0].value
+    assert "1 image in" in at.success[0].value and "seed 42" in at.success[0].value
     images = at.get("image")
     assert len(images) == 2  # the latest result, and its entry in the gallery
     assert all("Seed 42" in str(image.proto) for image in images)

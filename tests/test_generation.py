@@ -102,7 +102,7 @@ def test_cancel_mid_run_drops_the_partial_result_and_frees_the_device(sd):
     assert job.wait(WAIT_S)
     snapshot = job.snapshot()
     assert snapshot.state is JobState.CANCELLED and job.result is None
-    assert snapshot.done == 3 and snapshot.total == 21  # stopped at the next step, long before the end (PLMS: 20 + 1)
+    assert snapshot.done == 3 and snapshot.total == 20  # stopped at the next step, long before the end
     assert len(queue_for(CPU)) == 0
     assert generation.generate(sd, SMALL).images  # the device serves the next run
 
@@ -111,8 +111,8 @@ def test_progress_reports_steps_rate_and_a_latent_preview(sd):
     job = Job(lambda context: generation.generate(sd, replace(SMALL, num_images=2), context), "generate")
     assert job.wait(WAIT_S)
     snapshot = job.snapshot()
-    assert snapshot.state is JobState.DONE and snapshot.done == snapshot.total == 4
-    assert snapshot.detail.startswith("step 4 of 4") and "it/s" in snapshot.detail
+    assert snapshot.state is JobState.DONE and snapshot.done == snapshot.total == 3  # the steps asked for, not PNDM's 4 calls
+    assert snapshot.detail.startswith("step 3 of 3 · ") and "it/s" in snapshot.detail
     latent_px = 64 // sd.obj.vae_scale_factor
     assert snapshot.preview.size == (2 * latent_px, latent_px)  # both images, side by side, at latent size
 

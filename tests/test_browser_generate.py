@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import io
+import re
+import zipfile
+
+import pytest
+
+from core import pnginfo
+from helpers import screenshot, wait_for_app_idle
+
+pytestmark = pytest.mark.browser
+WAIT_MS = 120_000
+
+
+def set_number(page, label: str, value: int) -> None:
+    box = page.get_by_label(label, exact=True)
+    box.fill(str(value))
+    box.press("Enter")  # Streamlit takes a number input's value on Enter or blur
+    wait_for_app_idle(page)
+
+
+def test_type_a_prompt_generate_watch_progress_and_see_the_image(app_url, page):
+    page.goto(f"{app_url}/generate")
+    page.get_by_text("Image generation").first.wait_for(timeout=WAIT_MS)
+    page.get_by_text("random weights").first.wait_for(timeout=WAIT_MS)  # the stand-in model is loaded
+    wait_for_app_idle(page)
+    prompt = page.get_by_label("Prompt", exact=True)
+    prompt.fill("a lighthouse on a cliff at dawn, watercolour")
+    prompt.press("Control+Enter")  # Streamlit's shortcut to submit a text area
+    set_number(page, "Width", 128)  # the stand-in's attention grows with the square of the latent's pixels: keep it small
+    set_number(page, "Height", 128)
+    set_number(page, "Steps", 30)
+
+    page.get_by_role("button", name="Generate").click()
+    progress = page.get_by_text(re.compile(r"Step \d+ of \d+ · [\d.]+ it/s · about \d+ s left"))
+    progress.wait_for(timeout=WAIT_MS)
+    assert page.get_by_role("button", name="Cancel").is_visible()
+    screenshot(page, "generate-running")
+    page.get_by_text(re.compile(r"1 image in [\d.]+ s · seed \d+")).wait_for(timeout=WAIT_MS)
+    wait_for_app_idle(page)
+    assert page.locator("[data-testid='stException']").count() == 0
+    assert page.get_by_text("Cancel").count() == 0  # the run is over: no Cancel button left
+    assert page.locator("[data-testid='stImage'] img").count() == 2  # the result, and its gallery entry
+    assert page.get_by_text(re.compile(r"^Seed \d+$")).count() == 2
+    screenshot(page, "generate")
+
+    with page.expect_download() as download_info:
+        page.get_by_role("button", name="Download all (zip)").click()
+    with zipfile.ZipFile(io.BytesIO(download_info.value.path().read_bytes())) as archive:
+        names = archive.namelist()
+        text = pnginfo.read_parameters(archive.read(names[0]))
+    assert len(names) == 1 and text.startswith("a lighthouse on a cliff at dawn, watercolour\n")
+    assert "Steps: 30" in text and "Size: 128x128" in text
