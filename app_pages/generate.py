@@ -223,6 +223,10 @@ except BadInputError as error:
     st.stop()
 model = require_model(spec)
 device = model.device
+st.caption(
+    f"**{model.spec.title}** on {device} ({str(model.dtype).removeprefix('torch.')}) from {model.source.label}; safety checker "
+    + ("on (this model's config has one)." if model.obj.safety_checker is not None else "off (this model's config has none).")
+)
 if device.type == "cpu" and not model.is_standin:
     st.warning("This model runs on the CPU: a 512×512 image takes minutes. Smaller sizes and fewer steps are faster.", icon="🐢")
 

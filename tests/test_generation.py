@@ -136,6 +136,25 @@ def test_two_concurrent_runs_take_turns_on_the_device(sd):
     np.testing.assert_array_equal(pixels(second.result), pixels(generation.generate(sd, replace(SMALL, seed=7))))
 
 
+def test_a_run_whose_session_left_gives_up_its_place_in_the_queue(sd):
+    first_running, release, gone = threading.Event(), threading.Event(), threading.Event()
+
+    def hold_the_device() -> bool:
+        first_running.set()
+        assert release.wait(WAIT_S)
+        return False
+
+    first = Job(lambda context: generation.generate(sd, SMALL, context, abandoned=hold_the_device), "first")
+    assert first_running.wait(WAIT_S)
+    leaver = Job(lambda context: generation.generate(sd, SMALL, context, abandoned=gone.is_set), "leaver")
+    wait_until(leaver, lambda s: "next in line" in s.detail)
+    gone.set()  # the browser tab closed
+    assert leaver.wait(WAIT_S) and leaver.snapshot().state is JobState.CANCELLED
+    assert len(queue_for(CPU)) == 1  # only the run on the device is left
+    release.set()
+    assert first.wait(WAIT_S) and first.snapshot().state is JobState.DONE
+
+
 def test_out_of_memory_is_caught_released_and_the_app_keeps_working(sd, monkeypatch):
     released = []
     monkeypatch.setattr(generation, "release_memory", lambda: released.append(True))

@@ -1,0 +1,111 @@
+"""Image generation on the GPU with SD 1.5's full-size architecture (random weights), through the core's own path.
+
+Run on a CUDA machine: `python -m pytest -m gpu -s tests/test_gpu_generation.py`. Each run prints one JSON line with its
+seconds and torch's peak allocated memory, per precision and per memory mode.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from bench.bench_generation import build_full_size_sd
+from core import generation
+from core.config import Settings
+from core.errors import GpuOutOfMemoryError
+from core.generation import GenerationSettings, MemoryMode, Precision
+from core.gpu_queue import queue_for
+from core.manager import ModelManager
+from core.registry import MODELS
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda")
+BASE = GenerationSettings(prompt="a lighthouse at dawn", width=512, height=512, steps=20, num_images=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("full-size")
+    build_full_size_sd(root / "models")
+    manager = ModelManager(Settings(models_root=root / "models", standin_dir=root / "standins"))
+    model = manager.get(MODELS["sd15"])
+    assert not model.is_standin and model.dtype == torch.float16 and model.device.type == "cuda"
+    yield model
+    manager.unload_all()
+
+
+def run(sd, settings: GenerationSettings, label: str):
+    result = generation.generate(sd, settings)
+    print(json.dumps({
+        "run": label, "size": f"{settings.width}x{settings.height}", "images": settings.num_images, "steps": settings.steps,
+        "precision": result.dtype, "memory_mode": str(settings.memory_mode), "seconds": round(result.seconds, 3),
+        "s_per_image": round(result.seconds / settings.num_images, 3), "peak_allocated_bytes": result.peak_memory_bytes,
+    }), flush=True)
+    return result
+
+
+def pixels(result) -> np.ndarray:
+    return np.stack([np.asarray(image.image, dtype=np.int16) for image in result.images])
+
+
+def assert_plain(pipe) -> None:
+    """No offload hook anywhere, every weight on the GPU, default VAE decoding."""
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            assert not any(hasattr(sub, "_hf_hook") for sub in module.modules()), name
+            assert {p.device.type for p in module.parameters()} == {"cuda"}, name
+    assert not pipe.vae.use_slicing and not pipe.vae.use_tiling
+
+
+def test_fp16_run_at_512(sd):
+    result = run(sd, BASE, "fp16")
+    assert result.dtype == "float16" and [image.image.size for image in result.images] == [(512, 512)] * 2
+    assert np.isfinite(pixels(result)).all() and pixels(result).std() > 0
+    assert 0 < result.peak_memory_bytes < 8 * 2**30
+
+
+def test_every_memory_mode_runs_lowers_its_peak_and_turns_off_cleanly(sd):
+    baseline = run(sd, BASE, "none")
+    peaks = {MemoryMode.NONE: baseline.peak_memory_bytes}
+    for mode in MemoryMode:
+        if mode is MemoryMode.NONE:
+            continue
+        result = run(sd, replace(BASE, memory_mode=mode), str(mode))
+        peaks[mode] = result.peak_memory_bytes
+        difference = np.abs(pixels(result) - pixels(baseline))
+        assert difference.mean() < 3, f"{mode}: mean pixel difference {difference.mean():.2f}"  # same image, other kernels
+        again = run(sd, BASE, f"none after {mode}")
+        assert_plain(sd.obj)
+        assert np.abs(pixels(again) - pixels(baseline)).mean() < 1
+    print(json.dumps({"peak_allocated_bytes_per_mode": {str(mode): peak for mode, peak in peaks.items()}}), flush=True)
+    assert peaks[MemoryMode.VAE_SLICING] < peaks[MemoryMode.NONE]
+    assert peaks[MemoryMode.SEQUENTIAL_OFFLOAD] < peaks[MemoryMode.MODEL_OFFLOAD] < peaks[MemoryMode.NONE]
+
+
+def test_fp32_and_bf16_runs_then_fp16_weights_come_back_exactly(sd):
+    loaded = {k: v.clone() for k, v in sd.obj.unet.state_dict().items()}
+    fp32 = run(sd, replace(BASE, precision=Precision.FP32), "fp32")
+    bf16 = run(sd, replace(BASE, precision=Precision.BF16), "bf16")
+    fp16 = run(sd, BASE, "fp16 after fp32 and bf16")
+    assert (fp32.dtype, bf16.dtype, fp16.dtype) == ("float32", "bfloat16", "float16")
+    assert fp32.peak_memory_bytes > fp16.peak_memory_bytes
+    for name, value in sd.obj.unet.state_dict().items():
+        assert value.dtype == torch.float16 and torch.equal(value, loaded[name]), name
+    assert_plain(sd.obj)
+
+
+def test_a_real_out_of_memory_is_reported_and_the_gpu_keeps_serving(sd):
+    before = torch.cuda.memory_allocated(CUDA)
+    huge = replace(BASE, width=2048, height=2048, num_images=8, steps=1)
+    try:
+        run(sd, huge, "oom attempt")
+    except GpuOutOfMemoryError as error:
+        print(json.dumps({"oom": str(error)}), flush=True)
+    else:
+        pytest.skip("8 images of 2048x2048 fit on this card: no out-of-memory to observe")
+    assert torch.cuda.memory_allocated(CUDA) <= before + 64 * 2**20  # what the run held is back
+    assert len(queue_for(CUDA)) == 0
+    assert run(sd, BASE, "after oom").images
