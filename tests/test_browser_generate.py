@@ -5,6 +5,7 @@ import re
 import zipfile
 
 import pytest
+from playwright.sync_api import expect
 
 from core import pnginfo
 from helpers import screenshot, wait_for_app_idle
@@ -30,18 +31,19 @@ def test_type_a_prompt_generate_watch_progress_and_see_the_image(app_url, page):
     prompt.press("Control+Enter")  # Streamlit's shortcut to submit a text area
     set_number(page, "Width", 128)  # the stand-in's attention grows with the square of the latent's pixels: keep it small
     set_number(page, "Height", 128)
-    set_number(page, "Steps", 30)
+    set_number(page, "Steps", 50)  # a few seconds: long enough to watch
 
     page.get_by_role("button", name="Generate").click()
     progress = page.get_by_text(re.compile(r"Step \d+ of \d+ · [\d.]+ it/s · about \d+ s left"))
     progress.wait_for(timeout=WAIT_MS)
-    assert page.get_by_role("button", name="Cancel").is_visible()
+    expect(page.get_by_role("button", name="Cancel")).to_be_visible()
     screenshot(page, "generate-running")
     page.get_by_text(re.compile(r"1 image in [\d.]+ s · seed \d+")).wait_for(timeout=WAIT_MS)
+    page.get_by_text("This session's images (1), newest first").wait_for(timeout=WAIT_MS)
+    expect(page.locator("[data-testid='stImage'] img")).to_have_count(2)  # the result, and its gallery entry
     wait_for_app_idle(page)
     assert page.locator("[data-testid='stException']").count() == 0
-    assert page.get_by_text("Cancel").count() == 0  # the run is over: no Cancel button left
-    assert page.locator("[data-testid='stImage'] img").count() == 2  # the result, and its gallery entry
+    assert page.get_by_role("button", name="Cancel").count() == 0  # the run is over
     assert page.get_by_text(re.compile(r"^Seed \d+$")).count() == 2
     screenshot(page, "generate")
 
@@ -51,4 +53,4 @@ def test_type_a_prompt_generate_watch_progress_and_see_the_image(app_url, page):
         names = archive.namelist()
         text = pnginfo.read_parameters(archive.read(names[0]))
     assert len(names) == 1 and text.startswith("a lighthouse on a cliff at dawn, watercolour\n")
-    assert "Steps: 30" in text and "Size: 128x128" in text
+    assert "Steps: 50" in text and "Size: 128x128" in text
