@@ -32,12 +32,12 @@ def build_full_size_sd(models_root: Path) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from core.standins import _clip_tokenizer_files  # the stand-in's generated CLIP vocabulary (the real one is not here)
+    from core.standins import clip_tokenizer_files  # the stand-in's generated CLIP vocabulary (the real one is not here)
 
     source = SHARED_MODELS / "stable-diffusion-v1-5"
     folder = models_root / MODELS["sd15"].repo_id
     folder.mkdir(parents=True, exist_ok=True)
-    _clip_tokenizer_files(folder)
+    clip_tokenizer_files(folder)
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init of 1B parameters is slow on a CPU

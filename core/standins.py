@@ -116,7 +116,7 @@ def build_torch_hub_repo(spec: ModelSpec, folder: Path) -> None:
     (folder / "hubconf.py").write_text(_HUBCONF.format(seed=STANDIN_SEED, entries=entries))
 
 
-def _clip_tokenizer_files(folder: Path) -> None:
+def clip_tokenizer_files(folder: Path) -> None:
     """A CLIP BPE vocabulary of single characters: enough to tokenise any prompt, and tiny."""
     import json
 
@@ -130,7 +130,7 @@ def build_stable_diffusion(spec: ModelSpec, folder: Path) -> None:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    _clip_tokenizer_files(folder)
+    clip_tokenizer_files(folder)
     # A bare vocab/merges tokenizer reports an enormous model_max_length and the pipeline overflows: pin CLIP's 77.
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
     text_encoder = CLIPTextModel(CLIPTextConfig(

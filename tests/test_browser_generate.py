@@ -37,7 +37,7 @@ def test_type_a_prompt_generate_watch_progress_and_see_the_image(app_url, page):
     progress = page.get_by_text(re.compile(r"Step \d+ of \d+ · [\d.]+ it/s · about \d+ s left"))
     progress.wait_for(timeout=WAIT_MS)
     expect(page.get_by_role("button", name="Cancel")).to_be_visible()
-    screenshot(page, "generate-running")
+    screenshot(page, "generate-running", settle=False)
     page.get_by_text(re.compile(r"1 image in [\d.]+ s · seed \d+")).wait_for(timeout=WAIT_MS)
     page.get_by_text("This session's images (1), newest first").wait_for(timeout=WAIT_MS)
     expect(page.locator("[data-testid='stImage'] img")).to_have_count(2)  # the result, and its gallery entry
