@@ -141,6 +141,7 @@ def test_numbers_agree_with_nvidia_smi():
 def test_allocator_and_nvml_see_a_256_mib_tensor():
     torch.ones(1, device="cuda")
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # earlier tests' cached blocks would take the tensor without NVML seeing any change
     monitor = GpuMonitor(gpu.load_nvml(), ttl_s=0)
     (stats_before, *_) = gpu.allocator_stats()
     card_before = next(c for c in monitor.snapshot().gpus if c.uuid == stats_before.uuid)
