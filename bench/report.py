@@ -37,7 +37,7 @@ def _cell(value: object) -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
-        return f"{value:,.4g}"
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     return str(value)
 
 
