@@ -20,7 +20,9 @@ from PIL import Image
 
 from bench.common import SHARED_MODELS, emit, environment, median_seconds
 from core import imagenet
+from core.classify import _forward as classify_forward
 from core.classify import classify_images
+from core.classify import preprocess as classify_preprocess
 from core.config import Settings
 from core.images import DecodedImage
 from core.manager import ModelManager
@@ -69,6 +71,13 @@ def bench_hotdog(manager: ModelManager, hotdog_folder: Path, device: torch.devic
     naive_batch = median_seconds(lambda: [naive_pipe(p.image) for p in many], device, warmup=1, repeats=max(repeats // 4, 1))
     ours_batch = median_seconds(lambda: classify_images(hotdog, many), device, warmup=1, repeats=max(repeats // 4, 1))
     emit(f"hot dog ViT-base, {batch} images", batch / naive_batch, batch / ours_batch, "images/s", True)
+    # The model alone on one preprocessed 224² image: the tutorial's fp32 eager forward against the core's _forward.
+    pixels = classify_preprocess(hotdog.obj, one)
+    naive_inputs = {name: tensor.float() for name, tensor in pixels.items()}
+    with torch.no_grad():
+        naive_forward = median_seconds(lambda: naive_pipe.model(**naive_inputs).logits, device, repeats=repeats)
+    ours_forward = median_seconds(lambda: classify_forward(hotdog.obj.model, pixels), device, repeats=repeats)
+    emit("hot dog ViT-base, one 224² image, forward only", naive_forward * 1000, ours_forward * 1000, "ms", False)
     manager.unload("hotdog")
 
 
