@@ -57,6 +57,8 @@ def select_files(spec: ModelSpec, repo_files: list[str]) -> tuple[str, ...]:
         if path.suffix == ".bin" and path.name.startswith(_BIN_WEIGHT_PREFIXES) and not _is_variant(path)
         and path.parent not in with_safetensors
     ]
+    if spec.family is Family.DIFFUSERS:
+        chosen += [path for path in paths if str(path) == "README.md"]  # the model card names a DreamBooth trigger phrase
     return tuple(sorted(str(path) for path in chosen))
 
 

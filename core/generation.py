@@ -13,20 +13,22 @@ import math
 import secrets
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
+from core import lora
 from core.errors import BadInputError, GpuOutOfMemoryError
 from core.gpu_queue import SlotAbandoned, queue_for
 from core.jobs import JobCancelled, JobContext
+from core.lora import LoraChoice
 from core.manager import LoadedModel, module_bytes, release_memory
-from core.registry import MODELS, ModelSpec, custom_spec, is_valid_repo_id
+from core.registry import ModelSpec, spec_for_choice
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,20 @@ class MemoryMode(StrEnum):
 _GPU_ONLY_MODES = (MemoryMode.MODEL_OFFLOAD, MemoryMode.SEQUENTIAL_OFFLOAD)
 
 
+class Mode(StrEnum):
+    TEXT_TO_IMAGE = "text to image"
+    IMAGE_TO_IMAGE = "image to image"  # start from a noised input image; `strength` says how much noise
+    INPAINT = "inpaint"  # repaint only where the mask is white
+
+
+# Each mode's diffusers pipeline, built over the loaded model's components with `from_pipe`: nothing loads twice.
+PIPELINE_CLASSES = {
+    Mode.TEXT_TO_IMAGE: "StableDiffusionPipeline",
+    Mode.IMAGE_TO_IMAGE: "StableDiffusionImg2ImgPipeline",
+    Mode.INPAINT: "StableDiffusionInpaintPipeline",
+}
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     prompt: str = ""
@@ -98,6 +114,16 @@ class GenerationSettings:
     scheduler: str = DEFAULT_SCHEDULER
     precision: Precision = Precision.AUTO
     memory_mode: MemoryMode = MemoryMode.NONE
+    mode: Mode = Mode.TEXT_TO_IMAGE
+    strength: float = 0.75  # image to image and inpaint: 1 repaints from pure noise (AUTOMATIC1111's default 0.75)
+    loras: tuple[tuple[str, float], ...] = ()  # (adapter name, weight), as written to PNG metadata
+
+    @property
+    def denoising_steps(self) -> int:
+        """The steps that really run: from an input image diffusers skips the first (1 - strength) of them."""
+        if self.mode is Mode.TEXT_TO_IMAGE:
+            return self.steps
+        return min(int(self.steps * self.strength), self.steps)
 
     def seeds(self) -> tuple[int, ...]:
         """Image i gets seed + i (as in AUTOMATIC1111), so any image of a batch can be made again alone."""
@@ -107,6 +133,14 @@ class GenerationSettings:
 
     def with_seed(self) -> GenerationSettings:
         return self if self.seed is not None else replace(self, seed=secrets.randbelow(2**32))
+
+
+@dataclass(frozen=True)
+class SourceImages:
+    """The input of image to image and inpaint: a picture and, for inpaint, a mask (white = repaint)."""
+
+    image: Image.Image
+    mask: Image.Image | None = None
 
 
 @dataclass(frozen=True)
@@ -158,17 +192,7 @@ class GenerationResult:
 
 def model_spec_for(choice: str, custom: str = "") -> ModelSpec:
     """The spec for one of SD_MODEL_KEYS, or for a custom SD 1.x repo id (owner/name) or absolute local folder."""
-    if choice in SD_MODEL_KEYS:
-        return MODELS[choice]
-    text = custom.strip()
-    if not text:
-        raise BadInputError("Enter a Hub repo id (owner/name) or the full path of a local folder.")
-    if Path(text).is_absolute():
-        if not Path(text).is_dir():
-            raise BadInputError(f"`model` folder {text!r} does not exist.", remedy="Give the full path of a folder in Hub layout (with model_index.json).")
-    elif not is_valid_repo_id(text):
-        raise BadInputError(f"`model` {text!r} is not a Hub repo id.", remedy="A repo id looks like owner/name, for example stable-diffusion-v1-5/stable-diffusion-v1-5.")
-    return custom_spec("sd15", text)
+    return spec_for_choice(choice, custom, SD_MODEL_KEYS, "sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5")
 
 
 def available_schedulers() -> tuple[str, ...]:
@@ -184,8 +208,11 @@ def memory_modes_for(device: torch.device) -> tuple[MemoryMode, ...]:
     return tuple(MemoryMode) if device.type == "cuda" else tuple(m for m in MemoryMode if m not in _GPU_ONLY_MODES)
 
 
-def check_inputs(settings: GenerationSettings, device: torch.device) -> None:
-    """Refuse bad settings before any work, naming the argument and its value (an empty prompt is fine)."""
+def check_inputs(settings: GenerationSettings, device: torch.device, source: SourceImages | None = None) -> None:
+    """Refuse bad settings before any work, naming the argument and its value (an empty prompt is fine).
+
+    Image to image needs `source.image`; inpaint needs its `mask` too, the size of the image.
+    """
     s = settings
 
     def between(name: str, value: float, low: float, high: float, unit: str = "") -> None:
@@ -213,6 +240,23 @@ def check_inputs(settings: GenerationSettings, device: torch.device) -> None:
         raise BadInputError(f"`precision` {s.precision} needs a GPU; on the {device.type.upper()} this model runs in fp32.")
     if s.memory_mode not in memory_modes_for(device):
         raise BadInputError(f"`memory_mode` '{s.memory_mode}' moves weights between the CPU and a GPU, and this model runs on the {device.type.upper()}.")
+    if s.mode is not Mode.TEXT_TO_IMAGE:
+        if not (0 < s.strength <= 1):  # also false for NaN
+            raise BadInputError(f"`strength` has to be more than 0 and at most 1 but is {s.strength:g}.")
+        if s.denoising_steps < 1:
+            raise BadInputError(
+                f"`strength` {s.strength:g} of {s.steps} steps leaves no step to run.", remedy=f"Use at least {math.ceil(1 / s.strength)} steps or a higher strength."
+            )
+        if source is None:
+            raise BadInputError(f"{s.mode.capitalize()} needs an input image.", remedy="Upload an image or pick one from the gallery.")
+    if s.mode is Mode.INPAINT:
+        if source.mask is None:
+            raise BadInputError("Inpaint needs a mask: white where the picture is repainted.", remedy="Draw a mask on the image or upload one.")
+        if source.mask.size != source.image.size:
+            raise BadInputError(
+                f"The mask is {source.mask.width}x{source.mask.height} pixels but the image is {source.image.width}x{source.image.height}.",
+                remedy="Upload a mask of the image's size, or draw one.",
+            )
 
 
 def prompt_length(pipe: Any, prompt: str) -> PromptLength:
@@ -351,8 +395,8 @@ def latent_preview(latents: torch.Tensor) -> Image.Image:
 _LATENT_RGB_FACTORS = ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829, 0.1762, 0.2721), (-0.2120, -0.2616, -0.7177))
 
 
-class _StepReporter:
-    """The step callback: progress with it/s and time left, a preview a few times a second, and cancel within a step.
+class StepReporter:
+    """Progress with it/s and time left, a preview a few times a second, and cancel within a step.
 
     Progress counts the steps the user asked for: PNDM runs one extra model call (PLMS warm-up), and a user who
     asked for 30 steps should see "30 of 30" at the end, as diffusers' own progress bar shows.
@@ -368,22 +412,27 @@ class _StepReporter:
     def stop_requested(self) -> bool:
         return (self.context is not None and self.context.cancelled) or self.abandoned()
 
-    def __call__(self, pipe: Any, index: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def step(self, done: int, preview: Callable[[], Image.Image]) -> None:
+        """Before or after step `done`: raise JobCancelled on a stop, else report (`preview` is called only when shown)."""
         if self.stop_requested():
-            raise JobCancelled  # leaves diffusers' loop at once: no VAE decode of partial latents
-        if self.context is not None:
-            now = time.perf_counter()
-            done = max(1, round((index + 1) * self.steps / pipe.num_timesteps))
-            rate = done / (now - self.started)
-            detail = f"step {done} of {self.steps} · {rate:.2f} it/s · about {(self.steps - done) / rate:.0f} s left"
-            preview = None
-            if now - self.last_preview >= PREVIEW_EVERY_S or done == self.steps:
-                preview, self.last_preview = latent_preview(tensors["latents"]), now
-            self.context.report(done, self.steps, detail, preview)
+            raise JobCancelled  # leaves the denoising loop at once: partial results are never decoded
+        if self.context is None:
+            return
+        now = time.perf_counter()
+        rate = done / (now - self.started) if done else 0.0
+        detail = f"step {done} of {self.steps}" + (f" · {rate:.2f} it/s · about {(self.steps - done) / rate:.0f} s left" if rate else "")
+        image = None
+        if done and (now - self.last_preview >= PREVIEW_EVERY_S or done == self.steps):
+            image, self.last_preview = preview(), now
+        self.context.report(done, self.steps, detail, image)
+
+    def __call__(self, pipe: Any, index: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """diffusers' `callback_on_step_end`."""
+        self.step(max(1, round((index + 1) * self.steps / pipe.num_timesteps)), lambda: latent_preview(tensors["latents"]))
         return tensors
 
 
-def _report(context: JobContext | None, detail: str) -> None:
+def report(context: JobContext | None, detail: str) -> None:
     if context is not None:
         context.report(0, 0, detail)
 
@@ -392,31 +441,68 @@ def _place(n: int) -> str:
     return "next in line" if n == 1 else f"{n}{'nd' if n == 2 else 'rd' if n == 3 else 'th'} in line"
 
 
+@contextmanager
+def device_slot(device: torch.device, context: JobContext | None, reporter: StepReporter) -> Iterator[None]:
+    """Wait for the device's turn (one run at a time per GPU, first come first served), saying the place in line."""
+    report(context, "waiting for the device")
+    try:
+        with queue_for(device).slot(on_wait=lambda n: report(context, f"waiting for the GPU: {_place(n)}"), cancelled=reporter.stop_requested):
+            yield
+    except SlotAbandoned:
+        raise JobCancelled from None
+
+
+def out_of_memory_error(what: str) -> GpuOutOfMemoryError:
+    """Free what an out-of-memory run held (call it outside the except block, whose traceback pins the tensors)."""
+    release_memory()
+    return GpuOutOfMemoryError(
+        f"The GPU ran out of memory making {what}; what the run held is released.",
+        remedy="Try a smaller size, fewer images per run, or a memory mode (VAE slicing for batches, VAE tiling for large images, model CPU offload for the least memory).",
+    )
+
+
+def prepare_source(source: SourceImages | None, settings: GenerationSettings) -> tuple[SourceImages | None, tuple[str, ...]]:
+    """The input image (and mask) at the run's size, RGB and L, with a note when the image had to be resized."""
+    if source is None or settings.mode is Mode.TEXT_TO_IMAGE:
+        return None, ()
+    size = (settings.width, settings.height)
+    image = source.image.convert("RGB")
+    notes: tuple[str, ...] = ()
+    if image.size != size:
+        notes = (f"The input image is {image.width}x{image.height} pixels; it was resized to {settings.width}x{settings.height}, the size of this run.",)
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    mask = None
+    if source.mask is not None and settings.mode is Mode.INPAINT:
+        mask = source.mask.convert("L").resize(size, Image.Resampling.NEAREST)
+    return SourceImages(image, mask), notes
+
+
 def generate(
     model: LoadedModel,
     settings: GenerationSettings,
     context: JobContext | None = None,
     abandoned: Callable[[], bool] = lambda: False,
+    source: SourceImages | None = None,
+    loras: tuple[LoraChoice, ...] = (),
 ) -> GenerationResult:
-    """Make `settings.num_images` images with the shared SD pipeline in `model`.
+    """Make `settings.num_images` images with the shared SD pipeline in `model`, in `settings.mode`.
 
-    Raises BadInputError before any work, JobCancelled when cancelled (partial results dropped), and
-    GpuOutOfMemoryError (memory already released) when the device runs out of memory.
+    `loras` are this run's adapters: on the shared pipeline only while the run holds the device, so no other
+    session's images ever see them. Raises BadInputError before any work, JobCancelled when cancelled (partial
+    results dropped), and GpuOutOfMemoryError (memory already released) when the device runs out of memory.
     """
     pipe, device = model.obj, model.device
     # 1. Check inputs
-    check_inputs(settings, device)
-    settings = settings.with_seed()
-    notes = [_prompt_note(pipe, settings.prompt, "prompt"), _prompt_note(pipe, settings.negative_prompt, "negative prompt")]
+    check_inputs(settings, device, source)
+    lora.check_choices(loras)
+    settings = replace(settings.with_seed(), loras=tuple((choice.adapter.name, choice.weight) for choice in loras))
+    source, resize_notes = prepare_source(source, settings)
+    notes = [_prompt_note(pipe, settings.prompt, "prompt"), _prompt_note(pipe, settings.negative_prompt, "negative prompt"), *resize_notes]
 
-    # 2. Wait for the device: one run at a time per GPU, first come first served
-    reporter = _StepReporter(context, abandoned, settings.steps)
-    _report(context, "waiting for the device")
-    try:
-        with queue_for(device).slot(on_wait=lambda n: _report(context, f"waiting for the GPU: {_place(n)}"), cancelled=reporter.stop_requested):
-            return _run(model, settings, context, reporter, tuple(n for n in notes if n))
-    except SlotAbandoned:
-        raise JobCancelled from None
+    # 2. Wait for the device
+    reporter = StepReporter(context, abandoned, settings.denoising_steps)
+    with device_slot(device, context, reporter):
+        return _run(model, settings, context, reporter, source, loras, tuple(n for n in notes if n))
 
 
 def _prompt_note(pipe: Any, text: str, what: str) -> str:
@@ -426,21 +512,37 @@ def _prompt_note(pipe: Any, text: str, what: str) -> str:
     return f"The {what} is {length.tokens} tokens long and the model reads only the first {length.limit}: it ignored “{length.ignored_text}”."
 
 
-def _run(model: LoadedModel, settings: GenerationSettings, context: JobContext | None, reporter: _StepReporter, notes: tuple[str, ...]) -> GenerationResult:
+def _mode_arguments(settings: GenerationSettings, source: SourceImages | None) -> dict[str, Any]:
+    if settings.mode is Mode.TEXT_TO_IMAGE:
+        return {"width": settings.width, "height": settings.height}
+    if settings.mode is Mode.IMAGE_TO_IMAGE:  # the image sets the size
+        return {"image": source.image, "strength": settings.strength}
+    return {"image": source.image, "mask_image": source.mask, "strength": settings.strength, "width": settings.width, "height": settings.height}
+
+
+def _run(
+    model: LoadedModel, settings: GenerationSettings, context: JobContext | None, reporter: StepReporter,
+    source: SourceImages | None, loras: tuple[LoraChoice, ...], notes: tuple[str, ...],
+) -> GenerationResult:
+    import diffusers
+
     pipe, device = model.obj, model.device
     out_of_memory = False
     try:
-        # 3. Put the shared pipeline in this run's precision and memory mode (dtype casts need the plain state)
-        _report(context, "preparing the model")
+        # 3. Put the shared pipeline in this run's precision, adapters and memory mode (casts and adapters need the plain state)
+        report(context, "preparing the model")
         if pipe.unet.dtype != _dtype_for(pipe, settings.precision):
             restore_plain(pipe, device)
             set_precision(pipe, settings.precision, device)
+        if loras:
+            restore_plain(pipe, device)
+            lora.apply(pipe, loras)
         set_memory_mode(pipe, settings.memory_mode, device)
 
-        # 4. This run's own scheduler, and one generator per image (CPU generators: same noise on any device)
-        # (A new pipeline object over the shared modules; the scheduler is set afterwards, as users of diffusers do,
-        # so the constructor's legacy-config checks never rewrite it.)
-        run_pipe = type(pipe)(**pipe.components, requires_safety_checker=False)
+        # 4. This run's pipeline over the shared modules, its own scheduler, and one generator per image (CPU
+        # generators: the same noise on any device). The scheduler is set after `from_pipe`, so that the
+        # constructor's legacy-config checks never rewrite it.
+        run_pipe = getattr(diffusers, PIPELINE_CLASSES[settings.mode]).from_pipe(pipe, requires_safety_checker=False)
         run_pipe.scheduler = build_scheduler(pipe, settings.scheduler)
         run_pipe.set_progress_bar_config(disable=True)
         seeds = settings.seeds()
@@ -452,9 +554,8 @@ def _run(model: LoadedModel, settings: GenerationSettings, context: JobContext |
         reporter.started = time.perf_counter()
         output = run_pipe(
             prompt=settings.prompt, negative_prompt=settings.negative_prompt or None,
-            num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
-            width=settings.width, height=settings.height, num_images_per_prompt=settings.num_images,
-            generator=generators, callback_on_step_end=reporter,
+            num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, num_images_per_prompt=settings.num_images,
+            generator=generators, callback_on_step_end=reporter, **_mode_arguments(settings, source),
         )
         seconds = time.perf_counter() - reporter.started
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -462,13 +563,12 @@ def _run(model: LoadedModel, settings: GenerationSettings, context: JobContext |
         out_of_memory = True
     finally:
         pipe.maybe_free_model_hooks()  # with model offload: every model back on the CPU, as diffusers does after a call
+        if loras:  # the shared pipeline leaves this run exactly as it came: base weights, no adapter
+            restore_plain(pipe, device)
+            lora.remove(pipe)
     if out_of_memory:
-        # 6. Out of memory: free what the run held (outside the except block, whose traceback pins the run's tensors)
-        release_memory()
-        raise GpuOutOfMemoryError(
-            f"The GPU ran out of memory making {settings.num_images} image(s) of {settings.width}x{settings.height}; what the run held is released.",
-            remedy="Try a smaller size, fewer images per run, or a memory mode (VAE slicing for batches, VAE tiling for large images, model CPU offload for the least memory).",
-        )
+        # 6. Out of memory: free what the run held
+        raise out_of_memory_error(f"{settings.num_images} image(s) of {settings.width}x{settings.height}")
 
     # 7. Results, with a note for each image the safety checker blacked out
     flags = output.nsfw_content_detected or [False] * len(output.images)
@@ -479,5 +579,5 @@ def _run(model: LoadedModel, settings: GenerationSettings, context: JobContext |
     return GenerationResult(
         images=images, settings=settings, model_name=model.spec.repo_id, model_title=model.spec.title, is_standin=model.is_standin,
         device=str(device), dtype=str(pipe.unet.dtype).removeprefix("torch."), seconds=seconds,
-        steps_per_s=settings.steps / seconds if seconds > 0 else 0.0, peak_memory_bytes=peak, notes=notes,
+        steps_per_s=settings.denoising_steps / seconds if seconds > 0 else 0.0, peak_memory_bytes=peak, notes=notes,
     )

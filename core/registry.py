@@ -4,6 +4,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from pathlib import Path
+
+from core.errors import BadInputError
 
 
 class Family(StrEnum):
@@ -103,6 +106,15 @@ MODELS: dict[str, ModelSpec] = {
             param_count=18_000_000,
             pipeline_class="DDPMPipeline",
         ),
+        ModelSpec(
+            key="ddpm-cifar10",
+            title="DDPM CIFAR-10 32px (unconditional)",
+            task="unconditional-image-generation",
+            family=Family.DIFFUSERS,
+            repo_id="google/ddpm-cifar10-32",
+            param_count=35_700_000,
+            pipeline_class="DDPMPipeline",
+        ),
     )
 }
 
@@ -118,3 +130,19 @@ def custom_spec(base_key: str, repo_id: str) -> ModelSpec:
     """A spec for a user-chosen repo of the same kind as `base_key` (another SD 1.x, another classifier)."""
     base = MODELS[base_key]
     return replace(base, key=f"{base_key}@{repo_id}", title=repo_id, repo_id=repo_id, standin_labels=base.standin_labels)
+
+
+def spec_for_choice(choice: str, custom: str, known_keys: tuple[str, ...], base_key: str, example: str) -> ModelSpec:
+    """The spec of a listed model (`choice` in `known_keys`), or of the user's own repo id (owner/name) or absolute
+    local folder, loaded like `base_key`. Refuses anything else, with an example of what works."""
+    if choice in known_keys:
+        return MODELS[choice]
+    text = custom.strip()
+    if not text:
+        raise BadInputError("Enter a Hub repo id (owner/name) or the full path of a local folder.", remedy=f"For example {example}.")
+    if Path(text).is_absolute():
+        if not Path(text).is_dir():
+            raise BadInputError(f"`model` folder {text!r} does not exist.", remedy="Give the full path of a folder in Hub layout (with model_index.json).")
+    elif not is_valid_repo_id(text):
+        raise BadInputError(f"`model` {text!r} is not a Hub repo id.", remedy=f"A repo id looks like owner/name, for example {example}.")
+    return custom_spec(base_key, text)

@@ -44,3 +44,24 @@ def wait_for_app_idle(tab, timeout_ms: int = 60_000) -> None:
         }""",
         timeout=timeout_ms,
     )
+
+
+def make_standin_lora(base_folder: Path, out_folder: Path, seed: int = 0, cross_attention_dim: int | None = None) -> Path:
+    """A LoRA for the stand-in SD UNet in `base_folder`, saved as diffusers saves one (pytorch_lora_weights.safetensors).
+
+    peft's default init makes B zero (a LoRA that changes nothing), so the weights are random. With another
+    `cross_attention_dim` it is a LoRA for another base model, whose shapes do not fit.
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    config = UNet2DConditionModel.load_config(base_folder / "unet")
+    if cross_attention_dim is not None:
+        config = {**config, "cross_attention_dim": cross_attention_dim}
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(config)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(out_folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+    return out_folder / "pytorch_lora_weights.safetensors"

@@ -82,7 +82,7 @@ def test_a_diffusers_repo_gets_each_component_without_variants_or_root_checkpoin
         "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
     ]
     assert select_files(MODELS["sd15"], listing) == tuple(sorted([
-        "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+        "model_index.json", "README.md", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
         "text_encoder/config.json", "text_encoder/model.safetensors",
         "tokenizer/merges.txt", "tokenizer/vocab.json", "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json",
         "scheduler/scheduler_config.json", "feature_extractor/preprocessor_config.json",

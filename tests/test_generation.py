@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 
 from core import generation
 from core.errors import BadInputError, GpuOutOfMemoryError
-from core.generation import GenerationSettings, MemoryMode, Precision
+from core.generation import GenerationSettings, MemoryMode, Mode, Precision, SourceImages
 from core.gpu_queue import queue_for
 from core.jobs import Job, JobState
 from core.registry import MODELS
@@ -279,3 +280,72 @@ def test_model_choice(choice, custom, key):
 def test_a_bad_custom_model_is_refused(custom):
     with pytest.raises(BadInputError):
         generation.model_spec_for("custom", custom)
+
+
+# Image to image and inpaint ------------------------------------------------------------------------------------
+
+def picture(width: int = 64, height: int = 64, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def half_mask(width: int = 64, height: int = 64) -> Image.Image:
+    mask = Image.new("L", (width, height), 0)
+    mask.paste(255, (0, 0, width // 2, height))
+    return mask
+
+
+IMG2IMG = replace(SMALL, mode=Mode.IMAGE_TO_IMAGE, steps=4, strength=0.5)
+INPAINT = replace(SMALL, mode=Mode.INPAINT, steps=4, strength=1.0)
+
+
+def test_image_to_image_shares_the_loaded_model_and_is_reproducible(manager, sd):
+    source = SourceImages(picture())
+    first = generation.generate(sd, IMG2IMG, source=source)
+    assert manager.get(MODELS["sd15"]) is sd and type(sd.obj).__name__ == "StableDiffusionPipeline"  # from_pipe: no second load
+    np.testing.assert_array_equal(pixels(first), pixels(generation.generate(sd, IMG2IMG, source=source)))
+    assert not np.array_equal(pixels(first), pixels(generation.generate(sd, IMG2IMG, source=SourceImages(picture(seed=1)))))
+    assert not np.array_equal(pixels(first), pixels(generation.generate(sd, replace(IMG2IMG, strength=1.0), source=source)))
+    assert not np.array_equal(pixels(first), pixels(generation.generate(sd, replace(IMG2IMG, mode=Mode.TEXT_TO_IMAGE))))
+    assert first.notes == ()
+
+
+def test_image_to_image_runs_strength_times_steps_and_says_so_in_progress(sd):
+    job = Job(lambda context: generation.generate(sd, replace(IMG2IMG, steps=10, strength=0.3), context, source=SourceImages(picture())), "img2img")
+    assert job.wait(WAIT_S)
+    snapshot = job.snapshot()
+    assert snapshot.state is JobState.DONE and snapshot.done == snapshot.total == 3
+    assert snapshot.detail.startswith("step 3 of 3")
+
+
+def test_an_input_of_another_size_is_resized_and_said(sd):
+    result = generation.generate(sd, IMG2IMG, source=SourceImages(picture(100, 60)))
+    assert result.images[0].image.size == (64, 64)
+    assert result.notes == ("The input image is 100x60 pixels; it was resized to 64x64, the size of this run.",)
+
+
+def test_inpaint_repaints_under_the_mask_and_is_reproducible(sd):
+    source = SourceImages(picture(), half_mask())
+    first = generation.generate(sd, INPAINT, source=source)
+    assert first.images[0].image.size == (64, 64)
+    np.testing.assert_array_equal(pixels(first), pixels(generation.generate(sd, INPAINT, source=source)))
+    other_mask = SourceImages(picture(), half_mask().transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    assert not np.array_equal(pixels(first), pixels(generation.generate(sd, INPAINT, source=other_mask)))
+    assert not np.array_equal(pixels(first), pixels(generation.generate(sd, replace(INPAINT, mode=Mode.IMAGE_TO_IMAGE), source=source)))
+
+
+@pytest.mark.parametrize(
+    ("run_settings", "source", "message"),
+    [
+        (IMG2IMG, None, "Image to image needs an input image"),
+        (INPAINT, SourceImages(picture()), "Inpaint needs a mask"),
+        (INPAINT, SourceImages(picture(), half_mask(32, 32)), "The mask is 32x32 pixels but the image is 64x64"),
+        (replace(IMG2IMG, strength=0.0), SourceImages(picture()), "`strength` has to be more than 0 and at most 1 but is 0"),
+        (replace(IMG2IMG, strength=1.5), SourceImages(picture()), "`strength` has to be more than 0 and at most 1 but is 1.5"),
+        (replace(IMG2IMG, steps=2, strength=0.2), SourceImages(picture()), "`strength` 0.2 of 2 steps leaves no step to run"),
+    ],
+)
+def test_bad_image_inputs_are_refused_before_any_work(sd, run_settings, source, message):
+    with pytest.raises(BadInputError) as caught:
+        generation.generate(sd, run_settings, source=source)
+    assert message in str(caught.value)
+    assert len(queue_for(CPU)) == 0
