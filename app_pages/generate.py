@@ -1,8 +1,9 @@
-"""Image generation: Stable Diffusion text-to-image on the shared GPU (core.generation, one run at a time per GPU).
+"""Image generation on the shared GPU, one run at a time per GPU: Stable Diffusion text to image, image to image and
+inpaint (core.generation, with this session's LoRA adapters), and unconditional DDPM models (core.unconditional).
 
-A run is a core.jobs.Job kept in session state; a fragment polls it for progress, the latent preview and the place
-in the GPU queue, and reruns the page once when it ends. Results go to this session's gallery, newest first, each
-image a PNG that carries its settings; dropping such a PNG on the page fills the form with them.
+A run is a core.jobs.Job kept in session state; a fragment polls it for progress, the preview and the place in the
+GPU queue, and reruns the page once when it ends. Results go to this session's gallery, newest first, each image a
+PNG that carries its settings; dropping such a PNG on the page fills the form with them.
 """
 from __future__ import annotations
 
@@ -12,32 +13,41 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import streamlit as st
+from PIL import Image
 
 from app_pages.common import require_model, show_error
-from core import generation, pnginfo
-from core.app_state import get_manager
+from core import generation, lora, model_card, pnginfo, unconditional
+from core.app_state import get_manager, get_settings
 from core.errors import BadInputError, DashboardError
 from core.formatting import human_bytes
-from core.generation import GenerationResult, GenerationSettings, MemoryMode, Precision
+from core.generation import GenerationResult, GenerationSettings, MemoryMode, Mode, Precision, SourceImages
+from core.images import decode_image, mask_overlay, shape_mask
 from core.jobs import Job, JobState
-from core.registry import MODELS
+from core.lora import LoraAdapter, LoraChoice
+from core.manager import LoadedModel
+from core.registry import MODELS, ModelSpec
+from core.unconditional import UnconditionalResult, UnconditionalSettings
 
 RUN_KEY, GALLERY_KEY, OUTCOME_KEY, PNG_ERROR_KEY = "generate:run", "generate:gallery", "generate:outcome", "generate:png_error"
+LORAS_KEY, LORA_ERROR_KEY = "generate:loras", "generate:lora_error"
 CUSTOM = "custom"
+UNCONDITIONAL = "unconditional (DDPM)"
 GALLERY_LIMIT = 24  # runs kept per session; older ones drop off the end
 DEFAULTS = GenerationSettings()
+DDPM_DEFAULTS = UnconditionalSettings()
+IMAGE_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
 
 
 @dataclass(frozen=True)
 class Run:
-    job: Job[GenerationResult]
-    settings: GenerationSettings
+    job: Job[GenerationResult | UnconditionalResult]
+    preview_width: int  # how wide the preview is shown
 
 
 @dataclass(frozen=True)
 class GalleryEntry:
     number: int  # this session's run number
-    result: GenerationResult
+    result: GenerationResult | UnconditionalResult
     pngs: tuple[bytes, ...]  # each image with its settings in a `parameters` text chunk
 
 
@@ -45,16 +55,30 @@ def key(name: str) -> str:
     return f"generate:{name}"
 
 
+# Inputs kept while their widgets are not drawn (another mode, another page), beside those form_defaults sets.
+KEPT_INPUTS = ("model", "custom", "ddpm_model", "ddpm_custom", "lora_source", "source_origin", "mask_origin", "mask_shape", "mask_x", "mask_y")
+
+
 def form_defaults() -> None:
-    """The form's starting values, set once per session: widgets then read and write only session state."""
+    """The form's starting values, set once per session: widgets then read and write only session state.
+
+    Streamlit forgets a widget's value in any run that does not draw it; writing each value back to itself at the
+    start of a run keeps the prompt and settings of one mode while the user looks at another.
+    """
     values = {
         "prompt": DEFAULTS.prompt, "negative": DEFAULTS.negative_prompt, "steps": DEFAULTS.steps,
         "guidance": DEFAULTS.guidance_scale, "width": DEFAULTS.width, "height": DEFAULTS.height,
         "num_images": DEFAULTS.num_images, "random_seed": True, "seed": 0, "scheduler": DEFAULTS.scheduler,
-        "precision": DEFAULTS.precision, "memory_mode": DEFAULTS.memory_mode,
+        "precision": DEFAULTS.precision, "memory_mode": DEFAULTS.memory_mode, "mode": DEFAULTS.mode.value,
+        "strength": DEFAULTS.strength, "ddpm_images": DDPM_DEFAULTS.num_images, "ddpm_steps": DDPM_DEFAULTS.steps,
     }
+    state = st.session_state
     for name, value in values.items():
-        st.session_state.setdefault(key(name), value)
+        state.setdefault(key(name), value)
+    lora_weights = [f"lora_weight:{adapter.name}" for adapter in state.get(LORAS_KEY, [])]
+    for name in (*values, *KEPT_INPUTS, *lora_weights):
+        if key(name) in state:
+            state[key(name)] = state[key(name)]
 
 
 def fill_form(settings: GenerationSettings, model: str | None = None) -> None:
@@ -67,6 +91,7 @@ def fill_form(settings: GenerationSettings, model: str | None = None) -> None:
     if settings.seed is not None:
         state[key("seed")] = settings.seed
     state[key("scheduler")], state[key("precision")], state[key("memory_mode")] = settings.scheduler, settings.precision, settings.memory_mode
+    state[key("mode")], state[key("strength")] = settings.mode.value, float(settings.strength)
     if model:
         known = {spec.repo_id: name for name, spec in MODELS.items() if name in generation.SD_MODEL_KEYS}
         state[key("model")] = known.get(model, CUSTOM)
@@ -89,7 +114,9 @@ def fill_from_png() -> None:
 
 def form_settings() -> GenerationSettings:
     state = st.session_state
+    mode = Mode(state[key("mode")]) if state[key("mode")] != UNCONDITIONAL else Mode.TEXT_TO_IMAGE
     return GenerationSettings(
+        mode=mode, strength=float(state[key("strength")]),
         prompt=state[key("prompt")], negative_prompt=state[key("negative")],
         steps=int(state[key("steps")]), guidance_scale=float(state[key("guidance")]),
         width=int(state[key("width")]), height=int(state[key("height")]), num_images=int(state[key("num_images")]),
@@ -110,10 +137,11 @@ def session_gone() -> Callable[[], bool]:
     return lambda: not runtime.is_active_session(session_id)
 
 
-def start_run(spec, allow_standin: bool) -> None:
+def start_run(spec: ModelSpec, allow_standin: bool, source: SourceImages | None, loras: tuple[LoraChoice, ...]) -> None:
     try:
         settings = form_settings()
-        generation.check_inputs(settings, get_manager().device)
+        generation.check_inputs(settings, get_manager().device, source)
+        lora.check_choices(loras)
     except BadInputError as error:
         st.session_state[OUTCOME_KEY] = error
         return
@@ -121,10 +149,35 @@ def start_run(spec, allow_standin: bool) -> None:
 
     def work(context):
         with get_manager().use(spec, allow_standin=allow_standin) as model:
-            return generation.generate(model, settings, context, abandoned=gone)
+            return generation.generate(model, settings, context, abandoned=gone, source=source, loras=loras)
 
     st.session_state[OUTCOME_KEY] = None
-    st.session_state[RUN_KEY] = Run(Job(work, "image generation"), settings)
+    st.session_state[RUN_KEY] = Run(Job(work, "image generation"), min(640, 256 * settings.num_images))
+
+
+def start_unconditional_run(spec: ModelSpec, allow_standin: bool) -> None:
+    state = st.session_state
+    settings = UnconditionalSettings(int(state[key("ddpm_images")]), int(state[key("ddpm_steps")]), None if state[key("random_seed")] else int(state[key("seed")]))
+    try:
+        unconditional.check_inputs(settings)
+    except BadInputError as error:
+        state[OUTCOME_KEY] = error
+        return
+    gone = session_gone()
+
+    def work(context):
+        with get_manager().use(spec, allow_standin=allow_standin) as model:
+            return unconditional.generate(model, settings, context, abandoned=gone)
+
+    state[OUTCOME_KEY] = None
+    state[RUN_KEY] = Run(Job(work, "unconditional generation"), 320)
+
+
+def pngs_of(result: GenerationResult | UnconditionalResult) -> tuple[bytes, ...]:
+    if isinstance(result, UnconditionalResult):
+        return tuple(pnginfo.png_with_parameters(image.image, pnginfo.unconditional_parameters_text(result.settings.steps, image.seed, result.model_name))
+                     for image in result.images)
+    return tuple(pnginfo.png_bytes(image.image, result.settings_for(i), result.model_name) for i, image in enumerate(result.images))
 
 
 def finish_run(run: Run) -> None:
@@ -134,8 +187,7 @@ def finish_run(run: Run) -> None:
     if snapshot.state is JobState.DONE and run.job.result is not None:
         result = run.job.result
         gallery: list[GalleryEntry] = st.session_state.setdefault(GALLERY_KEY, [])
-        pngs = tuple(pnginfo.png_bytes(image.image, result.settings_for(i), result.model_name) for i, image in enumerate(result.images))
-        gallery.insert(0, GalleryEntry(gallery[0].number + 1 if gallery else 1, result, pngs))
+        gallery.insert(0, GalleryEntry(gallery[0].number + 1 if gallery else 1, result, pngs_of(result)))
         del gallery[GALLERY_LIMIT:]
         st.session_state[OUTCOME_KEY] = result
     elif snapshot.state is JobState.CANCELLED:
@@ -163,14 +215,16 @@ def run_progress() -> None:
     snapshot = run.job.snapshot()
     st.progress(snapshot.fraction, text=capitalised(snapshot.detail))
     if snapshot.preview is not None:
-        st.image(snapshot.preview, caption="Preview: a rough decode of the current latents", width=min(640, 256 * run.settings.num_images))
+        st.image(snapshot.preview, caption="Preview of the current step (a rough decode for Stable Diffusion)", width=run.preview_width)
     st.button("Cancel", key=key("cancel"), on_click=run.job.cancel, icon="⏹️")
 
 
 def settings_line(settings: GenerationSettings) -> str:
     return (
-        f"{settings.steps} steps · {settings.scheduler} · CFG {settings.guidance_scale:g} · {settings.width}×{settings.height} · "
+        f"{settings.mode} · {settings.steps} steps · {settings.scheduler} · CFG {settings.guidance_scale:g} · {settings.width}×{settings.height} · "
         f"seed {settings.seed} · {settings.precision} · memory mode {settings.memory_mode}"
+        + (f" · strength {settings.strength:g}" if settings.mode is not Mode.TEXT_TO_IMAGE else "")
+        + "".join(f" · LoRA {name} ×{weight:g}" for name, weight in settings.loras)
     )
 
 
@@ -190,58 +244,176 @@ def show_entry(entry: GalleryEntry) -> None:
     result = entry.result
     with st.container(border=True):
         st.markdown(f"**Run {entry.number}** · {result.model_title} · {images_phrase(len(result.images))} in {result.seconds:.1f} s ({result.steps_per_s:.2f} it/s)")
+        if isinstance(result, UnconditionalResult):
+            described = f"unconditional · {result.settings.steps} steps · seeds {result.settings.seed} to {result.images[-1].seed}"
+        else:
+            described = (f"“{result.settings.prompt}”" + (f" · not: “{result.settings.negative_prompt}”" if result.settings.negative_prompt else "")
+                         + f"  \n{settings_line(result.settings)}")
         st.caption(
-            f"“{result.settings.prompt}”" + (f" · not: “{result.settings.negative_prompt}”" if result.settings.negative_prompt else "")
-            + f"  \n{settings_line(result.settings)} · {result.device} ({result.dtype})"
+            described + f" · {result.device} ({result.dtype})"
             + (f" · peak {human_bytes(result.peak_memory_bytes)}" if result.peak_memory_bytes else "")
             + (" · stand-in model: these images are meaningless noise." if result.is_standin else "")
         )
-        columns = st.columns(min(len(result.images), 4))
+        columns = st.columns(min(len(result.images), 4 if isinstance(result, GenerationResult) else 8))
         for i, (image, png) in enumerate(zip(result.images, entry.pngs, strict=True)):
             with columns[i % len(columns)]:
                 st.image(image.image, caption=f"Seed {image.seed}" + (" · blacked out by the safety checker" if image.blacked_out else ""), width="content", output_format="PNG")
                 buttons = st.container(horizontal=True)
                 buttons.download_button("PNG", png, file_name=f"run{entry.number:03d}-seed{image.seed}.png", mime="image/png",
-                                     key=key(f"png:{entry.number}:{i}"), icon="⬇️", on_click="ignore")
-                buttons.button("Reuse", key=key(f"reuse:{entry.number}:{i}"), on_click=fill_form, args=(result.settings_for(i), result.model_name),
-                             icon="♻️", help="Fill the form with this image's settings and seed")
+                                        key=key(f"png:{entry.number}:{i}"), icon="⬇️", on_click="ignore")
+                if isinstance(result, GenerationResult):
+                    buttons.button("Reuse", key=key(f"reuse:{entry.number}:{i}"), on_click=fill_form, args=(result.settings_for(i), result.model_name),
+                                   icon="♻️", help="Fill the form with this image's settings and seed")
 
 
-# Page ---------------------------------------------------------------------------------------------------------
+def gallery_images() -> dict[str, Image.Image]:
+    """This session's images by a label a user can pick from ("Run 3 · seed 42")."""
+    return {f"Run {entry.number} · seed {image.seed}": image.image for entry in st.session_state.get(GALLERY_KEY, []) for image in entry.result.images}
 
-st.title("🎨 Image generation")
-st.caption("Stable Diffusion 1.x text-to-image through diffusers. Runs take turns on the GPU: one at a time, first come first served.")
 
-choices = {name: MODELS[name].title for name in generation.SD_MODEL_KEYS} | {CUSTOM: "Another SD 1.x model (repo id or folder)"}
-model_column, custom_column = st.columns([1, 2])
-choice = model_column.selectbox("Model", list(choices), format_func=choices.get, key=key("model"))
-custom = custom_column.text_input("Hub repo id (owner/name) or full path of a local folder in Hub layout", key=key("custom"), disabled=choice != CUSTOM)
-try:
-    spec = generation.model_spec_for(choice, custom)
-except BadInputError as error:
-    show_error(error)
-    st.stop()
-model = require_model(spec)
-device = model.device
-st.caption(
-    f"**{model.spec.title}** on {device} ({str(model.dtype).removeprefix('torch.')}) from {model.source.label}; safety checker "
-    + ("on (this model's config has one)." if model.obj.safety_checker is not None else "off (this model's config has none).")
-)
-if device.type == "cpu" and not model.is_standin:
-    st.warning("This model runs on the CPU: a 512×512 image takes minutes. Smaller sizes and fewer steps are faster.", icon="🐢")
+def source_image_input() -> Image.Image | None:
+    """The input picture of image to image and inpaint: an upload, or an image from this session's gallery."""
+    origin = st.radio("Input image", ["Upload", "From the gallery"], horizontal=True, key=key("source_origin"))
+    if origin == "Upload":
+        upload = st.file_uploader("Input image (JPEG, PNG, WebP, ...)", type=IMAGE_TYPES, key=key("source_upload"))
+        if upload is None:
+            return None
+        try:
+            decoded = decode_image(upload.getvalue(), upload.name)
+        except BadInputError as error:
+            show_error(error)
+            return None
+        return decoded.image
+    images = gallery_images()
+    if not images:
+        st.info("This session's gallery is empty: generate an image first, or upload one.")
+        return None
+    return images[st.selectbox("Image from the gallery", list(images), key=key("source_gallery"))]
 
-st.file_uploader("Drop a PNG made by this app (or AUTOMATIC1111) to fill the form with its settings", type=["png"], key=key("png"), on_change=fill_from_png)
-if st.session_state.get(PNG_ERROR_KEY):
-    show_error(st.session_state[PNG_ERROR_KEY])
 
-form_defaults()
-run: Run | None = st.session_state.get(RUN_KEY)
-if run is not None and run.job.finished:
-    finish_run(run)
-    run = None
+def mask_input(image: Image.Image) -> Image.Image | None:
+    """The inpainting mask (white is repainted): a rectangle or ellipse placed with sliders, or an uploaded picture."""
+    how = st.radio("Mask: white is repainted", ["Draw a shape", "Upload a mask"], horizontal=True, key=key("mask_origin"))
+    if how == "Draw a shape":
+        shape_column, x_column, y_column = st.columns([1, 2, 2])
+        shape = shape_column.selectbox("Shape", ["rectangle", "ellipse"], key=key("mask_shape"))
+        left, right = x_column.slider("From left to right edge (%)", 0, 100, (25, 75), key=key("mask_x"))
+        top, bottom = y_column.slider("From top to bottom edge (%)", 0, 100, (25, 75), key=key("mask_y"))
+        return shape_mask(image.size, (left, top, right, bottom), ellipse=shape == "ellipse")
+    upload = st.file_uploader("Mask image, the size of the input image (white = repaint)", type=IMAGE_TYPES, key=key("mask_upload"))
+    if upload is None:
+        return None
+    try:
+        return decode_image(upload.getvalue(), upload.name).image.convert("L")
+    except BadInputError as error:
+        show_error(error)
+        return None
 
-form_column, output_column = st.columns([1, 1], gap="large")
-with form_column:
+
+def add_lora(read: Callable[[], LoraAdapter]) -> None:
+    """Read an adapter for this session (replacing one of the same name), or keep the message why not."""
+    st.session_state[LORA_ERROR_KEY] = None
+    try:
+        adapter = read()
+    except DashboardError as error:
+        st.session_state[LORA_ERROR_KEY] = error
+        return
+    adapters: list[LoraAdapter] = st.session_state.setdefault(LORAS_KEY, [])
+    adapters[:] = [a for a in adapters if a.name != adapter.name] + [adapter]
+    st.session_state.setdefault(key(f"lora_weight:{adapter.name}"), 1.0)
+
+
+def add_lora_from_source() -> None:
+    text = st.session_state[key("lora_source")]
+    if text.strip():
+        add_lora(lambda: lora.read_source(text, get_settings()))
+
+
+def add_lora_from_upload() -> None:
+    upload = st.session_state.get(key("lora_upload"))
+    if upload is not None:
+        add_lora(lambda: lora.read_upload(upload.name, upload.getvalue()))
+
+
+def remove_lora(name: str) -> None:
+    st.session_state[LORAS_KEY] = [a for a in st.session_state.get(LORAS_KEY, []) if a.name != name]
+
+
+def lora_section() -> tuple[LoraChoice, ...]:
+    """This session's LoRA adapters with a weight each: they change only this session's runs."""
+    adapters: list[LoraAdapter] = st.session_state.get(LORAS_KEY, [])
+    with st.expander(f"LoRA adapters ({len(adapters)})", expanded=bool(adapters) or bool(st.session_state.get(LORA_ERROR_KEY))):
+        st.caption("Only your runs use them: they go onto the shared model while your run holds the GPU and come off after it. Safetensors files only.")
+        source_column, add_column = st.columns([4, 1], vertical_alignment="bottom")
+        source_column.text_input("Hub repo id (owner/name) or full path of a folder with a .safetensors LoRA", key=key("lora_source"))
+        add_column.button("Add", key=key("lora_add"), on_click=add_lora_from_source, icon="➕")
+        st.file_uploader("Or upload a LoRA (.safetensors)", key=key("lora_upload"), on_change=add_lora_from_upload)
+        if st.session_state.get(LORA_ERROR_KEY):
+            show_error(st.session_state[LORA_ERROR_KEY])
+        for adapter in adapters:
+            name_column, weight_column, remove_column = st.columns([3, 1, 1], vertical_alignment="bottom")
+            name_column.markdown(f"**{adapter.name}**  \n{adapter.source} · {human_bytes(adapter.size_bytes)}")
+            weight_column.number_input("Weight", -lora.MAX_WEIGHT, lora.MAX_WEIGHT, step=0.1, key=key(f"lora_weight:{adapter.name}"))
+            remove_column.button("Remove", key=key(f"lora_remove:{adapter.name}"), on_click=remove_lora, args=(adapter.name,), icon="🗑️")
+    return tuple(LoraChoice(adapter, float(st.session_state[key(f"lora_weight:{adapter.name}")])) for adapter in adapters)
+
+
+def trigger_phrase_of(model: LoadedModel) -> str | None:
+    """The DreamBooth trigger phrase from the model's card, read once per model and session."""
+    phrases: dict[str, str | None] = st.session_state.setdefault(key("trigger_phrases"), {})
+    if model.spec.key not in phrases:
+        phrases[model.spec.key] = model_card.trigger_phrase(model_card.read_card(model.spec, model.source, get_settings()))
+    return phrases[model.spec.key]
+
+
+def add_to_prompt(phrase: str) -> None:
+    prompt = st.session_state[key("prompt")]
+    if phrase not in prompt:
+        st.session_state[key("prompt")] = f"{phrase}, {prompt}" if prompt.strip() else phrase
+
+
+def seed_inputs() -> None:
+    seed_column, random_column = st.columns([2, 1], vertical_alignment="bottom")
+    random_column.toggle("Random seed", key=key("random_seed"))
+    seed_column.number_input("Seed", 0, generation.MAX_SEED, key=key("seed"), disabled=st.session_state[key("random_seed")])
+
+
+def stable_diffusion_form(mode: Mode, run: Run | None) -> None:
+    choices = {name: MODELS[name].title for name in generation.SD_MODEL_KEYS} | {CUSTOM: "Another SD 1.x model (repo id or folder)"}
+    model_column, custom_column = st.columns([1, 2])
+    choice = model_column.selectbox("Model", list(choices), format_func=choices.get, key=key("model"))
+    custom = custom_column.text_input("Hub repo id (owner/name) or full path of a local folder in Hub layout", key=key("custom"), disabled=choice != CUSTOM)
+    try:
+        spec = generation.model_spec_for(choice, custom)
+    except BadInputError as error:
+        show_error(error)
+        st.stop()
+    model = require_model(spec)
+    device = model.device
+    st.caption(
+        f"**{model.spec.title}** on {device} ({str(model.dtype).removeprefix('torch.')}) from {model.source.label}; safety checker "
+        + ("on (this model's config has one)." if model.obj.safety_checker is not None else "off (this model's config has none).")
+    )
+    if device.type == "cpu" and not model.is_standin:
+        st.warning("This model runs on the CPU: a 512×512 image takes minutes. Smaller sizes and fewer steps are faster.", icon="🐢")
+    phrase = trigger_phrase_of(model)
+    if phrase:
+        phrase_column, add_column = st.columns([4, 1], vertical_alignment="center")
+        phrase_column.info(f"This DreamBooth model learned its concept as **{phrase}**: put that in the prompt.", icon="🔑")
+        add_column.button("Add to prompt", key=key("add_phrase"), on_click=add_to_prompt, args=(phrase,))
+    st.file_uploader("Drop a PNG made by this app (or AUTOMATIC1111) to fill the form with its settings", type=["png"], key=key("png"), on_change=fill_from_png)
+    if st.session_state.get(PNG_ERROR_KEY):
+        show_error(st.session_state[PNG_ERROR_KEY])
+
+    source = None
+    if mode is not Mode.TEXT_TO_IMAGE:
+        image = source_image_input()
+        if image is not None:
+            mask = mask_input(image) if mode is Mode.INPAINT else None
+            st.image(mask_overlay(image, mask) if mask is not None else image, width=256,
+                     caption=f"{image.width}×{image.height}" + (" · red is repainted" if mask is not None else ""))
+            source = SourceImages(image, mask)
+        st.slider("Strength: how much of the input is repainted (1 = all of it)", 0.05, 1.0, step=0.05, key=key("strength"))
     st.text_area("Prompt", key=key("prompt"), height=90, placeholder="a watercolour painting of a lighthouse at dawn")
     st.text_area("Negative prompt", key=key("negative"), height=68, placeholder="blurry, low quality")
     prompt_length = generation.prompt_length(model.obj, st.session_state[key("prompt")])
@@ -254,12 +426,11 @@ with form_column:
     guidance_column.number_input("Guidance scale (CFG)", 0.0, generation.MAX_GUIDANCE, step=0.5, key=key("guidance"))
     images_column.number_input("Images per run", 1, generation.MAX_IMAGES, key=key("num_images"))
     width_column, height_column = st.columns(2)
-    limits = dict(min_value=generation.MIN_SIDE_PX, max_value=generation.MAX_SIDE_PX, step=8, help="A multiple of 8 pixels; SD 1.x was trained at 512")
+    limits = dict(min_value=generation.MIN_SIDE_PX, max_value=generation.MAX_SIDE_PX, step=8,
+                  help="A multiple of 8 pixels; SD 1.x was trained at 512. An input image is resized to this size.")
     width_column.number_input("Width", key=key("width"), **limits)
     height_column.number_input("Height", key=key("height"), **limits)
-    seed_column, random_column = st.columns([2, 1], vertical_alignment="bottom")
-    random_column.toggle("Random seed", key=key("random_seed"))
-    seed_column.number_input("Seed", 0, generation.MAX_SEED, key=key("seed"), disabled=st.session_state[key("random_seed")])
+    seed_inputs()
     scheduler_column, precision_column, memory_column = st.columns(3)
     scheduler_column.selectbox("Scheduler", generation.available_schedulers(), key=key("scheduler"))
     precision_column.selectbox(
@@ -267,30 +438,83 @@ with form_column:
         format_func=lambda p: f"auto ({str(model.dtype).removeprefix('torch.')})" if p is Precision.AUTO else str(p),
     )
     memory_column.selectbox("Memory mode", generation.memory_modes_for(device), key=key("memory_mode"))
+    loras = lora_section()
     try:
         estimate = generation.estimate_memory(model.obj, form_settings(), device)
         st.caption(f"Estimated {device.type.upper()} memory for this run: about {human_bytes(estimate.total_bytes)} "
                    f"(weights {human_bytes(estimate.weights_bytes)}, working memory {human_bytes(estimate.activations_bytes)}).")
     except DashboardError:
         pass  # the settings are refused with a message when the user presses Generate
-    st.button("Generate", type="primary", key=key("start"), icon="🎨", disabled=run is not None, on_click=start_run, args=(spec, model.is_standin))
+    st.button("Generate", type="primary", key=key("start"), icon="🎨", disabled=run is not None, on_click=start_run,
+              args=(spec, model.is_standin, source, loras))
 
-with output_column:
-    if run is not None:
-        run_progress()
+
+def unconditional_form(run: Run | None) -> None:
+    choices = {name: MODELS[name].title for name in unconditional.DDPM_MODEL_KEYS} | {CUSTOM: "Another DDPM model (repo id or folder)"}
+    model_column, custom_column = st.columns([1, 2])
+    choice = model_column.selectbox("Model", list(choices), format_func=choices.get, key=key("ddpm_model"))
+    custom = custom_column.text_input("Hub repo id (owner/name) or full path of a local folder in Hub layout", key=key("ddpm_custom"), disabled=choice != CUSTOM)
+    try:
+        spec = unconditional.model_spec_for(choice, custom)
+    except BadInputError as error:
+        show_error(error)
+        st.stop()
+    model = require_model(spec)
+    st.caption(f"**{model.spec.title}** on {model.device} ({str(model.dtype).removeprefix('torch.')}) from {model.source.label}. "
+               "No prompt: the model draws samples like its training images.")
+    images_column, steps_column = st.columns(2)
+    images_column.number_input("Images", 1, unconditional.MAX_IMAGES, key=key("ddpm_images"))
+    steps_column.number_input("Steps", 1, unconditional.MAX_STEPS, key=key("ddpm_steps"), help="DDPM's own schedule has 1000; fewer skip noise levels (faster, blurrier)")
+    seed_inputs()
+    st.button("Generate", type="primary", key=key("start"), icon="🦋", disabled=run is not None, on_click=start_unconditional_run, args=(spec, model.is_standin))
+
+
+def show_outcome() -> None:
     outcome = st.session_state.get(OUTCOME_KEY)
     if isinstance(outcome, DashboardError):
         show_error(outcome)
     elif isinstance(outcome, str):
         st.info(outcome, icon="⏹️")
-    elif isinstance(outcome, GenerationResult):
+    elif outcome is not None:
         st.success(f"{images_phrase(len(outcome.images))} in {outcome.seconds:.1f} s · seed {outcome.settings.seed}", icon="✅")
-        for note in outcome.notes:
+        for note in getattr(outcome, "notes", ()):
             st.warning(note)
+
+
+def show_latest(entry: GalleryEntry) -> None:
+    result = entry.result
+    if isinstance(result, UnconditionalResult):
+        st.image(result.grid, caption=f"Seeds {result.settings.seed} to {result.images[-1].seed}", width=min(512, 8 * result.grid.width), output_format="PNG")
+    else:
+        st.image([image.image for image in result.images], caption=[f"Seed {image.seed}" for image in result.images], width=min(512, result.settings.width), output_format="PNG")
+
+
+# Page ---------------------------------------------------------------------------------------------------------
+
+st.title("🎨 Image generation")
+st.caption("Stable Diffusion 1.x (text to image, image to image, inpaint, with LoRA adapters) and unconditional DDPM models, through diffusers. "
+           "Runs take turns on the GPU: one at a time, first come first served.")
+form_defaults()
+mode_name = st.radio("Mode", [m.value for m in Mode] + [UNCONDITIONAL], horizontal=True, key=key("mode"))
+run: Run | None = st.session_state.get(RUN_KEY)
+if run is not None and run.job.finished:
+    finish_run(run)
+    run = None
+
+form_column, output_column = st.columns([1, 1], gap="large")
+with form_column:
+    if mode_name == UNCONDITIONAL:
+        unconditional_form(run)
+    else:
+        stable_diffusion_form(Mode(mode_name), run)
+
+with output_column:
+    if run is not None:
+        run_progress()
+    show_outcome()
     gallery: list[GalleryEntry] = st.session_state.get(GALLERY_KEY, [])
     if gallery and run is None:
-        latest = gallery[0]
-        st.image([image.image for image in latest.result.images], caption=[f"Seed {image.seed}" for image in latest.result.images], width=min(512, latest.result.settings.width), output_format="PNG")
+        show_latest(gallery[0])
 
 if gallery:
     st.divider()

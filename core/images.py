@@ -84,3 +84,23 @@ def to_rgb(image: Image.Image, notes: list[str]) -> Image.Image:
     if image.mode == "CMYK":
         notes.append("converted from CMYK")
     return image.convert("RGB")
+
+
+def shape_mask(size: tuple[int, int], box_percent: tuple[float, float, float, float], ellipse: bool = False) -> Image.Image:
+    """An inpainting mask of `size`: white (repaint) inside a box given in percent of the width and height
+    (left, top, right, bottom), or inside the ellipse that fills it; black elsewhere."""
+    from PIL import ImageDraw
+
+    width, height = size
+    left, top, right, bottom = box_percent
+    box = (round(left * width / 100), round(top * height / 100), round(right * width / 100) - 1, round(bottom * height / 100) - 1)
+    mask = Image.new("L", size, 0)
+    if box[2] >= box[0] and box[3] >= box[1]:
+        (ImageDraw.Draw(mask).ellipse if ellipse else ImageDraw.Draw(mask).rectangle)(box, fill=255)
+    return mask
+
+
+def mask_overlay(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """The image with the masked (white) part tinted red, to show what will be repainted."""
+    red = Image.new("RGB", image.size, (255, 40, 40))
+    return Image.composite(Image.blend(image.convert("RGB"), red, 0.55), image.convert("RGB"), mask.convert("L").resize(image.size))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from PIL import Image, PngImagePlugin
 
 from core.errors import BadInputError
-from core.generation import SCHEDULERS, GenerationSettings, MemoryMode, Precision
+from core.generation import SCHEDULERS, GenerationSettings, MemoryMode, Mode, Precision
 
 PARAMETERS_KEY = "parameters"
 NEGATIVE_PREFIX = "Negative prompt:"
@@ -52,6 +52,11 @@ def parameters_text(settings: GenerationSettings, model: str) -> str:
     }
     if settings.memory_mode is not MemoryMode.NONE:  # VAE tiling changes pixels a little: worth knowing
         pairs["Memory mode"] = settings.memory_mode.value
+    if settings.mode is not Mode.TEXT_TO_IMAGE:
+        pairs["Mode"] = settings.mode.value
+        pairs["Denoising strength"] = f"{settings.strength:g}"  # AUTOMATIC1111's name for img2img strength
+    if settings.loras:  # adapters are the session's files: recorded by name, never re-loaded from here
+        pairs["LoRA"] = ", ".join(f"{name}:{weight:g}" for name, weight in settings.loras)
     pairs["Version"] = SOFTWARE
     lines = [settings.prompt]
     if settings.negative_prompt:
@@ -61,8 +66,17 @@ def parameters_text(settings: GenerationSettings, model: str) -> str:
 
 
 def png_bytes(image: Image.Image, settings: GenerationSettings, model: str) -> bytes:
+    return png_with_parameters(image, parameters_text(settings, model))
+
+
+def unconditional_parameters_text(steps: int, seed: int, model: str) -> str:
+    """The `parameters` text of an image from an unconditional (DDPM) model: no prompt, no sampler choice."""
+    return ", ".join(f"{key}: {_quote(str(value))}" for key, value in {"Steps": steps, "Seed": seed, "Model": model, "Version": SOFTWARE}.items())
+
+
+def png_with_parameters(image: Image.Image, text: str) -> bytes:
     info = PngImagePlugin.PngInfo()
-    info.add_text(PARAMETERS_KEY, parameters_text(settings, model))
+    info.add_text(PARAMETERS_KEY, text)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
@@ -111,6 +125,8 @@ def parse_parameters(text: str) -> ParsedParameters:
             scheduler=_scheduler_from_sampler(pairs.get("Sampler", defaults.scheduler)),
             precision=Precision(pairs.get("Precision", defaults.precision.value)),
             memory_mode=MemoryMode(pairs.get("Memory mode", defaults.memory_mode.value)),
+            mode=Mode(pairs.get("Mode", defaults.mode.value)),
+            strength=float(pairs.get("Denoising strength", defaults.strength)),
         )
     except ValueError as error:
         raise BadInputError(f"The PNG's settings could not be read: {error}.", remedy="Fill the form by hand.") from None

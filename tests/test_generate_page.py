@@ -151,3 +151,129 @@ def test_a_bad_custom_model_id_is_refused_with_a_message(app_env):
     at.selectbox(key=key("model")).select("custom").run()
     at.text_input(key=key("custom")).input("not a repo id").run()
     assert any("is not a Hub repo id" in error.value for error in at.error)
+
+
+# Image to image, inpaint, LoRA, DreamBooth, DDPM -------------------------------------------------------------
+
+def png_of(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def picture(width: int = 64, height: int = 64):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def pixels_of(at: AppTest, run: int = 0):
+    import numpy as np
+
+    return np.asarray(at.session_state[key("gallery")][run].result.images[0].image)
+
+
+def test_image_to_image_from_the_gallery_records_mode_and_strength(app_env):
+    at = generate(open_page(prompt="a boat", seed=5))
+    at.radio(key=key("mode")).set_value("image to image").run()
+    at.radio(key=key("source_origin")).set_value("From the gallery").run()
+    assert at.selectbox(key=key("source_gallery")).value == "Run 1 · seed 5"
+    at.slider(key=key("strength")).set_value(0.5)
+    at = generate(at.run())
+    assert not at.exception and not at.error
+    entry = at.session_state[key("gallery")][0]
+    assert entry.result.settings.mode.value == "image to image" and entry.result.settings.strength == 0.5
+    text = pnginfo.read_parameters(entry.pngs[0])
+    assert "Mode: image to image" in text and "Denoising strength: 0.5" in text
+    assert "image to image" in texts(at) and at.text_area(key=key("prompt")).value == "a boat"
+
+
+def test_image_to_image_needs_an_image_and_says_so(app_env):
+    at = open_page(prompt="x", seed=1)
+    at.radio(key=key("mode")).set_value("image to image").run()
+    at.button(key=key("start")).click().run()
+    assert any("needs an input image" in error.value for error in at.error) and key("run") not in at.session_state
+
+
+def test_inpaint_with_an_uploaded_image_of_another_size_and_a_drawn_mask(app_env):
+    at = open_page(prompt="a red door", seed=9)
+    at.radio(key=key("mode")).set_value("inpaint").run()
+    at.file_uploader(key=key("source_upload")).upload("photo.png", png_of(picture(100, 80)), "image/png").run()
+    assert any("red is repainted" in str(image.proto) for image in at.get("image"))
+    at = generate(at)
+    assert not at.exception and not at.error
+    result = at.session_state[key("gallery")][0].result
+    assert result.settings.mode.value == "inpaint" and result.images[0].image.size == (64, 64)
+    assert any("resized to 64x64" in warning.value for warning in at.warning)
+
+
+def test_inpaint_with_a_mask_of_the_wrong_size_gets_a_message_and_keeps_the_gallery(app_env):
+    at = generate(open_page(prompt="first", seed=2))
+    at.radio(key=key("mode")).set_value("inpaint").run()
+    at.file_uploader(key=key("source_upload")).upload("photo.png", png_of(picture(64, 64)), "image/png").run()
+    at.radio(key=key("mask_origin")).set_value("Upload a mask").run()
+    at.file_uploader(key=key("mask_upload")).upload("mask.png", png_of(picture(32, 32)), "image/png").run()
+    at.button(key=key("start")).click().run()
+    assert any("The mask is 32x32 pixels but the image is 64x64" in error.value for error in at.error)
+    assert key("run") not in at.session_state and len(at.session_state[key("gallery")]) == 1
+
+
+def test_a_lora_changes_only_this_sessions_images(app_env, standin_dir, tmp_path):
+    from core import standins
+    from core.registry import MODELS
+    from helpers import make_standin_lora
+
+    make_standin_lora(standins.ensure_built(MODELS["sd15"], standin_dir), tmp_path / "my-style")
+    mine = generate(open_page(prompt="a hill", seed=42))
+    base = pixels_of(mine)
+    mine.text_input(key=key("lora_source")).input(str(tmp_path / "my-style"))
+    mine.button(key=key("lora_add")).click().run()
+    assert not mine.error and "my-style" in texts(mine)
+    mine = generate(mine)
+    assert mine.session_state[key("gallery")][0].result.settings.loras == (("my-style", 1.0),)
+    assert (pixels_of(mine) != base).any()
+    assert 'LoRA: "my-style:1"' in pnginfo.read_parameters(mine.session_state[key("gallery")][0].pngs[0])
+    other_session = generate(open_page(prompt="a hill", seed=42))
+    assert (pixels_of(other_session) == base).all()  # the same model, without this session's adapter
+
+
+def test_a_lora_that_is_not_safetensors_is_refused_with_a_message(app_env):
+    at = open_page(prompt="x")
+    at.file_uploader(key=key("lora_upload")).upload("style.ckpt", b"pickled", "application/octet-stream").run()
+    assert any("not a .safetensors file" in error.value for error in at.error)
+    assert key("loras") not in at.session_state or at.session_state[key("loras")] == []
+
+
+def test_a_dreambooth_models_trigger_phrase_is_shown_and_added_to_the_prompt(app_env, standin_dir, tmp_path):
+    import shutil
+
+    from core import standins
+    from core.registry import MODELS
+
+    folder = tmp_path / "potato"
+    shutil.copytree(standins.ensure_built(MODELS["sd15"], standin_dir), folder)
+    (folder / "README.md").write_text("It can be used by modifying the `instance_prompt`: **sks mr potato head**\n")
+    at = open_page(prompt="on a beach")
+    at.selectbox(key=key("model")).select("custom").run()
+    at.text_input(key=key("custom")).input(str(folder)).run()
+    assert any("sks mr potato head" in info.value for info in at.info)
+    at.button(key=key("add_phrase")).click().run()
+    assert at.text_area(key=key("prompt")).value == "sks mr potato head, on a beach"
+
+
+def test_unconditional_ddpm_makes_a_grid_into_the_gallery(app_env):
+    at = open_page(prompt="kept", seed=7)
+    at.radio(key=key("mode")).set_value("unconditional (DDPM)").run()
+    at.number_input(key=key("ddpm_images")).set_value(4)
+    at.number_input(key=key("ddpm_steps")).set_value(5)
+    at = generate(at.run())
+    assert not at.exception and not at.error
+    result = at.session_state[key("gallery")][0].result
+    assert [image.seed for image in result.images] == [7, 8, 9, 10] and result.grid.size == (64, 64)
+    assert "Steps: 5, Seed: 7" in pnginfo.read_parameters(at.session_state[key("gallery")][0].pngs[0])
+    assert "4 images in" in at.success[0].value
+    at.radio(key=key("mode")).set_value("text to image").run()
+    assert at.text_area(key=key("prompt")).value == "kept"  # switching modes loses nothing
