@@ -55,6 +55,18 @@ def build_full_size_sd(models_root: Path) -> Path:
     return folder
 
 
+def build_full_size_ddpm(models_root: Path) -> Path:
+    """The DDPM butterflies model's architecture with random weights, in Hub layout under `models_root`/<repo id>."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    source = SHARED_MODELS / "ddpm-butterflies-32px"
+    folder = models_root / MODELS["ddpm-butterflies"].repo_id
+    torch.manual_seed(0)
+    unet = UNet2DModel.from_config(UNet2DModel.load_config(source / "unet"))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_pretrained(source / "scheduler")).save_pretrained(folder)
+    return folder
+
+
 def peak_bytes(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 

@@ -93,7 +93,7 @@ class Mode(StrEnum):
     INPAINT = "inpaint"  # repaint only where the mask is white
 
 
-# Each mode's diffusers pipeline, built over the loaded model's components with `from_pipe`: nothing loads twice.
+# Each mode's diffusers pipeline, built over the loaded model's components (see run_pipeline): nothing loads twice.
 PIPELINE_CLASSES = {
     Mode.TEXT_TO_IMAGE: "StableDiffusionPipeline",
     Mode.IMAGE_TO_IMAGE: "StableDiffusionImg2ImgPipeline",
@@ -520,12 +520,26 @@ def _mode_arguments(settings: GenerationSettings, source: SourceImages | None) -
     return {"image": source.image, "mask_image": source.mask, "strength": settings.strength, "width": settings.width, "height": settings.height}
 
 
+def run_pipeline(pipe: Any, mode: Mode, scheduler: str) -> Any:
+    """A pipeline for one run of `mode` over the loaded model's own modules (nothing copied, cast or loaded twice),
+    with the run's own scheduler.
+
+    Built as `from_pipe` builds it, but not with `from_pipe`: that casts the shared modules to float32 unless it is
+    given a dtype, which would silently double every later run's memory. The scheduler is set after construction,
+    so the constructor's legacy-config checks never rewrite it.
+    """
+    import diffusers
+
+    run_pipe = getattr(diffusers, PIPELINE_CLASSES[mode])(**pipe.components, requires_safety_checker=False)
+    run_pipe.scheduler = build_scheduler(pipe, scheduler)
+    run_pipe.set_progress_bar_config(disable=True)
+    return run_pipe
+
+
 def _run(
     model: LoadedModel, settings: GenerationSettings, context: JobContext | None, reporter: StepReporter,
     source: SourceImages | None, loras: tuple[LoraChoice, ...], notes: tuple[str, ...],
 ) -> GenerationResult:
-    import diffusers
-
     pipe, device = model.obj, model.device
     out_of_memory = False
     try:
@@ -539,12 +553,9 @@ def _run(
             lora.apply(pipe, loras)
         set_memory_mode(pipe, settings.memory_mode, device)
 
-        # 4. This run's pipeline over the shared modules, its own scheduler, and one generator per image (CPU
-        # generators: the same noise on any device). The scheduler is set after `from_pipe`, so that the
-        # constructor's legacy-config checks never rewrite it.
-        run_pipe = getattr(diffusers, PIPELINE_CLASSES[settings.mode]).from_pipe(pipe, requires_safety_checker=False)
-        run_pipe.scheduler = build_scheduler(pipe, settings.scheduler)
-        run_pipe.set_progress_bar_config(disable=True)
+        # 4. This run's pipeline over the shared modules, and one generator per image (CPU generators: the same
+        # noise on any device)
+        run_pipe = run_pipeline(pipe, settings.mode, settings.scheduler)
         seeds = settings.seeds()
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 

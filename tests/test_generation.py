@@ -349,3 +349,18 @@ def test_bad_image_inputs_are_refused_before_any_work(sd, run_settings, source, 
         generation.generate(sd, run_settings, source=source)
     assert message in str(caught.value)
     assert len(queue_for(CPU)) == 0
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_each_modes_pipeline_shares_the_loaded_modules_without_casting_them(manager, sd, mode):
+    pipe = sd.obj
+    pipe.to(dtype=torch.bfloat16)  # as a GPU model in half precision; from_pipe would cast it back to float32
+    try:
+        run_pipe = generation.run_pipeline(pipe, mode, "Euler")
+        assert type(run_pipe).__name__ == generation.PIPELINE_CLASSES[mode]
+        for name, module in pipe.components.items():
+            if isinstance(module, torch.nn.Module):
+                assert getattr(run_pipe, name) is module and module.dtype == torch.bfloat16, name
+        assert run_pipe.scheduler is not pipe.scheduler and type(run_pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    finally:
+        manager.unload_all()  # the next test loads the stand-in afresh, in float32

@@ -7,19 +7,24 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from bench.bench_generation import build_full_size_sd
-from core import generation
+from bench.bench_generation import build_full_size_ddpm, build_full_size_sd
+from core import generation, lora, unconditional
 from core.config import Settings
 from core.errors import GpuOutOfMemoryError
-from core.generation import GenerationSettings, MemoryMode, Precision
+from core.generation import GenerationSettings, MemoryMode, Mode, Precision, SourceImages
 from core.gpu_queue import queue_for
+from core.images import shape_mask
+from core.lora import LoraChoice
 from core.manager import ModelManager
 from core.registry import MODELS
+from core.unconditional import UnconditionalSettings
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -37,10 +42,10 @@ def sd(tmp_path_factory: pytest.TempPathFactory):
     manager.unload_all()
 
 
-def run(sd, settings: GenerationSettings, label: str):
-    result = generation.generate(sd, settings)
+def run(sd, settings: GenerationSettings, label: str, source: SourceImages | None = None, loras: tuple[LoraChoice, ...] = ()):
+    result = generation.generate(sd, settings, source=source, loras=loras)
     print(json.dumps({
-        "run": label, "size": f"{settings.width}x{settings.height}", "images": settings.num_images, "steps": settings.steps,
+        "run": label, "mode": str(settings.mode), "size": f"{settings.width}x{settings.height}", "images": settings.num_images, "steps": settings.steps,
         "precision": result.dtype, "memory_mode": str(settings.memory_mode), "seconds": round(result.seconds, 3),
         "s_per_image": round(result.seconds / settings.num_images, 3), "peak_allocated_bytes": result.peak_memory_bytes,
     }), flush=True)
@@ -109,3 +114,56 @@ def test_a_real_out_of_memory_is_reported_and_the_gpu_keeps_serving(sd):
     assert torch.cuda.memory_allocated(CUDA) <= before + 64 * 2**20  # what the run held is back
     assert len(queue_for(CUDA)) == 0
     assert run(sd, BASE, "after oom").images
+
+
+# Issue 8's modes on the same full-size model ------------------------------------------------------------------
+
+def source_images(mask: bool = False) -> SourceImages:
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8))
+    return SourceImages(image, shape_mask((512, 512), (25, 25, 75, 75)) if mask else None)
+
+
+def test_image_to_image_and_inpaint_at_512_share_the_loaded_model(sd):
+    before = torch.cuda.memory_allocated(CUDA)
+    img2img = replace(BASE, mode=Mode.IMAGE_TO_IMAGE, strength=0.6)
+    first = run(sd, img2img, "image to image, strength 0.6", source_images())
+    again = run(sd, img2img, "image to image again", source_images())
+    assert np.abs(pixels(first) - pixels(again)).mean() < 1  # the same seed, the same images
+    inpaint = run(sd, replace(BASE, mode=Mode.INPAINT, strength=1.0), "inpaint, strength 1", source_images(mask=True))
+    assert [image.image.size for image in inpaint.images] == [(512, 512)] * 2 and pixels(inpaint).std() > 0
+    assert torch.cuda.memory_allocated(CUDA) <= before + 64 * 2**20  # no second copy of the weights stayed behind
+    assert_plain(sd.obj)
+
+
+def test_a_full_size_lora_changes_the_run_and_comes_off_exactly(sd, tmp_path_factory):
+    from helpers import make_standin_lora
+
+    folder = tmp_path_factory.mktemp("lora")
+    make_standin_lora(Path(sd.source.location), folder)
+    adapter = lora.read_source(str(folder), Settings())
+    loaded = {k: v.clone() for k, v in sd.obj.unet.state_dict().items()}
+    base = run(sd, BASE, "base before LoRA")
+    with_lora = run(sd, BASE, f"LoRA rank 4, {adapter.size_bytes / 2**20:.1f} MiB", loras=(LoraChoice(adapter, 1.0),))
+    after = run(sd, BASE, "base after LoRA")
+    assert np.abs(pixels(with_lora) - pixels(base)).mean() > 1
+    assert np.abs(pixels(after) - pixels(base)).mean() < 1
+    assert sd.obj.get_list_adapters() == {}
+    for name, value in sd.obj.unet.state_dict().items():
+        assert torch.equal(value, loaded[name]), name
+    assert_plain(sd.obj)
+
+
+def test_unconditional_ddpm_full_size_1000_steps(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddpm")
+    build_full_size_ddpm(root / "models")
+    manager = ModelManager(Settings(models_root=root / "models", standin_dir=root / "standins"))
+    model = manager.get(MODELS["ddpm-butterflies"])
+    assert not model.is_standin and model.device.type == "cuda"
+    for images in (1, 16):
+        result = unconditional.generate(model, UnconditionalSettings(num_images=images, steps=1000, seed=0))
+        print(json.dumps({"run": f"DDPM butterflies 32px, {images} images", "steps": 1000, "precision": result.dtype,
+                          "seconds": round(result.seconds, 3), "steps_per_s": round(result.steps_per_s, 1),
+                          "peak_allocated_bytes": result.peak_memory_bytes}), flush=True)
+        assert len(result.images) == images and np.asarray(result.grid).std() > 0
+    manager.unload_all()
