@@ -55,16 +55,15 @@ def key(name: str) -> str:
     return f"generate:{name}"
 
 
-# Inputs kept while their widgets are not drawn (another mode, another page), beside those form_defaults sets.
-KEPT_INPUTS = ("model", "custom", "ddpm_model", "ddpm_custom", "lora_source", "source_origin", "mask_origin", "mask_shape", "mask_x", "mask_y")
+# Each mode's inputs beyond the prompt and seed, to keep while another mode is shown.
+SD_INPUTS = ("prompt", "negative", "steps", "guidance", "width", "height", "num_images", "scheduler", "precision", "memory_mode", "model", "custom", "lora_source")
+IMAGE_INPUTS = ("strength", "source_origin", "source_gallery")
+MASK_INPUTS = ("mask_origin", "mask_shape", "mask_x", "mask_y")
+DDPM_INPUTS = ("ddpm_images", "ddpm_steps", "ddpm_model", "ddpm_custom")
 
 
 def form_defaults() -> None:
-    """The form's starting values, set once per session: widgets then read and write only session state.
-
-    Streamlit forgets a widget's value in any run that does not draw it; writing each value back to itself at the
-    start of a run keeps the prompt and settings of one mode while the user looks at another.
-    """
+    """The form's starting values, set once per session: widgets then read and write only session state."""
     values = {
         "prompt": DEFAULTS.prompt, "negative": DEFAULTS.negative_prompt, "steps": DEFAULTS.steps,
         "guidance": DEFAULTS.guidance_scale, "width": DEFAULTS.width, "height": DEFAULTS.height,
@@ -72,11 +71,21 @@ def form_defaults() -> None:
         "precision": DEFAULTS.precision, "memory_mode": DEFAULTS.memory_mode, "mode": DEFAULTS.mode.value,
         "strength": DEFAULTS.strength, "ddpm_images": DDPM_DEFAULTS.num_images, "ddpm_steps": DDPM_DEFAULTS.steps,
     }
-    state = st.session_state
     for name, value in values.items():
-        state.setdefault(key(name), value)
-    lora_weights = [f"lora_weight:{adapter.name}" for adapter in state.get(LORAS_KEY, [])]
-    for name in (*values, *KEPT_INPUTS, *lora_weights):
+        st.session_state.setdefault(key(name), value)
+
+
+def keep_hidden_inputs(mode_name: str) -> None:
+    """Streamlit forgets a widget's value in a run that does not draw it: write the inputs of the modes not shown
+    back to themselves, so that switching modes loses nothing. (Only hidden ones: rewriting a drawn widget's value
+    would override what its browser just sent.)"""
+    state = st.session_state
+    if mode_name == UNCONDITIONAL:
+        lora_weights = tuple(f"lora_weight:{adapter.name}" for adapter in state.get(LORAS_KEY, []))
+        hidden = SD_INPUTS + IMAGE_INPUTS + MASK_INPUTS + lora_weights
+    else:
+        hidden = DDPM_INPUTS + (IMAGE_INPUTS if mode_name == Mode.TEXT_TO_IMAGE else ()) + (MASK_INPUTS if mode_name != Mode.INPAINT else ())
+    for name in hidden:
         if key(name) in state:
             state[key(name)] = state[key(name)]
 
@@ -254,16 +263,21 @@ def show_entry(entry: GalleryEntry) -> None:
             + (f" · peak {human_bytes(result.peak_memory_bytes)}" if result.peak_memory_bytes else "")
             + (" · stand-in model: these images are meaningless noise." if result.is_standin else "")
         )
-        columns = st.columns(min(len(result.images), 4 if isinstance(result, GenerationResult) else 8))
+        if isinstance(result, UnconditionalResult):  # small samples: one grid, each image in the zip
+            st.image(result.grid, width=min(384, 4 * result.grid.width), output_format="PNG")
+            grid_png = pnginfo.png_with_parameters(result.grid, pnginfo.unconditional_parameters_text(result.settings.steps, result.settings.seed, result.model_name))
+            st.download_button("Grid PNG", grid_png, file_name=f"run{entry.number:03d}-grid.png", mime="image/png",
+                               key=key(f"grid:{entry.number}"), icon="⬇️", on_click="ignore")
+            return
+        columns = st.columns(min(len(result.images), 4))
         for i, (image, png) in enumerate(zip(result.images, entry.pngs, strict=True)):
             with columns[i % len(columns)]:
                 st.image(image.image, caption=f"Seed {image.seed}" + (" · blacked out by the safety checker" if image.blacked_out else ""), width="content", output_format="PNG")
                 buttons = st.container(horizontal=True)
                 buttons.download_button("PNG", png, file_name=f"run{entry.number:03d}-seed{image.seed}.png", mime="image/png",
                                         key=key(f"png:{entry.number}:{i}"), icon="⬇️", on_click="ignore")
-                if isinstance(result, GenerationResult):
-                    buttons.button("Reuse", key=key(f"reuse:{entry.number}:{i}"), on_click=fill_form, args=(result.settings_for(i), result.model_name),
-                                   icon="♻️", help="Fill the form with this image's settings and seed")
+                buttons.button("Reuse", key=key(f"reuse:{entry.number}:{i}"), on_click=fill_form, args=(result.settings_for(i), result.model_name),
+                               icon="♻️", help="Fill the form with this image's settings and seed")
 
 
 def gallery_images() -> dict[str, Image.Image]:
@@ -295,7 +309,7 @@ def mask_input(image: Image.Image) -> Image.Image | None:
     """The inpainting mask (white is repainted): a rectangle or ellipse placed with sliders, or an uploaded picture."""
     how = st.radio("Mask: white is repainted", ["Draw a shape", "Upload a mask"], horizontal=True, key=key("mask_origin"))
     if how == "Draw a shape":
-        shape_column, x_column, y_column = st.columns([1, 2, 2])
+        shape_column, x_column, y_column = st.columns([1.3, 2, 2])
         shape = shape_column.selectbox("Shape", ["rectangle", "ellipse"], key=key("mask_shape"))
         left, right = x_column.slider("From left to right edge (%)", 0, 100, (25, 75), key=key("mask_x"))
         top, bottom = y_column.slider("From top to bottom edge (%)", 0, 100, (25, 75), key=key("mask_y"))
@@ -464,7 +478,7 @@ def unconditional_form(run: Run | None) -> None:
                "No prompt: the model draws samples like its training images.")
     images_column, steps_column = st.columns(2)
     images_column.number_input("Images", 1, unconditional.MAX_IMAGES, key=key("ddpm_images"))
-    steps_column.number_input("Steps", 1, unconditional.MAX_STEPS, key=key("ddpm_steps"), help="DDPM's own schedule has 1000; fewer skip noise levels (faster, blurrier)")
+    steps_column.number_input("Denoising steps", 1, unconditional.MAX_STEPS, key=key("ddpm_steps"), help="DDPM's own schedule has 1000; fewer skip noise levels (faster, blurrier)")
     seed_inputs()
     st.button("Generate", type="primary", key=key("start"), icon="🦋", disabled=run is not None, on_click=start_unconditional_run, args=(spec, model.is_standin))
 
@@ -484,7 +498,7 @@ def show_outcome() -> None:
 def show_latest(entry: GalleryEntry) -> None:
     result = entry.result
     if isinstance(result, UnconditionalResult):
-        st.image(result.grid, caption=f"Seeds {result.settings.seed} to {result.images[-1].seed}", width=min(512, 8 * result.grid.width), output_format="PNG")
+        st.image(result.grid, caption=f"Seeds {result.settings.seed} to {result.images[-1].seed}", width=min(384, 8 * result.grid.width), output_format="PNG")
     else:
         st.image([image.image for image in result.images], caption=[f"Seed {image.seed}" for image in result.images], width=min(512, result.settings.width), output_format="PNG")
 
@@ -496,6 +510,7 @@ st.caption("Stable Diffusion 1.x (text to image, image to image, inpaint, with L
            "Runs take turns on the GPU: one at a time, first come first served.")
 form_defaults()
 mode_name = st.radio("Mode", [m.value for m in Mode] + [UNCONDITIONAL], horizontal=True, key=key("mode"))
+keep_hidden_inputs(mode_name)
 run: Run | None = st.session_state.get(RUN_KEY)
 if run is not None and run.job.finished:
     finish_run(run)

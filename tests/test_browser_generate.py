@@ -54,3 +54,47 @@ def test_type_a_prompt_generate_watch_progress_and_see_the_image(app_url, page):
         text = pnginfo.read_parameters(archive.read(names[0]))
     assert len(names) == 1 and text.startswith("a lighthouse on a cliff at dawn, watercolour\n")
     assert "Steps: 50" in text and "Size: 128x128" in text
+
+
+def test_image_to_image_from_the_gallery_then_inpaint_then_ddpm(app_url, page):
+    page.goto(f"{app_url}/generate")
+    page.get_by_text("random weights").first.wait_for(timeout=WAIT_MS)
+    wait_for_app_idle(page)
+    prompt = page.get_by_label("Prompt", exact=True)
+    prompt.fill("a harbour at night")
+    prompt.press("Control+Enter")
+    set_number(page, "Width", 128)
+    set_number(page, "Height", 128)
+    set_number(page, "Steps", 4)
+    page.get_by_role("button", name="Generate").click()
+    page.get_by_text(re.compile(r"1 image in [\d.]+ s · seed \d+")).wait_for(timeout=WAIT_MS)
+    wait_for_app_idle(page)
+
+    page.get_by_text("image to image", exact=True).click()
+    page.get_by_text("From the gallery", exact=True).click()
+    wait_for_app_idle(page)
+    expect(page.get_by_text("128×128", exact=True)).to_be_visible()  # the chosen gallery image, shown as the input
+    page.get_by_role("button", name="Generate").click()
+    page.get_by_text("This session's images (2), newest first").wait_for(timeout=WAIT_MS)
+    expect(page.get_by_text(re.compile(r"image to image · 4 steps")).first).to_be_visible()
+    screenshot(page, "generate-img2img")
+
+    page.get_by_text("inpaint", exact=True).click()
+    page.get_by_text("Mask: white is repainted").wait_for(timeout=WAIT_MS)
+    page.get_by_text("From the gallery", exact=True).click()
+    wait_for_app_idle(page)
+    expect(page.get_by_text("128×128 · red is repainted")).to_be_visible()
+    page.get_by_role("button", name="Generate").click()
+    page.get_by_text("This session's images (3), newest first").wait_for(timeout=WAIT_MS)
+    screenshot(page, "generate-inpaint")
+
+    page.get_by_text("unconditional (DDPM)", exact=True).click()
+    page.get_by_label("Denoising steps", exact=True).wait_for(timeout=WAIT_MS)
+    wait_for_app_idle(page)
+    set_number(page, "Images", 9)
+    set_number(page, "Denoising steps", 20)
+    page.get_by_role("button", name="Generate").click()
+    page.get_by_text(re.compile(r"9 images in [\d.]+ s · seed \d+")).wait_for(timeout=WAIT_MS)
+    page.get_by_text("This session's images (12), newest first").wait_for(timeout=WAIT_MS)
+    assert page.locator("[data-testid='stException']").count() == 0
+    screenshot(page, "generate-ddpm")
