@@ -171,3 +171,10 @@ def test_image_builds_and_starts_as_a_non_root_user():
     assert uid.stdout.strip() == "1000"
     check = subprocess.run(["docker", "run", "--rm", IMAGE_TAG, "python", "-m", "core.config"], capture_output=True, text=True, timeout=300)
     assert check.returncode == 0, check.stderr
+
+
+def test_no_exception_text_or_traceback_reaches_a_page():
+    import tomllib
+
+    with (ROOT / ".streamlit" / "config.toml").open("rb") as handle:
+        assert tomllib.load(handle)["client"]["showErrorDetails"] == "none"
