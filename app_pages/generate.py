@@ -398,7 +398,7 @@ def stable_diffusion_form(mode: Mode, run: Run | None) -> None:
     choice = model_column.selectbox("Model", list(choices), format_func=choices.get, key=key("model"))
     custom = custom_column.text_input("Hub repo id (owner/name) or full path of a local folder in Hub layout", key=key("custom"), disabled=choice != CUSTOM)
     try:
-        spec = generation.model_spec_for(choice, custom)
+        spec = generation.model_spec_for(choice, custom, get_settings())
     except BadInputError as error:
         show_error(error)
         st.stop()
@@ -469,7 +469,7 @@ def unconditional_form(run: Run | None) -> None:
     choice = model_column.selectbox("Model", list(choices), format_func=choices.get, key=key("ddpm_model"))
     custom = custom_column.text_input("Hub repo id (owner/name) or full path of a local folder in Hub layout", key=key("ddpm_custom"), disabled=choice != CUSTOM)
     try:
-        spec = unconditional.model_spec_for(choice, custom)
+        spec = unconditional.model_spec_for(choice, custom, get_settings())
     except BadInputError as error:
         show_error(error)
         st.stop()

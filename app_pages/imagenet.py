@@ -9,6 +9,7 @@ import streamlit as st
 
 from app_pages.common import image_inputs, model_in_use, require_model, show_error, show_scores
 from core import imagenet
+from core.app_state import get_settings
 from core.classify import classify_images
 from core.errors import DashboardError
 from core.images import DecodedImage
@@ -39,6 +40,8 @@ name = settings_column.selectbox("Model (every torchvision ImageNet classifier)"
 top_k = int(k_column.number_input("Top k", min_value=1, max_value=20, value=imagenet.DEFAULT_TOP_K, key="imagenet:top_k"))
 spec = imagenet.spec_for(name)
 st.caption(f"`torch.hub.load('{spec.repo_id}', '{spec.hub_entry}', weights='{spec.hub_weights}')`; labels and preprocessing from the weights.")
+if get_settings().allow_pickle:
+    st.warning("DASH_ALLOW_PICKLE is on: torchvision weights load with full pickle, which would run code hidden in a tampered checkpoint file.", icon="⚠️")
 
 images = image_inputs("imagenet")
 if not images:

@@ -16,7 +16,7 @@ import streamlit as st
 
 from app_pages.common import require_model, show_error, show_scores
 from core import sentiment, tables
-from core.app_state import get_manager
+from core.app_state import get_manager, get_settings
 from core.errors import DashboardError
 from core.jobs import Job, JobState
 from core.manager import LoadedModel
@@ -90,7 +90,7 @@ with st.expander("Model", expanded=False):
         value=MODELS["sentiment"].repo_id, key="sentiment:model",
     )
 try:
-    spec = sentiment.model_spec(choice)
+    spec = sentiment.model_spec(choice, get_settings())
 except DashboardError as error:
     show_error(error)
     st.stop()

@@ -33,6 +33,10 @@ _UNIT_BYTES = {
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([a-z]+)$")
+# A GitHub repo as torch.hub names it, without its ref: owner/name.
+_GITHUB_REPO = re.compile(r"^[A-Za-z0-9](?:[\w.-]{0,98}[A-Za-z0-9])?/[A-Za-z0-9](?:[\w.-]{0,98}[A-Za-z0-9])?$")
+# torchvision's own repo: the only torch.hub code the dashboard needs (ResNet50 and the other ImageNet classifiers).
+DEFAULT_TORCH_HUB_ALLOW = ("pytorch/vision",)
 T = TypeVar("T")
 
 
@@ -92,6 +96,15 @@ def parse_pages(text: str, variable: str = "DASH_PAGES") -> tuple[str, ...]:
     return tuple(key for key in PAGE_KEYS if key in wanted)
 
 
+def parse_repo_list(text: str, variable: str = "DASH_TORCH_HUB_ALLOW") -> tuple[str, ...]:
+    """'owner/name, other/repo' -> the repos, lower-cased (GitHub ignores case); empty -> the default."""
+    repos = tuple(dict.fromkeys(part.strip().lower() for part in text.split(",") if part.strip()))
+    bad = [repo for repo in repos if ".." in repo or not _GITHUB_REPO.match(repo)]
+    if bad:
+        raise SettingsError(f"{variable} must be GitHub repos as owner/name, separated by commas, not {', '.join(map(repr, bad))}")
+    return repos or DEFAULT_TORCH_HUB_ALLOW
+
+
 def _read_token(environ: dict[str, str], secrets_file: Path) -> str | None:
     token = environ.get("HF_TOKEN") or environ.get("HUGGING_FACE_HUB_TOKEN")
     if token:
@@ -142,6 +155,11 @@ class Settings:
     enabled_pages: tuple[str, ...] = PAGE_KEYS
     # MiB per uploaded file, as Streamlit enforces it; 200 is Streamlit's own default.
     max_upload_mb: int = STREAMLIT_DEFAULT_UPLOAD_MB
+    # GitHub repos whose hubconf.py torch.hub may run (owner/name, lower case); any other is refused before it loads.
+    torch_hub_allow: tuple[str, ...] = DEFAULT_TORCH_HUB_ALLOW
+    # Full pickle (torch.load with weights_only=False) can run code from a checkpoint: off, so torchvision weights
+    # load weights-only; on only for checkpoints that need it, and then the ImageNet page says so.
+    allow_pickle: bool = False
     # Kept out of repr so that printing the settings never shows it.
     hf_token: str | None = field(default=None, repr=False)
 
@@ -172,6 +190,8 @@ class Settings:
         enabled_pages = checked(parse_pages, env.get("DASH_PAGES", ""))
         max_upload_mb = checked(_upload_limit_mb, env, streamlit_config)
         standin_fallback = checked(_flag, env.get("DASH_STANDIN_FALLBACK"), False, "DASH_STANDIN_FALLBACK")
+        torch_hub_allow = checked(parse_repo_list, env.get("DASH_TORCH_HUB_ALLOW", ""))
+        allow_pickle = checked(_flag, env.get("DASH_ALLOW_PICKLE"), False, "DASH_ALLOW_PICKLE")
         if errors:
             raise SettingsError("\n".join(errors))
         standin_dir = env.get("DASH_STANDIN_DIR", "").strip()
@@ -183,6 +203,8 @@ class Settings:
             vram_budget=vram_budget,
             enabled_pages=enabled_pages,
             max_upload_mb=max_upload_mb,
+            torch_hub_allow=torch_hub_allow,
+            allow_pickle=allow_pickle,
             hf_token=_read_token(env, secrets_file),
         )
 
@@ -200,12 +222,14 @@ def describe(settings: Settings) -> str:
     """The settings in force, one per line, for a start-up log; the token only as set / not set."""
     budget = settings.vram_budget
     return "\n".join((
-        f"models root:      {settings.models_root or 'none (the Hub, or its local cache)'}",
+        f"models root:      {settings.models_root or 'none (the Hub, or its local cache; typed local folders refused)'}",
         f"device:           {settings.device}",
         f"VRAM budget:      {_describe_budget(budget) if budget else 'default (the card less a margin)'}",
         f"pages:            {', '.join(settings.enabled_pages) or 'none (Home only)'}",
         f"upload limit:     {settings.max_upload_mb} MiB per file",
         f"stand-ins:        {'automatic' if settings.standin_fallback else 'on request'}, in {settings.standin_dir}",
+        f"torch.hub repos:  {', '.join(settings.torch_hub_allow)}",
+        f"full pickle:      {'ALLOWED (DASH_ALLOW_PICKLE)' if settings.allow_pickle else 'refused (torchvision weights load weights-only)'}",
         f"HF token:         {'set' if settings.hf_token else 'not set'}",
     ))
 

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from core import lora
+from core.config import Settings
 from core.errors import BadInputError, GpuOutOfMemoryError
 from core.gpu_queue import SlotAbandoned, queue_for
 from core.jobs import JobCancelled, JobContext
@@ -190,9 +191,9 @@ class GenerationResult:
         return replace(self.settings, seed=self.images[index].seed, num_images=1)
 
 
-def model_spec_for(choice: str, custom: str = "") -> ModelSpec:
-    """The spec for one of SD_MODEL_KEYS, or for a custom SD 1.x repo id (owner/name) or absolute local folder."""
-    return spec_for_choice(choice, custom, SD_MODEL_KEYS, "sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5")
+def model_spec_for(choice: str, custom: str, settings: Settings) -> ModelSpec:
+    """The spec for one of SD_MODEL_KEYS, or for a custom SD 1.x repo id (owner/name) or folder inside the models root."""
+    return spec_for_choice(choice, custom, SD_MODEL_KEYS, "sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", settings)
 
 
 def available_schedulers() -> tuple[str, ...]:

@@ -1,10 +1,12 @@
 """Turning a ModelSpec into a live object through each library's public loading API.
 
-Where a model comes from, in order: a per-model folder (`DASH_MODEL_<KEY>`), `<models_root>/<repo_id>`,
-then the Hub (or GitHub for torch.hub). Every failure comes out as a typed `core.errors` exception.
+Where a model comes from, in order: a per-model folder (`DASH_MODEL_<KEY>`), a typed folder or `<models_root>/<repo_id>`
+(what a user typed only inside the root), then the Hub (or GitHub for torch.hub, from an allowed repo only). Every
+failure comes out as a typed exception: `core.errors`, or `TorchHubRepoNotAllowedError` below.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import urllib.error
@@ -15,8 +17,14 @@ from typing import Any
 import torch
 
 from core.config import Settings
-from core.errors import GatedModelError, ModelUnavailableError
-from core.registry import Family, ModelSpec
+from core.errors import DashboardError, GatedModelError, ModelUnavailableError
+from core.registry import Family, ModelSpec, folder_in_models_root, repo_folder_in_models_root
+
+
+class TorchHubRepoNotAllowedError(DashboardError):
+    """A spec names a torch.hub repo that `DASH_TORCH_HUB_ALLOW` does not list; none of its code has run."""
+
+    remedy = "If the repo's code is trusted to run in the app, an operator adds it (owner/name) to DASH_TORCH_HUB_ALLOW."
 
 
 @dataclass(frozen=True)
@@ -40,29 +48,39 @@ def env_var_for(spec: ModelSpec) -> str:
 
 
 def resolve_source(spec: ModelSpec, settings: Settings, environ: dict[str, str] | None = None) -> ModelSource:
+    """The operator's `DASH_MODEL_<KEY>` folder, a typed folder, `<models_root>/<repo id>`, or else the Hub.
+
+    A folder or repo id a user typed (a custom spec) is checked again here to lie inside the models root, symlinks
+    followed (`core.registry.folder_in_models_root`): BadInputError otherwise. The operator's folders are used as set.
+    """
     env = os.environ if environ is None else environ
     if "@" not in spec.key and env.get(env_var_for(spec)):
         return ModelSource(str(Path(env[env_var_for(spec)]).expanduser()), is_local=True)
     if Path(spec.repo_id).is_absolute():
-        return ModelSource(spec.repo_id, is_local=True)
+        return ModelSource(str(folder_in_models_root(spec.repo_id, settings.models_root, "model")), is_local=True)
     if settings.models_root is not None:
-        candidate = settings.models_root / spec.repo_id.split(":", 1)[0]
-        if candidate.is_dir():
-            return ModelSource(str(candidate), is_local=True)
+        repo = spec.repo_id.split(":", 1)[0]
+        if "@" in spec.key:
+            folder = repo_folder_in_models_root(repo, settings.models_root, "model")
+        else:
+            folder = settings.models_root / repo if (settings.models_root / repo).is_dir() else None
+        if folder is not None:
+            return ModelSource(str(folder), is_local=True)
     return ModelSource(spec.repo_id, is_local=False)
 
 
 def load(spec: ModelSpec, source: ModelSource, device: torch.device, dtype: torch.dtype, settings: Settings) -> Any:
-    """Load `spec` from `source` onto `device`; raises ModelUnavailableError / GatedModelError."""
+    """Load `spec` from `source` onto `device`; raises ModelUnavailableError / GatedModelError, or
+    TorchHubRepoNotAllowedError for a torch.hub repo the operator has not allowed."""
     if source.is_local and not Path(source.location).is_dir():
         raise ModelUnavailableError(f"{spec.title}: the local folder {source.location} does not exist.")
     try:
         if spec.family is Family.TRANSFORMERS:
             return _load_transformers(spec, source, device, dtype, settings)
         if spec.family is Family.TORCH_HUB:
-            return _load_torch_hub(spec, source, device, dtype)
+            return _load_torch_hub(spec, source, device, dtype, settings)
         return _load_diffusers(spec, source, device, dtype, settings)
-    except ModelUnavailableError:
+    except DashboardError:  # already typed, with its remedy
         raise
     except Exception as exc:  # each library raises its own zoo; classify once, here
         raise classify_load_error(spec, source, exc, token=settings.hf_token) from exc
@@ -79,17 +97,28 @@ def _load_transformers(spec: ModelSpec, source: ModelSource, device: torch.devic
     return pipe
 
 
-def _load_torch_hub(spec: ModelSpec, source: ModelSource, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def check_torch_hub_repo(spec: ModelSpec, settings: Settings) -> None:
+    """Refuse a spec whose torch.hub repo (owner/name, any ref) is not in `settings.torch_hub_allow`."""
+    repo = spec.repo_id.split(":", 1)[0]
+    if repo.lower() not in settings.torch_hub_allow:
+        raise TorchHubRepoNotAllowedError(f"{spec.title}: torch.hub repo {repo!r} is not allowed on this server (DASH_TORCH_HUB_ALLOW).")
+
+
+def _load_torch_hub(spec: ModelSpec, source: ModelSource, device: torch.device, dtype: torch.dtype, settings: Settings) -> torch.nn.Module:
+    # 1. The repo's hubconf.py runs in this process: only an allowed repo's, wherever its copy lies.
+    check_torch_hub_repo(spec, settings)
+    # 2. The weights enum member the entry point gets: its checkpoint loads weights-only unless full pickle is allowed.
+    weights = _hub_weights(spec, settings.allow_pickle)
+    # 3. The model, built by the repo's own entry point with those weights.
     if source.is_local:
-        model = torch.hub.load(source.location, spec.hub_entry, source="local", weights=spec.hub_weights)
+        model = torch.hub.load(source.location, spec.hub_entry, source="local", weights=weights)
     else:
         try:
-            model = torch.hub.load(spec.repo_id, spec.hub_entry, weights=spec.hub_weights, trust_repo=True)
+            model = torch.hub.load(spec.repo_id, spec.hub_entry, weights=weights, trust_repo=True)
         except (urllib.error.URLError, OSError):
             # GitHub unreachable or rate-limited: the same network and weights enum ship inside torchvision.
             import torchvision
 
-            weights = torchvision.models.get_weight(spec.hub_weights) if spec.hub_weights else None
             model = torchvision.models.get_model(spec.hub_entry, weights=weights)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     if device.type == "cuda":
@@ -97,6 +126,29 @@ def _load_torch_hub(spec: ModelSpec, source: ModelSource, device: torch.device, 
         torch.backends.cudnn.benchmark = True
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def _hub_weights(spec: ModelSpec, allow_pickle: bool) -> Any:
+    """torchvision's weights enum member for `spec`, or a private copy of it whose checkpoint loads weights-only.
+
+    A torchvision builder loads its checkpoint with `weights.get_state_dict(...)`, that is
+    `torch.hub.load_state_dict_from_url`, whose default is `weights_only=False`: full pickle, which can run code.
+    The builder also sets up the architecture from the weights (the class count, GoogLeNet's input transform, ViT's
+    image size) and renames old keys (DenseNet), so it has to stay the one that loads them. The copy is a member of
+    the same enum class (the builder checks that) with the same value; only its `get_state_dict` passes
+    `weights_only=True`. It is made per load, so the enum every other caller sees is left as it is.
+    """
+    import torchvision
+
+    if not spec.hub_weights:
+        return None
+    weights = torchvision.models.get_weight(spec.hub_weights)
+    if allow_pickle:
+        return weights
+    weights_only = object.__new__(type(weights))
+    weights_only._name_, weights_only._value_ = weights.name, weights.value
+    weights_only.get_state_dict = functools.partial(weights.get_state_dict, weights_only=True)
+    return weights_only
 
 
 def _load_diffusers(spec: ModelSpec, source: ModelSource, device: torch.device, dtype: torch.dtype, settings: Settings) -> Any:

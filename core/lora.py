@@ -17,7 +17,7 @@ import torch
 
 from core.config import Settings
 from core.errors import BadInputError
-from core.registry import is_valid_repo_id
+from core.registry import folder_in_models_root, is_typed_folder, is_valid_repo_id, repo_folder_in_models_root
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' training scripts and save_lora_weights use
 MAX_WEIGHT = 4.0  # beyond this a LoRA only burns the image; negative weights steer away from its concept
@@ -54,26 +54,31 @@ def read_upload(file_name: str, data: bytes) -> LoraAdapter:
 
 
 def read_source(text: str, settings: Settings) -> LoraAdapter:
-    """An adapter from a local folder (full path) or a Hub repo id; `<models_root>/<repo id>` wins over the Hub."""
+    """An adapter from a folder inside the models root (starting with /, ~ or .; see
+    `core.registry.folder_in_models_root`) or a Hub repo id; `<models_root>/<repo id>` wins over the Hub."""
     text = text.strip()
-    if Path(text).is_absolute():
-        return _from_folder(Path(text), text)
+    if is_typed_folder(text):
+        return _from_folder(folder_in_models_root(text, settings.models_root, "LoRA"), text)
     if not is_valid_repo_id(text):
-        raise BadInputError(f"`LoRA` {text!r} is neither a Hub repo id (owner/name) nor the full path of a folder.")
-    if settings.models_root is not None and (settings.models_root / text).is_dir():
-        return _from_folder(settings.models_root / text, text)
+        raise BadInputError(f"`LoRA` {text!r} is neither a Hub repo id (owner/name) nor a local folder (starting with /, ~ or .).")
+    folder = repo_folder_in_models_root(text, settings.models_root, "LoRA")
+    if folder is not None:
+        return _from_folder(folder, text)
     return _from_hub(text, settings)
 
 
 def _from_folder(folder: Path, source: str) -> LoraAdapter:
+    """The adapter in a folder already checked to lie inside the models root."""
     from safetensors.torch import load_file
 
-    if not folder.is_dir():
-        raise BadInputError(f"`LoRA` folder {str(folder)!r} does not exist.")
     candidates = sorted(folder.glob("*.safetensors"), key=lambda path: (path.name != LORA_FILE, path.name))
     if not candidates:
         raise BadInputError(f"The folder {source} has no .safetensors file.", remedy=_SAFETENSORS_ONLY)
-    return _adapter(Path(source).name, source, load_file(candidates[0]))
+    try:
+        state_dict = load_file(candidates[0])
+    except Exception as exc:  # safetensors raises its own error types for every kind of broken header
+        raise BadInputError(f"`{candidates[0].name}` in {source} is not a readable safetensors file ({type(exc).__name__}).", remedy=_SAFETENSORS_ONLY) from exc
+    return _adapter(Path(source).name or folder.name, source, state_dict)
 
 
 def _from_hub(repo_id: str, settings: Settings) -> LoraAdapter:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 
+from core.config import Settings
 from core.errors import BadInputError
 
 
@@ -132,17 +133,65 @@ def custom_spec(base_key: str, repo_id: str) -> ModelSpec:
     return replace(base, key=f"{base_key}@{repo_id}", title=repo_id, repo_id=repo_id, standin_labels=base.standin_labels)
 
 
-def spec_for_choice(choice: str, custom: str, known_keys: tuple[str, ...], base_key: str, example: str) -> ModelSpec:
-    """The spec of a listed model (`choice` in `known_keys`), or of the user's own repo id (owner/name) or absolute
-    local folder, loaded like `base_key`. Refuses anything else, with an example of what works."""
+def spec_for_choice(choice: str, custom: str, known_keys: tuple[str, ...], base_key: str, example: str, settings: Settings) -> ModelSpec:
+    """The spec of a listed model (`choice` in `known_keys`), or of the user's own repo id (owner/name) or folder
+    inside the models root (`folder_in_models_root`), loaded like `base_key`. Refuses anything else, with an example."""
     if choice in known_keys:
         return MODELS[choice]
     text = custom.strip()
     if not text:
-        raise BadInputError("Enter a Hub repo id (owner/name) or the full path of a local folder.", remedy=f"For example {example}.")
-    if Path(text).is_absolute():
-        if not Path(text).is_dir():
-            raise BadInputError(f"`model` folder {text!r} does not exist.", remedy="Give the full path of a folder in Hub layout (with model_index.json).")
-    elif not is_valid_repo_id(text):
+        raise BadInputError("Enter a Hub repo id (owner/name) or a folder inside the models root.", remedy=f"For example {example}.")
+    if is_typed_folder(text):
+        return custom_spec(base_key, str(folder_in_models_root(text, settings.models_root, "model")))
+    if not is_valid_repo_id(text):
         raise BadInputError(f"`model` {text!r} is not a Hub repo id.", remedy=f"A repo id looks like owner/name, for example {example}.")
     return custom_spec(base_key, text)
+
+
+# Typed local folders ---------------------------------------------------------------------------------------------
+
+_NO_ROOT = (
+    "An operator sets DASH_MODELS_ROOT to a folder of models; folders inside it can then be typed here. "
+    "Or give a Hub repo id (owner/name)."
+)
+_INSIDE_ROOT = "Give a folder inside the models root (DASH_MODELS_ROOT), as ./<folder> or its full path, or a Hub repo id (owner/name)."
+
+
+def is_typed_folder(text: str) -> bool:
+    """A model or LoRA field names a local folder when its value starts with /, ~ or . (anything else is a repo id)."""
+    return text.startswith(("/", "~", "."))
+
+
+def folder_in_models_root(text: str, models_root: Path | None, field: str) -> Path:
+    """The folder a user typed, resolved (symlinks followed), if it lies inside `models_root`; else BadInputError.
+
+    `text` is a full path, `~/...`, or `./...` relative to the root. `..` is refused outright, and so is a full
+    path that does not start with the root. A path outside the root gets one message whether or not it exists,
+    so that the field cannot probe the server's disk. Without a models root, no typed folder is accepted.
+    """
+    if models_root is None:
+        raise BadInputError(f"`{field}` {text!r}: local folders are off on this server (DASH_MODELS_ROOT is not set).", remedy=_NO_ROOT)
+    path = Path(text).expanduser()
+    outside = BadInputError(f"`{field}` {text!r} is not a folder inside the models root.", remedy=_INSIDE_ROOT)
+    if ".." in path.parts:
+        raise BadInputError(f"`{field}` {text!r} contains '..'.", remedy=_INSIDE_ROOT)
+    root = models_root.resolve()
+    if path.is_absolute() and not (path.is_relative_to(models_root.absolute()) or path.is_relative_to(root)):
+        raise outside  # decided on the text alone: nothing outside the root is even looked at
+    try:
+        folder = (models_root / path).resolve()  # an absolute `path` replaces the root here
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL character
+        raise outside from exc
+    if not folder.is_relative_to(root):
+        raise outside  # a symlink inside the root that leads out of it
+    if not folder.is_dir():
+        raise BadInputError(f"`{field}`: the models root has no folder {text!r}.", remedy=_INSIDE_ROOT)
+    return folder
+
+
+def repo_folder_in_models_root(repo_id: str, models_root: Path | None, field: str) -> Path | None:
+    """`<models_root>/<repo_id>` for a repo id a user typed, when that folder exists; None when it does not (then the
+    Hub). A folder there that resolves outside the root (a symlink) is refused, as a typed folder would be."""
+    if models_root is None or not (models_root / repo_id).is_dir():
+        return None
+    return folder_in_models_root(repo_id, models_root, field)

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,10 +20,11 @@ import pandas as pd
 import torch
 
 from core.classify import LabelScore
+from core.config import Settings
 from core.errors import BadInputError, GpuOutOfMemoryError
 from core.jobs import JobContext
 from core.manager import LoadedModel, ModelManager, release_memory
-from core.registry import MODELS, ModelSpec, custom_spec, is_valid_repo_id
+from core.registry import MODELS, ModelSpec, custom_spec, folder_in_models_root, is_typed_folder, is_valid_repo_id
 
 # Texts tokenised at a time: bounds host memory for 100,000 rows, and is the unit that overlaps with the model.
 SLAB_TEXTS = 4096
@@ -120,23 +120,22 @@ class SentimentScores:
         return pd.DataFrame(rows)
 
 
-def model_spec(choice: str) -> ModelSpec:
-    """The spec for a text-classification model given as a Hub repo id (owner/name) or a local folder."""
+def model_spec(choice: str, settings: Settings) -> ModelSpec:
+    """The spec for a text-classification model given as a Hub repo id (owner/name) or a folder inside the models
+    root (starting with /, ~ or .; see `core.registry.folder_in_models_root`)."""
     value = choice.strip()
     default = MODELS["sentiment"]
     if not value or value == default.repo_id:
         return default
-    if value.startswith(("/", "~", ".")):
-        folder = Path(value).expanduser().resolve()
-        if not folder.is_dir():
-            raise BadInputError(f"model folder {value!r} does not exist.", remedy="Give a folder that holds config.json and the weights, or a Hub repo id.")
+    if is_typed_folder(value):
+        folder = folder_in_models_root(value, settings.models_root, "model")
         if not (folder / "config.json").is_file():
             raise BadInputError(f"model folder {value!r} has no config.json.", remedy="Give the folder saved by save_pretrained (Hub layout).")
         return custom_spec("sentiment", str(folder))
     if not is_valid_repo_id(value):
         raise BadInputError(
             f"model {value!r} is neither a Hub repo id (owner/name) nor a local folder (starting with /, ~ or .).",
-            remedy="For example distilbert/distilbert-base-uncased-finetuned-sst-2-english or /models/my-classifier.",
+            remedy="For example distilbert/distilbert-base-uncased-finetuned-sst-2-english, or ./my-classifier inside the models root.",
         )
     return custom_spec("sentiment", value)
 

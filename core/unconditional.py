@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from core.config import Settings
 from core.errors import BadInputError
 from core.generation import MAX_SEED, GeneratedImage, StepReporter, device_slot, out_of_memory_error, report
 from core.jobs import JobContext
@@ -53,9 +54,9 @@ class UnconditionalResult:
     peak_memory_bytes: int | None
 
 
-def model_spec_for(choice: str, custom: str = "") -> ModelSpec:
-    """The spec for one of DDPM_MODEL_KEYS, or for a custom DDPM repo id (owner/name) or absolute local folder."""
-    return spec_for_choice(choice, custom, DDPM_MODEL_KEYS, "ddpm-butterflies", "google/ddpm-cifar10-32")
+def model_spec_for(choice: str, custom: str, settings: Settings) -> ModelSpec:
+    """The spec for one of DDPM_MODEL_KEYS, or for a custom DDPM repo id (owner/name) or folder inside the models root."""
+    return spec_for_choice(choice, custom, DDPM_MODEL_KEYS, "ddpm-butterflies", "google/ddpm-cifar10-32", settings)
 
 
 def check_inputs(settings: UnconditionalSettings) -> None:

@@ -127,3 +127,26 @@ def test_check_command_fails_with_every_error(tmp_path: Path):
     done = subprocess.run([sys.executable, "-m", "core.config"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "DASH_DEVICE" in done.stderr and "DASH_VRAM_BUDGET" in done.stderr
+
+
+def test_torch_hub_allow_list_and_pickle_setting(tmp_path: Path):
+    missing = tmp_path / "missing.toml"
+    defaults = Settings.from_env({}, secrets_file=missing)
+    assert defaults.torch_hub_allow == ("pytorch/vision",) and defaults.allow_pickle is False
+    env = {"DASH_TORCH_HUB_ALLOW": " pytorch/vision, Someone/Models ", "DASH_ALLOW_PICKLE": "on"}
+    settings = Settings.from_env(env, secrets_file=missing)
+    assert settings.torch_hub_allow == ("pytorch/vision", "someone/models") and settings.allow_pickle is True
+    bad = {"DASH_TORCH_HUB_ALLOW": "pytorch/vision:main, ok/repo, https://github.com/x/y", "DASH_ALLOW_PICKLE": "sometimes"}
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env(bad, secrets_file=missing)
+    lines = str(caught.value).splitlines()
+    assert [line.split()[0] for line in lines] == ["DASH_TORCH_HUB_ALLOW", "DASH_ALLOW_PICKLE"]
+    assert "'pytorch/vision:main', 'https://github.com/x/y'" in lines[0] and "ok/repo" not in lines[0] and "'sometimes'" in lines[1]
+
+
+def test_check_command_prints_the_torch_hub_and_pickle_settings():
+    env = {**os.environ, "DASH_TORCH_HUB_ALLOW": "pytorch/vision,someone/models", "DASH_ALLOW_PICKLE": "1"}
+    done = subprocess.run([sys.executable, "-m", "core.config"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "torch.hub repos:  pytorch/vision, someone/models" in done.stdout
+    assert "full pickle:      ALLOWED (DASH_ALLOW_PICKLE)" in done.stdout

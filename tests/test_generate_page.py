@@ -221,11 +221,12 @@ def test_inpaint_with_a_mask_of_the_wrong_size_gets_a_message_and_keeps_the_gall
     assert key("run") not in at.session_state and len(at.session_state[key("gallery")]) == 1
 
 
-def test_a_lora_changes_only_this_sessions_images(app_env, standin_dir, tmp_path):
+def test_a_lora_changes_only_this_sessions_images(app_env, standin_dir, tmp_path, monkeypatch):
     from core import standins
     from core.registry import MODELS
     from helpers import make_standin_lora
 
+    monkeypatch.setenv("DASH_MODELS_ROOT", str(tmp_path))  # a typed LoRA folder must lie inside the models root
     make_standin_lora(standins.ensure_built(MODELS["sd15"], standin_dir), tmp_path / "my-style")
     mine = generate(open_page(prompt="a hill", seed=42))
     base = pixels_of(mine)
@@ -247,12 +248,13 @@ def test_a_lora_that_is_not_safetensors_is_refused_with_a_message(app_env):
     assert key("loras") not in at.session_state or at.session_state[key("loras")] == []
 
 
-def test_a_dreambooth_models_trigger_phrase_is_shown_and_added_to_the_prompt(app_env, standin_dir, tmp_path):
+def test_a_dreambooth_models_trigger_phrase_is_shown_and_added_to_the_prompt(app_env, standin_dir, tmp_path, monkeypatch):
     import shutil
 
     from core import standins
     from core.registry import MODELS
 
+    monkeypatch.setenv("DASH_MODELS_ROOT", str(tmp_path))  # a typed model folder must lie inside the models root
     folder = tmp_path / "potato"
     shutil.copytree(standins.ensure_built(MODELS["sd15"], standin_dir), folder)
     (folder / "README.md").write_text("It can be used by modifying the `instance_prompt`: **sks mr potato head**\n")

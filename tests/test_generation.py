@@ -11,6 +11,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from core import generation
+from core.config import Settings
 from core.errors import BadInputError, GpuOutOfMemoryError
 from core.generation import GenerationSettings, MemoryMode, Mode, Precision, SourceImages
 from core.gpu_queue import queue_for
@@ -273,13 +274,13 @@ def test_memory_estimate_grows_with_size_and_shrinks_with_memory_modes(sd):
     [("sd14", "", "sd14"), ("custom", "someone/my-sd-model", "sd15@someone/my-sd-model")],
 )
 def test_model_choice(choice, custom, key):
-    assert generation.model_spec_for(choice, custom).key == key
+    assert generation.model_spec_for(choice, custom, Settings()).key == key
 
 
 @pytest.mark.parametrize("custom", ["", "not a repo id", "/no/such/folder"])
-def test_a_bad_custom_model_is_refused(custom):
+def test_a_bad_custom_model_is_refused(custom, tmp_path):
     with pytest.raises(BadInputError):
-        generation.model_spec_for("custom", custom)
+        generation.model_spec_for("custom", custom, Settings(models_root=tmp_path))
 
 
 # Image to image and inpaint ------------------------------------------------------------------------------------

@@ -141,7 +141,7 @@ def test_a_full_size_lora_changes_the_run_and_comes_off_exactly(sd, tmp_path_fac
 
     folder = tmp_path_factory.mktemp("lora")
     make_standin_lora(Path(sd.source.location), folder)
-    adapter = lora.read_source(str(folder), Settings())
+    adapter = lora.read_source(str(folder), Settings(models_root=folder.parent))
     loaded = {k: v.clone() for k, v in sd.obj.unet.state_dict().items()}
     base = run(sd, BASE, "base before LoRA")
     with_lora = run(sd, BASE, f"LoRA rank 4, {adapter.size_bytes / 2**20:.1f} MiB", loras=(LoraChoice(adapter, 1.0),))

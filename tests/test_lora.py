@@ -22,6 +22,12 @@ WAIT_S = 60
 
 
 @pytest.fixture()
+def settings(settings, tmp_path: Path):
+    """The shared settings with this test's folder as the models root: a typed LoRA folder must lie inside it."""
+    return replace(settings, models_root=tmp_path)
+
+
+@pytest.fixture()
 def sd(manager):
     return manager.get(MODELS["sd15"], allow_standin=True)
 

@@ -2,14 +2,17 @@ from __future__ import annotations
 
 import shutil
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from core import sentiment
+from core.config import Settings
 from core.errors import BadInputError
 from core.jobs import Job, JobState
+from core.manager import ModelManager
 from core.registry import MODELS, custom_spec
 from core.standins import ensure_built
 
@@ -80,16 +83,17 @@ def test_pad_batch_pads_to_the_longest_row_with_a_mask():
     assert input_ids.tolist() == [[101, 102, 0], [101, 5, 102]] and mask.tolist() == [[1, 1, 0], [1, 1, 1]]
 
 
-def test_labels_come_from_the_model_config(manager, standin_dir, tmp_path):
+def test_labels_come_from_the_model_config(settings, standin_dir, tmp_path):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    settings = replace(settings, models_root=tmp_path)  # a typed folder loads only from inside the models root
     folder = tmp_path / "three-labels"
     shutil.copytree(ensure_built(MODELS["sentiment"], standin_dir), folder)
     config = AutoConfig.from_pretrained(folder, id2label={0: "sad", 1: "meh", 2: "glad"}, label2id={"sad": 0, "meh": 1, "glad": 2})
     AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)  # a three-output head
-    spec = sentiment.model_spec(str(folder))
-    assert spec.key == f"sentiment@{folder}"
-    scores = sentiment.score_texts(manager.get(spec), ["good", "bad"])
+    spec = sentiment.model_spec(str(folder), settings)
+    assert spec.key == f"sentiment@{folder.resolve()}"
+    scores = sentiment.score_texts(ModelManager(settings).get(spec), ["good", "bad"])
     assert scores.labels == ("sad", "meh", "glad") and scores.probabilities.shape == (2, 3)
     assert set(scores.top_labels) <= {"sad", "meh", "glad"}
     assert scores.label_counts()["texts"].sum() == 2 and scores.score_histogram()["texts"].sum() == 2
@@ -100,19 +104,23 @@ def test_labels_come_from_the_model_config(manager, standin_dir, tmp_path):
     [
         ("not a repo", "model 'not a repo' is neither a Hub repo id"),
         ("owner/name/extra", "model 'owner/name/extra' is neither"),
-        ("/no/such/folder", "model folder '/no/such/folder' does not exist"),
+        ("/no/such/folder", "`model` '/no/such/folder' is not a folder inside the models root"),
+        ("./absent", "`model`: the models root has no folder './absent'"),
     ],
 )
-def test_bad_model_choices_are_named(choice, message):
+def test_bad_model_choices_are_named(choice, message, tmp_path):
     with pytest.raises(BadInputError, match=message):
-        sentiment.model_spec(choice)
+        sentiment.model_spec(choice, Settings(models_root=tmp_path))
 
 
 def test_model_choices_that_are_fine(tmp_path):
-    assert sentiment.model_spec("  ") == MODELS["sentiment"] == sentiment.model_spec(MODELS["sentiment"].repo_id)
-    assert sentiment.model_spec("cardiffnlp/twitter-roberta-base-sentiment") == custom_spec("sentiment", "cardiffnlp/twitter-roberta-base-sentiment")
+    settings = Settings(models_root=tmp_path)
+    assert sentiment.model_spec("  ", settings) == MODELS["sentiment"] == sentiment.model_spec(MODELS["sentiment"].repo_id, settings)
+    repo_id = "cardiffnlp/twitter-roberta-base-sentiment"
+    assert sentiment.model_spec(repo_id, settings) == custom_spec("sentiment", repo_id)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(BadInputError, match="has no config.json"):
-        sentiment.model_spec(str(tmp_path))
+        sentiment.model_spec(str(tmp_path / "empty"), settings)
 
 
 def test_empty_inputs_are_named(model):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from core import unconditional
+from core.config import Settings
 from core.errors import BadInputError
 from core.gpu_queue import queue_for
 from core.jobs import Job, JobState
@@ -105,11 +106,11 @@ def test_bad_inputs_are_refused(ddpm, change, message):
 
 @pytest.mark.parametrize(("choice", "custom", "key"), [("ddpm-cifar10", "", "ddpm-cifar10"), ("custom", "someone/ddpm-x", "ddpm-butterflies@someone/ddpm-x")])
 def test_model_choice(choice, custom, key):
-    assert unconditional.model_spec_for(choice, custom).key == key
+    assert unconditional.model_spec_for(choice, custom, Settings()).key == key
     assert MODELS["ddpm-cifar10"].repo_id == "google/ddpm-cifar10-32"
 
 
 @pytest.mark.parametrize("custom", ["", "../x", "/no/such/folder"])
-def test_a_bad_custom_model_is_refused(custom):
+def test_a_bad_custom_model_is_refused(custom, tmp_path):
     with pytest.raises(BadInputError):
-        unconditional.model_spec_for("custom", custom)
+        unconditional.model_spec_for("custom", custom, Settings(models_root=tmp_path))
