@@ -129,3 +129,16 @@ def test_a_hub_lora_offline_says_the_hub_cannot_be_reached(settings):
 def test_a_weight_out_of_range_is_refused_before_any_work(sd, adapter, weight):
     with pytest.raises(BadInputError, match="weight of LoRA 'my-lora'"):
         generation.generate(sd, SMALL, loras=(LoraChoice(adapter, weight),))
+
+
+def test_two_adapters_with_their_own_weights_combine(sd, adapter, settings, tmp_path: Path):
+    make_standin_lora(Path(sd.source.location), tmp_path / "second", seed=1)
+    second = lora.read_source(str(tmp_path / "second"), settings)
+    base = pixels(generation.generate(sd, SMALL))
+    first_only = pixels(generation.generate(sd, SMALL, loras=(LoraChoice(adapter, 1.0),)))
+    second_only = pixels(generation.generate(sd, SMALL, loras=(LoraChoice(second, 1.0),)))
+    both = generation.generate(sd, SMALL, loras=(LoraChoice(adapter, 1.0), LoraChoice(second, 0.5)))
+    assert both.settings.loras == (("my-lora", 1.0), ("second", 0.5))
+    assert not any(np.array_equal(pixels(both), other) for other in (base, first_only, second_only))
+    assert sd.obj.get_list_adapters() == {}
+    np.testing.assert_array_equal(pixels(generation.generate(sd, SMALL)), base)
