@@ -392,17 +392,22 @@ def seed_inputs() -> None:
     seed_column.number_input("Seed", 0, generation.MAX_SEED, key=key("seed"), disabled=st.session_state[key("random_seed")])
 
 
-def stable_diffusion_form(mode: Mode, run: Run | None) -> None:
-    choices = {name: MODELS[name].title for name in generation.SD_MODEL_KEYS} | {CUSTOM: "Another SD 1.x model (repo id or folder)"}
+def chosen_model(keys: tuple[str, ...], other: str, spec_for: Callable[..., ModelSpec], prefix: str = "") -> tuple[ModelSpec, LoadedModel]:
+    """A model picked from `keys`, or typed as a repo id or folder; stops the page with a message when it cannot be had."""
+    choices = {name: MODELS[name].title for name in keys} | {CUSTOM: other}
     model_column, custom_column = st.columns([1, 2])
-    choice = model_column.selectbox("Model", list(choices), format_func=choices.get, key=key("model"))
-    custom = custom_column.text_input("Hub repo id (owner/name) or full path of a local folder in Hub layout", key=key("custom"), disabled=choice != CUSTOM)
+    choice = model_column.selectbox("Model", list(choices), format_func=choices.get, key=key(f"{prefix}model"))
+    custom = custom_column.text_input("Hub repo id (owner/name) or full path of a local folder in Hub layout", key=key(f"{prefix}custom"), disabled=choice != CUSTOM)
     try:
-        spec = generation.model_spec_for(choice, custom, get_settings())
+        spec = spec_for(choice, custom, get_settings())
     except BadInputError as error:
         show_error(error)
         st.stop()
-    model = require_model(spec)
+    return spec, require_model(spec)
+
+
+def stable_diffusion_form(mode: Mode, run: Run | None) -> None:
+    spec, model = chosen_model(generation.SD_MODEL_KEYS, "Another SD 1.x model (repo id or folder)", generation.model_spec_for)
     device = model.device
     st.caption(
         f"**{model.spec.title}** on {device} ({str(model.dtype).removeprefix('torch.')}) from {model.source.label}; safety checker "
@@ -464,16 +469,7 @@ def stable_diffusion_form(mode: Mode, run: Run | None) -> None:
 
 
 def unconditional_form(run: Run | None) -> None:
-    choices = {name: MODELS[name].title for name in unconditional.DDPM_MODEL_KEYS} | {CUSTOM: "Another DDPM model (repo id or folder)"}
-    model_column, custom_column = st.columns([1, 2])
-    choice = model_column.selectbox("Model", list(choices), format_func=choices.get, key=key("ddpm_model"))
-    custom = custom_column.text_input("Hub repo id (owner/name) or full path of a local folder in Hub layout", key=key("ddpm_custom"), disabled=choice != CUSTOM)
-    try:
-        spec = unconditional.model_spec_for(choice, custom, get_settings())
-    except BadInputError as error:
-        show_error(error)
-        st.stop()
-    model = require_model(spec)
+    spec, model = chosen_model(unconditional.DDPM_MODEL_KEYS, "Another DDPM model (repo id or folder)", unconditional.model_spec_for, prefix="ddpm_")
     st.caption(f"**{model.spec.title}** on {model.device} ({str(model.dtype).removeprefix('torch.')}) from {model.source.label}. "
                "No prompt: the model draws samples like its training images.")
     images_column, steps_column = st.columns(2)
