@@ -65,3 +65,18 @@ def make_standin_lora(base_folder: Path, out_folder: Path, seed: int = 0, cross_
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
     StableDiffusionPipeline.save_lora_weights(out_folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
     return out_folder / "pytorch_lora_weights.safetensors"
+
+
+class DeviceHolder:
+    """Pass `holder.abandoned` as a run's `abandoned` callback: the run then holds the device at its first step,
+    `running` is set, and it goes on once `release` is set (a run on the GPU that others must wait for)."""
+
+    def __init__(self, wait_s: float = 60) -> None:
+        import threading
+
+        self.running, self.release, self.wait_s = threading.Event(), threading.Event(), wait_s
+
+    def abandoned(self) -> bool:
+        self.running.set()
+        assert self.release.wait(self.wait_s)
+        return False

@@ -17,6 +17,7 @@ from core.generation import GenerationSettings, MemoryMode, Mode, Precision, Sou
 from core.gpu_queue import queue_for
 from core.jobs import Job, JobState
 from core.registry import MODELS
+from helpers import DeviceHolder
 
 CPU = torch.device("cpu")
 SMALL = GenerationSettings(prompt="a red bicycle", width=64, height=64, steps=3, seed=1234)
@@ -120,40 +121,28 @@ def test_progress_reports_steps_rate_and_a_latent_preview(sd):
 
 
 def test_two_concurrent_runs_take_turns_on_the_device(sd):
-    first_running, release = threading.Event(), threading.Event()
-
-    def hold_the_device() -> bool:
-        first_running.set()
-        assert release.wait(WAIT_S)
-        return False
-
-    first = Job(lambda context: generation.generate(sd, SMALL, context, abandoned=hold_the_device), "first")
-    assert first_running.wait(WAIT_S)
+    holder = DeviceHolder(WAIT_S)
+    first = Job(lambda context: generation.generate(sd, SMALL, context, abandoned=holder.abandoned), "first")
+    assert holder.running.wait(WAIT_S)
     second = Job(lambda context: generation.generate(sd, replace(SMALL, seed=7), context), "second")
     wait_until(second, lambda s: "next in line" in s.detail)
     assert second.snapshot().done == 0  # it has not touched the pipeline
-    release.set()
+    holder.release.set()
     assert first.wait(WAIT_S) and second.wait(WAIT_S)
     assert first.snapshot().state is second.snapshot().state is JobState.DONE
     np.testing.assert_array_equal(pixels(second.result), pixels(generation.generate(sd, replace(SMALL, seed=7))))
 
 
 def test_a_run_whose_session_left_gives_up_its_place_in_the_queue(sd):
-    first_running, release, gone = threading.Event(), threading.Event(), threading.Event()
-
-    def hold_the_device() -> bool:
-        first_running.set()
-        assert release.wait(WAIT_S)
-        return False
-
-    first = Job(lambda context: generation.generate(sd, SMALL, context, abandoned=hold_the_device), "first")
-    assert first_running.wait(WAIT_S)
+    holder, gone = DeviceHolder(WAIT_S), threading.Event()
+    first = Job(lambda context: generation.generate(sd, SMALL, context, abandoned=holder.abandoned), "first")
+    assert holder.running.wait(WAIT_S)
     leaver = Job(lambda context: generation.generate(sd, SMALL, context, abandoned=gone.is_set), "leaver")
     wait_until(leaver, lambda s: "next in line" in s.detail)
     gone.set()  # the browser tab closed
     assert leaver.wait(WAIT_S) and leaver.snapshot().state is JobState.CANCELLED
     assert len(queue_for(CPU)) == 1  # only the run on the device is left
-    release.set()
+    holder.release.set()
     assert first.wait(WAIT_S) and first.snapshot().state is JobState.DONE
 
 

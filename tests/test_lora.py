@@ -1,7 +1,6 @@
 """core.lora on the stand-in SD pipeline: adapters change a run's images, only that run's, and leave no trace."""
 from __future__ import annotations
 
-import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from core.generation import GenerationSettings
 from core.jobs import Job, JobState
 from core.lora import LoraChoice
 from core.registry import MODELS
-from helpers import make_standin_lora
+from helpers import DeviceHolder, make_standin_lora
 
 SMALL = GenerationSettings(prompt="a red bicycle", width=64, height=64, steps=3, seed=1234)
 WAIT_S = 60
@@ -60,17 +59,11 @@ def test_a_lora_changes_the_image_and_unloading_restores_the_base_exactly(sd, ad
 def test_one_sessions_lora_never_reaches_another_sessions_images(sd, adapter):
     base = pixels(generation.generate(sd, SMALL))
     lora_image = pixels(generation.generate(sd, SMALL, loras=(LoraChoice(adapter),)))
-    lora_running, release = threading.Event(), threading.Event()
-
-    def hold_the_device() -> bool:  # session A is mid-run with its LoRA on the shared pipeline
-        lora_running.set()
-        assert release.wait(WAIT_S)
-        return False
-
-    session_a = Job(lambda context: generation.generate(sd, SMALL, context, abandoned=hold_the_device, loras=(LoraChoice(adapter),)), "A")
-    assert lora_running.wait(WAIT_S)
+    holder = DeviceHolder(WAIT_S)  # session A is mid-run with its LoRA on the shared pipeline
+    session_a = Job(lambda context: generation.generate(sd, SMALL, context, abandoned=holder.abandoned, loras=(LoraChoice(adapter),)), "A")
+    assert holder.running.wait(WAIT_S)
     session_b = Job(lambda context: generation.generate(sd, SMALL, context), "B")  # no LoRA, waits for the device
-    release.set()
+    holder.release.set()
     assert session_a.wait(WAIT_S) and session_b.wait(WAIT_S)
     assert session_a.snapshot().state is session_b.snapshot().state is JobState.DONE
     np.testing.assert_array_equal(pixels(session_a.result), lora_image)

@@ -1,7 +1,6 @@
 """core.unconditional on the stand-in DDPM model (32x32) on the CPU: grid, seeds, progress, cancel, queue."""
 from __future__ import annotations
 
-import threading
 from dataclasses import replace
 
 import numpy as np
@@ -15,6 +14,7 @@ from core.gpu_queue import queue_for
 from core.jobs import Job, JobState
 from core.registry import MODELS
 from core.unconditional import UnconditionalSettings
+from helpers import DeviceHolder
 
 CPU = torch.device("cpu")
 SMALL = UnconditionalSettings(num_images=4, steps=5, seed=42)
@@ -75,19 +75,13 @@ def test_cancel_mid_run_drops_the_images_and_frees_the_device(ddpm):
 
 
 def test_it_takes_turns_with_other_generations_on_the_device(ddpm):
-    holding, release = threading.Event(), threading.Event()
-
-    def hold() -> bool:
-        holding.set()
-        assert release.wait(WAIT_S)
-        return False
-
-    first = Job(lambda context: unconditional.generate(ddpm, SMALL, context, abandoned=hold), "first")
-    assert holding.wait(WAIT_S)
+    holder = DeviceHolder(WAIT_S)
+    first = Job(lambda context: unconditional.generate(ddpm, SMALL, context, abandoned=holder.abandoned), "first")
+    assert holder.running.wait(WAIT_S)
     second = Job(lambda context: unconditional.generate(ddpm, SMALL, context), "second")
     while "next in line" not in second.snapshot().detail:
         assert not second.wait(0.01)
-    release.set()
+    holder.release.set()
     assert first.wait(WAIT_S) and second.wait(WAIT_S) and second.snapshot().state is JobState.DONE
 
 
