@@ -5,10 +5,11 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 
 import psutil
 import pytest
+import torch
 
 from core import generation
 from core.generation import GenerationSettings
@@ -22,6 +23,7 @@ SMALL = GenerationSettings(prompt="soak", width=64, height=64, steps=2)
 # Measured here (2026-11-25): +0.4 MiB after the cycles, +10 MiB after the generations (allocator arenas). A leak of
 # one stand-in model per cycle would add at least 4 MiB x 50; of one run's tensors per generation, over 1 MiB x 200.
 MARGIN_BYTES = 64 * 2**20
+VRAM_MARGIN_BYTES = 64 * 2**20  # as issue 7's load/unload cycles: allocated memory comes back within 64 MiB
 
 
 def settled_rss() -> int:
@@ -46,10 +48,18 @@ def cancelled_run(sd, settings: GenerationSettings) -> JobState:
     return job.snapshot().state
 
 
-def test_fifty_load_unload_switch_cycles_come_back_to_the_start(settings):
-    manager = ModelManager(settings)
-    warm_up(manager)
-    before = settled_rss()
+@dataclass(frozen=True)
+class MemoryLevel:
+    rss_bytes: int
+    allocated_bytes: int  # torch's live tensors on the GPU; 0 without one
+
+
+def settled_level() -> MemoryLevel:
+    rss = settled_rss()
+    return MemoryLevel(rss, torch.cuda.memory_allocated() if torch.cuda.is_available() else 0)
+
+
+def switch_models_fifty_times(manager: ModelManager) -> None:
     for cycle in range(50):
         current, following = MODELS[SWITCHED[cycle % 4]], MODELS[SWITCHED[(cycle + 1) % 4]]
         manager.get(current, allow_standin=True)
@@ -57,17 +67,10 @@ def test_fifty_load_unload_switch_cycles_come_back_to_the_start(settings):
         assert manager.unload(current.key) > 0
     manager.unload_all()
     assert all(row.state is ModelState.NOT_LOADED for row in manager.status())
-    after = settled_rss()
-    print(json.dumps({"soak": "50 load/unload/switch cycles", "rss_before_bytes": before, "rss_after_bytes": after}))
-    assert after - before < MARGIN_BYTES
 
 
-@pytest.mark.timeout(900)
-def test_two_hundred_generations_with_cancels_come_back_to_the_start(settings):
-    manager = ModelManager(settings)
-    warm_up(manager)
+def generate_two_hundred_times_with_cancels(manager: ModelManager) -> None:
     sd = manager.get(MODELS["sd15"], allow_standin=True)
-    before = settled_rss()
     finished = cancelled = 0
     for run in range(200):
         if run % 5 == 4:  # every fifth run is cancelled at its first step
@@ -77,6 +80,37 @@ def test_two_hundred_generations_with_cancels_come_back_to_the_start(settings):
             assert generation.generate(sd, replace(SMALL, seed=run)).images
             finished += 1
     assert (finished, cancelled) == (160, 40) and len(queue_for(sd.device)) == 0
-    after = settled_rss()
-    print(json.dumps({"soak": "200 generations, 40 cancelled", "rss_before_bytes": before, "rss_after_bytes": after}))
-    assert after - before < MARGIN_BYTES
+    manager.unload_all()
+
+
+def soak(manager: ModelManager, work, label: str) -> tuple[MemoryLevel, MemoryLevel]:
+    warm_up(manager)
+    before = settled_level()
+    work(manager)
+    after = settled_level()
+    print(json.dumps({"soak": label, "device": str(manager.device), "before": asdict(before), "after": asdict(after)}))
+    return before, after
+
+
+SOAKS = [
+    pytest.param(switch_models_fifty_times, "50 load/unload/switch cycles", id="switch"),
+    pytest.param(generate_two_hundred_times_with_cancels, "200 generations, 40 cancelled", id="generate"),
+]
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize(("work", "label"), SOAKS)
+def test_soak_comes_back_to_the_start(settings, work, label):
+    before, after = soak(ModelManager(replace(settings, device="cpu")), work, label)
+    assert after.rss_bytes - before.rss_bytes < MARGIN_BYTES
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize(("work", "label"), SOAKS)
+def test_soak_on_the_gpu_comes_back_to_the_start_in_ram_and_vram(settings, work, label):
+    manager = ModelManager(settings)
+    assert manager.device.type == "cuda"
+    before, after = soak(manager, work, label)
+    assert after.rss_bytes - before.rss_bytes < MARGIN_BYTES
+    assert after.allocated_bytes - before.allocated_bytes < VRAM_MARGIN_BYTES
