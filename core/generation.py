@@ -1,9 +1,10 @@
-"""Stable Diffusion text-to-image on a shared pipeline, read like a small diffusers pipeline.
+"""Stable Diffusion text to image, image to image and inpaint on a shared pipeline, read like a small diffusers pipeline.
 
 `generate()` runs numbered steps: check the inputs, wait for the device's slot in the GPU queue, put the shared
-pipeline in the run's precision and memory mode, build the run's own scheduler from the model's config, one seeded
-generator per image, then diffusers' denoising loop with a step callback for progress, a cheap latent preview and
-cancel. Everything that changes the shared pipeline happens while holding the slot, so runs never race.
+pipeline in the run's precision, LoRA adapters and memory mode, build the mode's pipeline over the shared modules with
+the run's own scheduler, one seeded generator per image, then diffusers' denoising loop with a step callback for
+progress, a cheap latent preview and cancel. Everything that changes the shared pipeline happens while holding the
+slot, and is undone before it is released where it belongs to the session (adapters), so runs never race or leak.
 """
 from __future__ import annotations
 
