@@ -67,10 +67,13 @@ def to_rgb(image: Image.Image, notes: list[str]) -> Image.Image:
         top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
         image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
         notes.append("16-bit greyscale scaled to 8 bits")
-    elif image.mode == "F":
-        array = np.asarray(image, dtype=np.float64)
-        span = max(float(array.max() - array.min()), 1e-12)
-        image = Image.fromarray(((array - array.min()) / span * 255.0).astype(np.uint8), mode="L")
+    elif image.mode == "F":  # 32-bit float: its finite range to 0..255; NaN black, infinities at the ends
+        array = np.asarray(image)  # float32: a signalling NaN is replaced before any cast, which would warn
+        finite = array[np.isfinite(array)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        array = np.nan_to_num(array, nan=low, posinf=high, neginf=low).astype(np.float64)
+        scaled = (array - low) / max(high - low, 1e-12) * 255.0
+        image = Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in {"RGBA", "LA", "PA"}:

@@ -117,7 +117,8 @@ def sniff_delimiter(text: str, name: str) -> str:
     if len(text) > SNIFF_CHARS:
         sample = sample[: sample.rfind("\n") + 1] or sample  # a cut last line would miscount
     for delimiter in (default, *(d for d in DELIMITERS if d != default)):
-        rows = [row for row in itertools.islice(csv.reader(io.StringIO(sample), delimiter=delimiter), SNIFF_ROWS) if row]
+        # newline="": the csv module splits lines itself, at \r too, as pandas does below.
+        rows = [row for row in itertools.islice(csv.reader(io.StringIO(sample, newline=""), delimiter=delimiter), SNIFF_ROWS) if row]
         widths = {len(row) for row in rows}
         if len(widths) == 1 and widths.pop() > 1:
             return delimiter
@@ -142,6 +143,8 @@ def read_table(data: bytes, name: str, encoding: str | None = None) -> Table:
         frame = pd.read_csv(
             io.StringIO(text), sep=delimiter, dtype=str, keep_default_na=False, na_values=[""], skip_blank_lines=True,
         )
+    except pd.errors.EmptyDataError as exc:  # blank to pandas, though not to str.strip(): a lone byte-order mark
+        raise BadInputError(f"{name} has no header row.", remedy="Upload a CSV or TSV file with a header row and at least one row of text.") from exc
     except pd.errors.ParserError as exc:
         how = "one column" if delimiter == _ONE_COLUMN else f"{DELIMITERS[delimiter]}-separated"
         detail = str(exc).strip().split("C error: ")[-1]
