@@ -407,6 +407,10 @@ def chosen_model(keys: tuple[str, ...], other: str, spec_for: Callable[..., Mode
 
 
 def stable_diffusion_form(mode: Mode, run: Run | None) -> None:
+    # Above the model: a PNG that names a model this app refuses must not hide the way to drop another one.
+    st.file_uploader("Drop a PNG made by this app (or AUTOMATIC1111) to fill the form with its settings", type=["png"], key=key("png"), on_change=fill_from_png)
+    if st.session_state.get(PNG_ERROR_KEY):
+        show_error(st.session_state[PNG_ERROR_KEY])
     spec, model = chosen_model(generation.SD_MODEL_KEYS, "Another SD 1.x model (repo id or folder)", generation.model_spec_for)
     device = model.device
     st.caption(
@@ -420,9 +424,6 @@ def stable_diffusion_form(mode: Mode, run: Run | None) -> None:
         phrase_column, add_column = st.columns([4, 1], vertical_alignment="center")
         phrase_column.info(f"This DreamBooth model learned its concept as **{phrase}**: put that in the prompt.", icon="🔑")
         add_column.button("Add to prompt", key=key("add_phrase"), on_click=add_to_prompt, args=(phrase,))
-    st.file_uploader("Drop a PNG made by this app (or AUTOMATIC1111) to fill the form with its settings", type=["png"], key=key("png"), on_change=fill_from_png)
-    if st.session_state.get(PNG_ERROR_KEY):
-        show_error(st.session_state[PNG_ERROR_KEY])
 
     source = None
     if mode is not Mode.TEXT_TO_IMAGE:
@@ -432,7 +433,7 @@ def stable_diffusion_form(mode: Mode, run: Run | None) -> None:
             st.image(mask_overlay(image, mask) if mask is not None else image, width=256,
                      caption=f"{image.width}×{image.height}" + (" · red is repainted" if mask is not None else ""))
             source = SourceImages(image, mask)
-        st.slider("Strength: how much of the input is repainted (1 = all of it)", 0.05, 1.0, step=0.05, key=key("strength"))
+        st.slider("Strength: how much of the input is repainted (1 = all of it)", generation.MIN_STRENGTH, 1.0, step=0.01, key=key("strength"))
     st.text_area("Prompt", key=key("prompt"), height=90, placeholder="a watercolour painting of a lighthouse at dawn")
     st.text_area("Negative prompt", key=key("negative"), height=68, placeholder="blurry, low quality")
     prompt_length = generation.prompt_length(model.obj, st.session_state[key("prompt")])

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from core import lora
+from core.checks import check_number
 from core.config import Settings
 from core.errors import BadInputError, GpuOutOfMemoryError
 from core.gpu_queue import SlotAbandoned, queue_for
@@ -42,6 +43,7 @@ MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
 MAX_IMAGES = 8
 MAX_SEED = 2**53 - 1  # the largest whole number a browser's number input holds exactly
+MIN_STRENGTH = 0.01  # image to image at 1 % already keeps the input; below, no step of a 100-step run is left
 PREVIEW_EVERY_S = 0.4  # a preview costs a device-to-host copy (a sync): a few per second is enough for the eye
 
 
@@ -216,24 +218,16 @@ def check_inputs(settings: GenerationSettings, device: torch.device, source: Sou
     Image to image needs `source.image`; inpaint needs its `mask` too, the size of the image.
     """
     s = settings
-
-    def between(name: str, value: float, low: float, high: float, unit: str = "") -> None:
-        if not (low <= value <= high):  # also false for NaN
-            raise BadInputError(f"`{name}` has to be between {low:g} and {high:g}{unit} but is {value:g}.")
-
-    for name in ("steps", "width", "height", "num_images"):
-        if not isinstance(getattr(s, name), int) or isinstance(getattr(s, name), bool):
-            raise BadInputError(f"`{name}` has to be a whole number but is {getattr(s, name)!r}.")
-    between("steps", s.steps, 1, MAX_STEPS)
-    between("guidance_scale", s.guidance_scale, 0, MAX_GUIDANCE)
+    for name, high in (("steps", MAX_STEPS), ("num_images", MAX_IMAGES)):
+        check_number(name, getattr(s, name), 1, high, whole=True)
+    check_number("guidance_scale", s.guidance_scale, 0, MAX_GUIDANCE)
     for name in ("width", "height"):
         value = getattr(s, name)
+        check_number(name, value, MIN_SIDE_PX, MAX_SIDE_PX, whole=True, unit=" pixels")
         if value % 8:
             raise BadInputError(f"`{name}` has to be a multiple of 8 but is {value}.", remedy=f"Use {value // 8 * 8} or {value // 8 * 8 + 8}.")
-        between(name, value, MIN_SIDE_PX, MAX_SIDE_PX, " pixels")
-    between("num_images", s.num_images, 1, MAX_IMAGES)
     if s.seed is not None:
-        between("seed", s.seed, 0, MAX_SEED)
+        check_number("seed", s.seed, 0, MAX_SEED, whole=True)
     if s.scheduler not in SCHEDULERS:
         raise BadInputError(f"`scheduler` {s.scheduler!r} is not one of {', '.join(SCHEDULERS)}.")
     if s.scheduler not in available_schedulers():
@@ -243,8 +237,7 @@ def check_inputs(settings: GenerationSettings, device: torch.device, source: Sou
     if s.memory_mode not in memory_modes_for(device):
         raise BadInputError(f"`memory_mode` '{s.memory_mode}' moves weights between the CPU and a GPU, and this model runs on the {device.type.upper()}.")
     if s.mode is not Mode.TEXT_TO_IMAGE:
-        if not (0 < s.strength <= 1):  # also false for NaN
-            raise BadInputError(f"`strength` has to be more than 0 and at most 1 but is {s.strength:g}.")
+        check_number("strength", s.strength, MIN_STRENGTH, 1)
         if s.denoising_steps < 1:
             raise BadInputError(
                 f"`strength` {s.strength:g} of {s.steps} steps leaves no step to run.", remedy=f"Use at least {math.ceil(1 / s.strength)} steps or a higher strength."

@@ -7,7 +7,6 @@ shared pipeline only while it holds the device's queue slot (`apply`), and takes
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import torch
 
+from core.checks import check_number
 from core.config import Settings
 from core.errors import BadInputError
 from core.registry import folder_in_models_root, is_typed_folder, is_valid_repo_id, repo_folder_in_models_root
@@ -104,8 +104,7 @@ def _adapter(name: str, source: str, state_dict: dict[str, torch.Tensor]) -> Lor
 
 def check_choices(choices: tuple[LoraChoice, ...]) -> None:
     for choice in choices:
-        if not (math.isfinite(choice.weight) and -MAX_WEIGHT <= choice.weight <= MAX_WEIGHT):
-            raise BadInputError(f"The weight of LoRA {choice.adapter.name!r} has to be between {-MAX_WEIGHT:g} and {MAX_WEIGHT:g} but is {choice.weight:g}.")
+        check_number(f"weight of LoRA {choice.adapter.name!r}", choice.weight, -MAX_WEIGHT, MAX_WEIGHT)
 
 
 def apply(pipe: Any, choices: tuple[LoraChoice, ...]) -> None:

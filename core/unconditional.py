@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from core.checks import check_number
 from core.config import Settings
-from core.errors import BadInputError
 from core.generation import MAX_SEED, GeneratedImage, StepReporter, device_slot, out_of_memory_error, report
 from core.jobs import JobContext
 from core.manager import LoadedModel
@@ -61,11 +61,9 @@ def model_spec_for(choice: str, custom: str, settings: Settings) -> ModelSpec:
 
 def check_inputs(settings: UnconditionalSettings) -> None:
     for name, high in (("num_images", MAX_IMAGES), ("steps", MAX_STEPS)):
-        value = getattr(settings, name)
-        if not isinstance(value, int) or isinstance(value, bool) or not (1 <= value <= high):
-            raise BadInputError(f"`{name}` has to be a whole number between 1 and {high} but is {value!r}.")
-    if settings.seed is not None and not (0 <= settings.seed <= MAX_SEED):
-        raise BadInputError(f"`seed` has to be between 0 and {MAX_SEED} but is {settings.seed}.")
+        check_number(name, getattr(settings, name), 1, high, whole=True)
+    if settings.seed is not None:
+        check_number("seed", settings.seed, 0, MAX_SEED, whole=True)
 
 
 def image_grid(images: list[Image.Image]) -> Image.Image:

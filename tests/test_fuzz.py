@@ -520,7 +520,7 @@ def test_text_after_the_data_of_an_image_past_the_pixel_limit_is_not_decoded():
 
 
 def whole_numbers(low: int, high: int) -> st.SearchStrategy[int]:
-    """At and around both limits, anywhere between, and far past them (within 64 bits: see the xfail tests below)."""
+    """At and around both limits, anywhere between, and far past them (within 64 bits; larger ones have their own tests below)."""
     edges = [low - 1, low, low + 1, high - 1, high, high + 1, 0, -1, 2**31, 2**53, 2**63 - 1, -(2**63)]
     return st.one_of(st.sampled_from(edges), st.integers(low - 10, high + 10), st.integers(-(2**64), 2**64))
 
@@ -548,7 +548,7 @@ def generation_accepts(s: GenerationSettings, source: SourceImages | None) -> bo
         and s.memory_mode in generation.memory_modes_for(CPU)
         and (
             s.mode is Mode.TEXT_TO_IMAGE
-            or (0 < s.strength <= 1 and s.denoising_steps >= 1 and source is not None
+            or (generation.MIN_STRENGTH <= s.strength <= 1 and s.denoising_steps >= 1 and source is not None
                 and (s.mode is Mode.IMAGE_TO_IMAGE or (source.mask is not None and source.mask.size == source.image.size)))
         )
     )
@@ -606,26 +606,21 @@ def test_lora_check_accepts_exactly_the_weights_within_its_limits(weights):
     assert accepted(lora.check_choices, choices) == within
 
 
-# Found by the fuzzing above in files this change does not own; each turns into a failure (XPASS) once fixed.
-OTHER_OWNER = "core/{} is owned by another engineer: reported, not fixed here"
+# Found by the fuzzing above, fixed, and kept as plain regressions.
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason=OTHER_OWNER.format("generation.py: check_inputs formats values past a float with `:g`"))
 def test_generation_check_refuses_an_integer_past_a_float():
     assert not accepted(generation.check_inputs, GenerationSettings(seed=10**400), CPU)
 
 
-@pytest.mark.xfail(strict=True, reason=OTHER_OWNER.format("generation.py: check_inputs does not ask the seed to be a whole number"))
 def test_generation_check_refuses_a_fractional_seed():
     assert not accepted(generation.check_inputs, GenerationSettings(seed=1.5), CPU)
 
 
-@pytest.mark.xfail(strict=True, reason=OTHER_OWNER.format("unconditional.py: check_inputs does not ask the seed to be a whole number"))
 def test_ddpm_check_refuses_a_fractional_seed():
     assert not accepted(unconditional.check_inputs, UnconditionalSettings(seed=1.5))
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason=OTHER_OWNER.format("lora.py: check_choices calls math.isfinite on an integer past a float"))
 def test_lora_check_refuses_an_integer_weight_past_a_float():
     assert not accepted(lora.check_choices, (LoraChoice(ADAPTER, 10**400),))
 
@@ -824,7 +819,7 @@ def test_sentiment_page_takes_any_text_and_keeps_the_other_tabs_result(app_env):
 
 GENERATE = "app_pages/generate.py"
 FORM = ("prompt", "negative", "steps", "guidance", "width", "height", "random_seed", "seed", "scheduler", "precision", "memory_mode", "mode", "strength")
-STRENGTH_SLIDER = (0.05, 1.0)  # app_pages/generate.py's slider: narrower than what core accepts, see the xfail test below
+STRENGTH_SLIDER = (generation.MIN_STRENGTH, 1.0)  # app_pages/generate.py's slider: what core accepts
 
 
 def form_values(at: AppTest) -> dict:
@@ -893,8 +888,6 @@ def test_generate_page_takes_any_dropped_png_and_prompt_and_keeps_its_gallery(ap
     type_prompt()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="app_pages/generate.py (owned by another engineer): the strength slider starts at 0.05, "
-                   "core accepts 0 < strength <= 1, and a PNG's 0.02 (2 of 100 steps) reaches the slider, which raises StreamlitAPIException")
 def test_a_png_with_a_strength_below_the_slider_fills_the_form(app_env):
     at = open_page(GENERATE)
     data, _ = png_with("p\nSteps: 100, Sampler: Euler, CFG scale: 7, Seed: 1, Mode: image to image, Denoising strength: 0.02")

@@ -329,8 +329,8 @@ def test_inpaint_repaints_under_the_mask_and_is_reproducible(sd):
         (IMG2IMG, None, "Image to image needs an input image"),
         (INPAINT, SourceImages(picture()), "Inpaint needs a mask"),
         (INPAINT, SourceImages(picture(), half_mask(32, 32)), "The mask is 32x32 pixels but the image is 64x64"),
-        (replace(IMG2IMG, strength=0.0), SourceImages(picture()), "`strength` has to be more than 0 and at most 1 but is 0"),
-        (replace(IMG2IMG, strength=1.5), SourceImages(picture()), "`strength` has to be more than 0 and at most 1 but is 1.5"),
+        (replace(IMG2IMG, strength=0.0), SourceImages(picture()), "`strength` has to be between 0.01 and 1 but is 0"),
+        (replace(IMG2IMG, strength=1.5), SourceImages(picture()), "`strength` has to be between 0.01 and 1 but is 1.5"),
         (replace(IMG2IMG, steps=2, strength=0.2), SourceImages(picture()), "`strength` 0.2 of 2 steps leaves no step to run"),
     ],
 )

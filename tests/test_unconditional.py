@@ -87,8 +87,8 @@ def test_it_takes_turns_with_other_generations_on_the_device(ddpm):
 
 @pytest.mark.parametrize(
     ("change", "message"),
-    [({"num_images": 0}, "`num_images` has to be a whole number between 1 and 64 but is 0"),
-     ({"steps": 1001}, "`steps` has to be a whole number between 1 and 1000 but is 1001"),
+    [({"num_images": 0}, "`num_images` has to be between 1 and 64 but is 0"),
+     ({"steps": 1001}, "`steps` has to be between 1 and 1000 but is 1001"),
      ({"steps": 2.5}, "`steps` has to be a whole number"),
      ({"seed": -1}, "`seed` has to be between")],
 )
