@@ -102,7 +102,8 @@ class Job(Generic[Result]):
             state, error = JobState.FAILED, exc
         except Exception as exc:  # a page must get a message, never a dead thread: keep the trace in the log
             log.exception("job %s failed", self.name)
-            state, error = JobState.FAILED, DashboardError(f"{self.name} failed: {type(exc).__name__}: {exc}", remedy="Try again; if it keeps failing, the server log has the details.")
+            # Only the type reaches the page: a library's message can quote paths, internals or a secret.
+            state, error = JobState.FAILED, DashboardError(f"{self.name} failed unexpectedly ({type(exc).__name__}).", remedy="Try again; if it keeps failing, the server log has the details.")
         with self._lock:
             self._state, self.result, self._error = state, result, error
             self._ended = time.perf_counter()

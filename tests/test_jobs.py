@@ -54,10 +54,11 @@ def test_typed_errors_are_kept_and_unexpected_ones_become_messages():
         raise BadInputError("column 'text' is missing")
 
     def crash(context):
-        raise ZeroDivisionError("boom")
+        raise ZeroDivisionError("boom hf_secret_token_in_a_library_message")
 
     first, second = Job(bad_input, "typed"), Job(crash, "crash")
     assert first.wait(10) and second.wait(10)
     assert first.snapshot().state is JobState.FAILED and isinstance(first.snapshot().error, BadInputError)
     crashed = second.snapshot()
-    assert crashed.state is JobState.FAILED and "ZeroDivisionError: boom" in str(crashed.error)
+    assert crashed.state is JobState.FAILED and "(ZeroDivisionError)" in str(crashed.error) and "server log" in crashed.error.remedy
+    assert "hf_secret" not in str(crashed.error)  # a library's message never reaches the page
