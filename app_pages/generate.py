@@ -359,7 +359,8 @@ def lora_section() -> tuple[LoraChoice, ...]:
     with st.expander(f"LoRA adapters ({len(adapters)})", expanded=bool(adapters) or bool(st.session_state.get(LORA_ERROR_KEY))):
         st.caption("Only your runs use them: they go onto the shared model while your run holds the GPU and come off after it. Safetensors files only.")
         source_column, add_column = st.columns([4, 1], vertical_alignment="bottom")
-        source_column.text_input("Hub repo id (owner/name) or full path of a folder with a .safetensors LoRA", key=key("lora_source"))
+        source_column.text_input("Hub repo id (owner/name), or a folder with a .safetensors LoRA inside the models root", key=key("lora_source"),
+                                 help="Folders must be inside DASH_MODELS_ROOT: a full path there, or ./name relative to it")
         add_column.button("Add", key=key("lora_add"), on_click=add_lora_from_source, icon="➕")
         st.file_uploader("Or upload a LoRA (.safetensors)", key=key("lora_upload"), on_change=add_lora_from_upload)
         if st.session_state.get(LORA_ERROR_KEY):
@@ -397,7 +398,8 @@ def chosen_model(keys: tuple[str, ...], other: str, spec_for: Callable[..., Mode
     choices = {name: MODELS[name].title for name in keys} | {CUSTOM: other}
     model_column, custom_column = st.columns([1, 2])
     choice = model_column.selectbox("Model", list(choices), format_func=choices.get, key=key(f"{prefix}model"))
-    custom = custom_column.text_input("Hub repo id (owner/name) or full path of a local folder in Hub layout", key=key(f"{prefix}custom"), disabled=choice != CUSTOM)
+    custom = custom_column.text_input("Hub repo id (owner/name), or a folder in Hub layout inside the models root", key=key(f"{prefix}custom"),
+                                      disabled=choice != CUSTOM, help="Folders must be inside DASH_MODELS_ROOT: a full path there, or ./name relative to it")
     try:
         spec = spec_for(choice, custom, get_settings())
     except BadInputError as error:
