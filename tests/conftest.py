@@ -2,16 +2,11 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from bench.app_server import CHROMIUM_FLAGS, running_app  # noqa: F401  (running_app: test modules import it from here)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,51 +61,10 @@ def app_env(monkeypatch: pytest.MonkeyPatch, standin_dir: Path):
     get_manager.clear()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def running_app(log_path: Path, **environ: str) -> Iterator[str]:
-    """The app started as the README starts it (streamlit run Home.py, the project's config), on a free port."""
-    port = _free_port()
-    env = {**os.environ, **environ}
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "Home.py", "--server.port", str(port), "--server.address", "127.0.0.1"],
-            cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    process.kill()
-                    raise RuntimeError(f"streamlit did not start; see {log_path}") from None
-                time.sleep(0.2)  # polling a health endpoint, not synchronising on a guess
-        try:
-            yield url
-        finally:
-            process.terminate()
-            process.wait(timeout=20)
-
-
 @pytest.fixture(scope="session")
 def app_url(tmp_path_factory: pytest.TempPathFactory, standin_dir: Path):
     with running_app(tmp_path_factory.mktemp("app") / "streamlit.log", DASH_STANDIN_DIR=str(standin_dir), DASH_STANDIN_FALLBACK="1") as url:
         yield url
-
-
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 
 
 @pytest.fixture(scope="session")
