@@ -147,8 +147,8 @@ IDLE_JS = """() => {
     return !status || !/Running|Stop/.test(status.innerText);
 }"""
 # Polled after Generate (window.__load set just before the click): notes when the page first says the run waits in
-# line and the furthest place; true once the run has left the queue (it prepares the model or shows a step) or has
-# ended (its prompt in the gallery).
+# line and the furthest place; true once the run has left the queue (it prepares the model or shows a step), has
+# ended (its prompt in the gallery) or has failed (an error on the page).
 LEFT_QUEUE_JS = """([caption]) => {
     const text = document.querySelector('[data-testid="stMain"]').innerText;
     const seen = window.__load;
@@ -157,7 +157,8 @@ LEFT_QUEUE_JS = """([caption]) => {
         seen.place = Math.max(seen.place, match[1] === 'next' ? 1 : Number(match[1]));
         if (seen.firstWaiting === null) seen.firstWaiting = performance.now();
     }
-    if (/Preparing the model|Step \\d+ of \\d+/.test(text) || text.includes(caption)) {
+    const failed = document.querySelector('[data-testid="stException"], [data-testid="stAlertContentError"]');
+    if (failed || /Preparing the model|Step \\d+ of \\d+/.test(text) || text.includes(caption)) {
         seen.left = performance.now();
         return true;
     }
@@ -209,12 +210,20 @@ class BrowserSession:
         await self.page.get_by_text("Model dashboard").first.wait_for()
         await self.idle()
 
+    def error_boxes(self):
+        return self.page.locator("[data-testid='stException'], [data-testid='stAlertContentError']")
+
     async def problem(self) -> str:
         """The text of an exception or error box on the page, if any."""
-        boxes = self.page.locator("[data-testid='stException'], [data-testid='stAlertContentError']")
-        if await boxes.count():
-            return " | ".join(text.strip()[:300] for text in await boxes.all_inner_texts())
+        if await self.error_boxes().count():
+            return " | ".join(text.strip()[:300] for text in await self.error_boxes().all_inner_texts())
         return ""
+
+    async def result(self, expected) -> None:
+        """Wait for `expected`, or fail as soon as an error shows instead."""
+        await expected.or_(self.error_boxes()).first.wait_for()
+        if problem := await self.problem():
+            raise LoadFailure(f"error on the page: {problem}")
 
     async def request(self, kind: str, number: int) -> Request:
         marker = f"load {self.session.name} r{number}"
@@ -252,7 +261,7 @@ class BrowserSession:
         await self.idle()
         started = time.perf_counter()
         await page.get_by_text("Samples", exact=True).click()
-        await page.get_by_text(re.compile(r"^1 image\(s\) in \d+ ms")).wait_for()
+        await self.result(page.get_by_text(re.compile(r"^1 image\(s\) in \d+ ms")))
         await page.get_by_role("heading").filter(has_text=re.compile("Hot dog!|🚫")).wait_for()  # the verdict
         await self.idle()
         return started
@@ -265,7 +274,7 @@ class BrowserSession:
         started = time.perf_counter()
         await self.set_value("Text", text, submit="Control+Enter")
         # The words of this very text, highlighted, and the label with its score: the newest result is this request's.
-        await page.get_by_test_id("stHtml").filter(has_text=text).wait_for()
+        await self.result(page.get_by_test_id("stHtml").filter(has_text=text))
         await page.get_by_role("heading").filter(has_text="%").wait_for()
         await self.idle()
         return started
@@ -290,7 +299,7 @@ class BrowserSession:
         await page.wait_for_function(LEFT_QUEUE_JS, arg=[caption], polling=100)
         to_start_s = time.perf_counter() - started
         seen = await page.evaluate("() => window.__load")
-        await page.get_by_test_id("stCaptionContainer").filter(has_text=caption).wait_for()
+        await self.result(page.get_by_test_id("stCaptionContainer").filter(has_text=caption))
         await page.get_by_text(f"This session's images ({run_number}), newest first").wait_for()
         await self.idle()
 
