@@ -19,16 +19,16 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BROWSER_SESSIONS, APPTEST_SESSIONS, LOAD_SECONDS = 4, 2, 20
 # Two settings for a CPU host, measured in docs/RELIABILITY.md (Load): without them the server spends most of its time
 # in the full garbage collection Streamlit runs after every script run (the generation page's progress fragment reruns
-# twice a second per waiting session) and in torch's spinning CPU threads, and this run takes 1 to 3 minutes instead
-# of 20 to 25 s. `python -m bench.load_test` without them measures the app exactly as configured.
+# twice a second per waiting session) and in torch's spinning CPU threads, and the load takes 90-145 s instead of about
+# 21 s. `python -m bench.load_test` without them measures the app exactly as configured.
 CPU_HOST_SETTINGS = ["--torch-threads", "1", "--server-env", "STREAMLIT_RUNNER_POST_SCRIPT_GC=false"]
-# Server RSS growth from the end of the warm-up to the end of the load. Measured here in 13 runs with 4 browser sessions:
-# 10 to 31 MiB (1-3 % of about 1,150 MiB), from the sessions' own state (galleries of 64x64 PNGs, media files, Streamlit's
-# session objects) and the allocator's per-thread arenas. The margin is three times the largest growth seen: a leak
-# that keeps anything the size of a real model, or every run's latents and pipeline, goes far past it; a leak of a few
-# MiB does not (the stand-ins are small), which is the soak test's job.
+# Server RSS growth from the end of the warm-up to the end of the load. Measured here in 19 runs with 4 browser sessions
+# (15-40 s): 10 to 38 MiB (1-3 % of about 1,150 MiB), from the sessions' own state (galleries of 64x64 PNGs, media
+# files, Streamlit's session objects) and the allocator's per-thread arenas. The margin is about two and a half times
+# the largest growth seen: a leak that keeps anything the size of a real model, or every run's latents and pipeline,
+# goes far past it; a leak of a few MiB does not (the stand-ins are small), which is the soak test's job.
 RSS_GROWTH_MARGIN_MIB = 96
-TIMEOUT_S = 110  # the whole run; about 50-60 s here (2 shared cores), the test's limit is 2 minutes
+TIMEOUT_S = 110  # the whole run: 37-45 s here (2 shared cores); the test's limit is 2 minutes
 
 
 def figures(stdout: str) -> dict[str, dict]:
