@@ -8,10 +8,12 @@ slot, and is undone before it is released where it belongs to the session (adapt
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import math
 import secrets
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -254,12 +256,22 @@ def check_inputs(settings: GenerationSettings, device: torch.device, source: Sou
             )
 
 
+# A fast tokenizer keeps its padding and truncation settings on the object and sets them on every call: counting a
+# prompt with the pipeline's own tokenizer while a run encodes with padding to 77 would hand that run unpadded ids.
+# Counting uses a private copy per pipeline, one caller at a time.
+_counting_tokenizers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_counting_lock = threading.Lock()
+
+
 def prompt_length(pipe: Any, prompt: str) -> PromptLength:
     """How many tokens `prompt` is, and what the text encoder will not read (CLIP sees 77 tokens, start and end included)."""
-    tokenizer = pipe.tokenizer
-    limit = tokenizer.model_max_length - 2
-    ids = tokenizer(prompt, truncation=False, add_special_tokens=False, verbose=False).input_ids
-    ignored = tokenizer.decode(ids[limit:]).strip() if len(ids) > limit else ""
+    with _counting_lock:
+        tokenizer = _counting_tokenizers.get(pipe)
+        if tokenizer is None:
+            tokenizer = _counting_tokenizers[pipe] = copy.deepcopy(pipe.tokenizer)
+        limit = tokenizer.model_max_length - 2
+        ids = tokenizer(prompt, truncation=False, add_special_tokens=False, verbose=False).input_ids
+        ignored = tokenizer.decode(ids[limit:]).strip() if len(ids) > limit else ""
     return PromptLength(len(ids), limit, ignored)
 
 

@@ -354,3 +354,30 @@ def test_each_modes_pipeline_shares_the_loaded_modules_without_casting_them(mana
         assert run_pipe.scheduler is not pipe.scheduler and type(run_pipe.scheduler).__name__ == "EulerDiscreteScheduler"
     finally:
         manager.unload_all()  # the next test loads the stand-in afresh, in float32
+
+
+def test_counting_a_prompt_never_changes_how_a_running_run_encodes_its_prompts(sd):
+    """Found under load: prompt_length on the shared tokenizer switched its padding off under a run encoding with
+    padding to 77, which then failed in torch.cat. Counting runs beside encoding here, with thread switches forced."""
+    import sys
+
+    tokenizer, stop, counted = sd.obj.tokenizer, threading.Event(), []
+    expected = generation.prompt_length(sd.obj, "a lighthouse at dawn").tokens
+
+    def count() -> None:
+        while not stop.is_set():
+            counted.append(generation.prompt_length(sd.obj, "a lighthouse at dawn").tokens)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    counters = [threading.Thread(target=count) for _ in range(3)]
+    try:
+        for thread in counters:
+            thread.start()
+        lengths = {len(tokenizer([""], padding="max_length", max_length=77, truncation=True).input_ids[0]) for _ in range(3000)}
+    finally:
+        stop.set()
+        for thread in counters:
+            thread.join()
+        sys.setswitchinterval(interval)
+    assert lengths == {77} and counted and set(counted) == {expected}
