@@ -257,19 +257,17 @@ def check_inputs(settings: GenerationSettings, device: torch.device, source: Sou
 
 
 # A fast tokenizer keeps its padding and truncation settings on the object and sets them on every call: counting a
-# prompt with the pipeline's own tokenizer while a run encodes with padding to 77 would hand that run unpadded ids.
-# Counting uses a private copy per pipeline, one caller at a time.
-_counting_tokenizers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+# prompt with the tokenizer a run is encoding with (padded to 77) would hand that run unpadded ids. So runs encode
+# with a private copy per pipeline (one run at a time per pipeline, by the queue), and the page's counting uses the
+# loaded tokenizer, one caller at a time.
 _counting_lock = threading.Lock()
 
 
 def prompt_length(pipe: Any, prompt: str) -> PromptLength:
     """How many tokens `prompt` is, and what the text encoder will not read (CLIP sees 77 tokens, start and end included)."""
+    tokenizer = pipe.tokenizer
+    limit = tokenizer.model_max_length - 2
     with _counting_lock:
-        tokenizer = _counting_tokenizers.get(pipe)
-        if tokenizer is None:
-            tokenizer = _counting_tokenizers[pipe] = copy.deepcopy(pipe.tokenizer)
-        limit = tokenizer.model_max_length - 2
         ids = tokenizer(prompt, truncation=False, add_special_tokens=False, verbose=False).input_ids
         ignored = tokenizer.decode(ids[limit:]).strip() if len(ids) > limit else ""
     return PromptLength(len(ids), limit, ignored)
@@ -314,6 +312,7 @@ class _PipelineState:
     memory_mode: MemoryMode = MemoryMode.NONE
     attn_processors: dict[str, Any] | None = None  # the UNet's processors before attention slicing replaced them
     weights_backup: dict[str, dict[str, torch.Tensor]] | None = None  # CPU copy of the loaded weights, for lossy casts
+    run_tokenizer: Any = None  # the runs' own copy of the tokenizer (see prompt_length)
 
 
 _states: weakref.WeakKeyDictionary[Any, _PipelineState] = weakref.WeakKeyDictionary()
@@ -529,7 +528,7 @@ def _mode_arguments(settings: GenerationSettings, source: SourceImages | None) -
 
 def run_pipeline(pipe: Any, mode: Mode, scheduler: str) -> Any:
     """A pipeline for one run of `mode` over the loaded model's own modules (nothing copied, cast or loaded twice),
-    with the run's own scheduler.
+    with the run's own scheduler and the runs' own tokenizer.
 
     Built as `from_pipe` builds it, but not with `from_pipe`: that casts the shared modules to float32 unless it is
     given a dtype, which would silently double every later run's memory. The scheduler is set after construction,
@@ -537,7 +536,11 @@ def run_pipeline(pipe: Any, mode: Mode, scheduler: str) -> Any:
     """
     import diffusers
 
-    run_pipe = getattr(diffusers, PIPELINE_CLASSES[mode])(**pipe.components, requires_safety_checker=False)
+    state = _state_of(pipe)
+    if state.run_tokenizer is None:
+        state.run_tokenizer = copy.deepcopy(pipe.tokenizer)
+    components = {**pipe.components, "tokenizer": state.run_tokenizer}
+    run_pipe = getattr(diffusers, PIPELINE_CLASSES[mode])(**components, requires_safety_checker=False)
     run_pipe.scheduler = build_scheduler(pipe, scheduler)
     run_pipe.set_progress_bar_config(disable=True)
     return run_pipe

@@ -361,7 +361,10 @@ def test_counting_a_prompt_never_changes_how_a_running_run_encodes_its_prompts(s
     padding to 77, which then failed in torch.cat. Counting runs beside encoding here, with thread switches forced."""
     import sys
 
-    tokenizer, stop, counted = sd.obj.tokenizer, threading.Event(), []
+    tokenizer = generation.run_pipeline(sd.obj, Mode.TEXT_TO_IMAGE, "PNDM").tokenizer  # what a run encodes with
+    assert tokenizer is not sd.obj.tokenizer  # the one the page counts with
+    assert tokenizer is generation.run_pipeline(sd.obj, Mode.INPAINT, "DDIM").tokenizer  # one copy per pipeline, not per run
+    stop, counted = threading.Event(), []
     expected = generation.prompt_length(sd.obj, "a lighthouse at dawn").tokens
 
     def count() -> None:
