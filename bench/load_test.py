@@ -45,7 +45,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -80,7 +80,7 @@ class QueueFigures:
     to_start_s: float  # browser: click to the page showing the run out of the queue; AppTest: job start to out of it
     shown_waiting_s: float  # how long the page (or the job) said "waiting for the GPU: ... in line"; 0 if never seen
     furthest_place: int  # 1 for "next in line", 2 for "2nd", ...; 0 if never seen waiting
-    run_s: float  # the run itself, as its result reports it (queue excluded)
+    run_s: float | None  # the run itself, as its result reports it (queue excluded)
 
 
 @dataclass(frozen=True)
@@ -434,6 +434,8 @@ class AppTestSession:
         started = time.perf_counter()
         apptest_run(at.button(key="generate:start").click())
         self.check_page()
+        if "generate:run" not in at.session_state:  # the run ended before the click's own rerun did: already in the gallery
+            return self.check_generated(run_number, prompt, started, QueueFigures(0.0, 0.0, 0, time.perf_counter() - started))
         job = at.session_state["generate:run"].job
         left_s, first_waiting_s, place = None, None, 0
         while not job.wait(0.05):  # a bounded wait on the job itself, looking at its place in line in between
@@ -449,8 +451,13 @@ class AppTestSession:
         if left_s is None:  # it ended between two looks, so it left the queue no later than its end
             left_s = job.snapshot().elapsed_s
         apptest_run(at)  # as the page's fragment does when it sees the end
-        self.check_page()
+        shown_waiting_s = left_s - first_waiting_s if first_waiting_s is not None else 0.0
+        return self.check_generated(run_number, prompt, started, QueueFigures(left_s, shown_waiting_s, place, None))
 
+    def check_generated(self, run_number: int, prompt: str, started: float, queue: QueueFigures) -> tuple[float, QueueFigures]:
+        """The newest gallery entry is this request's run, with its prompt and size (`queue.run_s` taken from it)."""
+        at = self.at
+        self.check_page()
         newest = at.session_state["generate:gallery"][0]
         settings = newest.result.settings
         if newest.number != run_number or settings.prompt != prompt:
@@ -459,8 +466,7 @@ class AppTestSession:
             raise LoadFailure(f"the run was {settings.width}x{settings.height} with {settings.steps} steps")
         if f"“{prompt}”" not in apptest_text(at):
             raise LoadFailure("this request's prompt is not in the gallery captions")
-        shown_waiting_s = left_s - first_waiting_s if first_waiting_s is not None else 0.0
-        return started, QueueFigures(left_s, shown_waiting_s, place, newest.result.seconds)
+        return started, replace(queue, run_s=newest.result.seconds)
 
 
 def run_apptest_session(session: Session, deadline: float, first_kind: int) -> None:
