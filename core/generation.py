@@ -132,13 +132,21 @@ class GenerationSettings:
         return min(int(self.steps * self.strength), self.steps)
 
     def seeds(self) -> tuple[int, ...]:
-        """Image i gets seed + i (as in AUTOMATIC1111), so any image of a batch can be made again alone."""
-        if self.seed is None:
-            raise ValueError("the seed is drawn by with_seed() before a run")
-        return tuple((self.seed + i) % (MAX_SEED + 1) for i in range(self.num_images))
+        return seeds_from(self.seed, self.num_images)
 
     def with_seed(self) -> GenerationSettings:
-        return self if self.seed is not None else replace(self, seed=secrets.randbelow(2**32))
+        return self if self.seed is not None else replace(self, seed=random_seed())
+
+
+def seeds_from(seed: int | None, count: int) -> tuple[int, ...]:
+    """Image i gets seed + i (as in AUTOMATIC1111), so any image of a batch can be made again alone."""
+    if seed is None:
+        raise ValueError("the seed is drawn (random_seed) before a run")
+    return tuple((seed + i) % (MAX_SEED + 1) for i in range(count))
+
+
+def random_seed() -> int:
+    return secrets.randbelow(2**32)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch
 from core.checks import check_number
 from core.config import Settings
 from core.errors import BadInputError
-from core.registry import folder_in_models_root, is_typed_folder, is_valid_repo_id, repo_folder_in_models_root
+from core.registry import custom_spec, folder_in_models_root, is_typed_folder, is_valid_repo_id, repo_folder_in_models_root
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' training scripts and save_lora_weights use
 MAX_WEIGHT = 4.0  # beyond this a LoRA only burns the image; negative weights steer away from its concept
@@ -86,7 +86,6 @@ def _from_hub(repo_id: str, settings: Settings) -> LoraAdapter:
     from safetensors.torch import load_file
 
     from core.loading import ModelSource, classify_load_error
-    from core.registry import custom_spec
 
     try:
         path = hf_hub_download(repo_id, LORA_FILE, token=settings.hf_token)

@@ -17,7 +17,16 @@ from PIL import Image
 
 from core.checks import check_number
 from core.config import Settings
-from core.generation import MAX_SEED, GeneratedImage, StepReporter, device_slot, out_of_memory_error, report
+from core.generation import (
+    MAX_SEED,
+    GeneratedImage,
+    StepReporter,
+    device_slot,
+    out_of_memory_error,
+    random_seed,
+    report,
+    seeds_from,
+)
 from core.jobs import JobContext
 from core.manager import LoadedModel
 from core.registry import ModelSpec, spec_for_choice
@@ -34,9 +43,7 @@ class UnconditionalSettings:
     seed: int | None = None  # None: drawn when the run starts; image i gets seed + i
 
     def seeds(self) -> tuple[int, ...]:
-        if self.seed is None:
-            raise ValueError("the seed is drawn by generate() before a run")
-        return tuple((self.seed + i) % (MAX_SEED + 1) for i in range(self.num_images))
+        return seeds_from(self.seed, self.num_images)
 
 
 @dataclass(frozen=True)
@@ -93,9 +100,7 @@ def generate(
     # 1. Check inputs
     check_inputs(settings)
     if settings.seed is None:
-        import secrets
-
-        settings = replace(settings, seed=secrets.randbelow(2**32))
+        settings = replace(settings, seed=random_seed())
 
     # 2. Wait for the device
     reporter = StepReporter(context, abandoned, settings.steps)
