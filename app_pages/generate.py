@@ -265,8 +265,9 @@ def show_entry(entry: GalleryEntry) -> None:
         )
         if isinstance(result, UnconditionalResult):  # small samples: one grid, each image in the zip
             st.image(result.grid, width=min(384, 4 * result.grid.width), output_format="PNG")
-            grid_png = pnginfo.png_with_parameters(result.grid, pnginfo.unconditional_parameters_text(result.settings.steps, result.settings.seed, result.model_name))
-            st.download_button("Grid PNG", grid_png, file_name=f"run{entry.number:03d}-grid.png", mime="image/png",
+            # The grid PNG is encoded when the button is clicked, not on every rerun of the page.
+            text = pnginfo.unconditional_parameters_text(result.settings.steps, result.settings.seed, result.model_name)
+            st.download_button("Grid PNG", lambda: pnginfo.png_with_parameters(result.grid, text), file_name=f"run{entry.number:03d}-grid.png", mime="image/png",
                                key=key(f"grid:{entry.number}"), icon="⬇️", on_click="ignore")
             return
         columns = st.columns(min(len(result.images), 4))

@@ -98,3 +98,6 @@ def test_image_to_image_from_the_gallery_then_inpaint_then_ddpm(app_url, page):
     page.get_by_text("This session's images (12), newest first").wait_for(timeout=WAIT_MS)
     assert page.locator("[data-testid='stException']").count() == 0
     screenshot(page, "generate-ddpm")
+    with page.expect_download() as download_info:
+        page.get_by_role("button", name="Grid PNG").click()
+    assert "Steps: 20, Seed: " in pnginfo.read_parameters(download_info.value.path().read_bytes())
