@@ -11,10 +11,13 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
 from bench.common import PROJECT_ROOT, environment
+
+TABLE_START, TABLE_END = "<!-- bench table: written by bench/report.py -->", "<!-- end of bench table -->"
 
 
 def run_benchmark(module: str, quick: bool) -> list[dict[str, object]]:
@@ -71,8 +74,16 @@ def main() -> None:
     args = parser.parse_args()
     figures = [figure for module in args.modules for figure in run_benchmark(module, args.quick)]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with open(args.output, "w") as handle:
-        handle.write(markdown(figures, environment(device), args.quick))
+    write_table(Path(args.output), markdown(figures, environment(device), args.quick))
+
+
+def write_table(path: Path, table: str) -> None:
+    """Replace the generated part of `path` (between the markers), keeping the notes written around it."""
+    old = path.read_text() if path.exists() else ""
+    if TABLE_START in old and TABLE_END in old:
+        before, rest = old.split(TABLE_START, 1)
+        table = before + TABLE_START + "\n" + table.removeprefix("# Performance\n\n") + TABLE_END + rest.split(TABLE_END, 1)[1]
+    path.write_text(table)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,12 @@ class Settings:
     # Full pickle (torch.load with weights_only=False) can run code from a checkpoint: off, so torchvision weights
     # load weights-only; on only for checkpoints that need it, and then the ImageNet page says so.
     allow_pickle: bool = False
+    # Replay fixed-shape GPU forwards (single-image classifiers, SD UNet steps) from CUDA graphs: the same kernels as
+    # eager, several times faster where launches bind; off runs everything eagerly (core.cuda_graphs).
+    cuda_graphs: bool = True
+    # Fold each BatchNorm into the convolution before it when a torchvision classifier loads (core.loading): fewer
+    # kernels, the same function up to rounding; off keeps the checkpoint's layers as they are.
+    fold_batchnorm: bool = True
     # Kept out of repr so that printing the settings never shows it.
     hf_token: str | None = field(default=None, repr=False)
 
@@ -192,6 +198,8 @@ class Settings:
         standin_fallback = checked(_flag, env.get("DASH_STANDIN_FALLBACK"), False, "DASH_STANDIN_FALLBACK")
         torch_hub_allow = checked(parse_repo_list, env.get("DASH_TORCH_HUB_ALLOW", ""))
         allow_pickle = checked(_flag, env.get("DASH_ALLOW_PICKLE"), False, "DASH_ALLOW_PICKLE")
+        cuda_graphs = checked(_flag, env.get("DASH_CUDA_GRAPHS"), True, "DASH_CUDA_GRAPHS")
+        fold_batchnorm = checked(_flag, env.get("DASH_FOLD_BATCHNORM"), True, "DASH_FOLD_BATCHNORM")
         if errors:
             raise SettingsError("\n".join(errors))
         standin_dir = env.get("DASH_STANDIN_DIR", "").strip()
@@ -205,6 +213,8 @@ class Settings:
             max_upload_mb=max_upload_mb,
             torch_hub_allow=torch_hub_allow,
             allow_pickle=allow_pickle,
+            cuda_graphs=cuda_graphs,
+            fold_batchnorm=fold_batchnorm,
             hf_token=_read_token(env, secrets_file),
         )
 
@@ -230,6 +240,8 @@ def describe(settings: Settings) -> str:
         f"stand-ins:        {'automatic' if settings.standin_fallback else 'on request'}, in {settings.standin_dir}",
         f"torch.hub repos:  {', '.join(settings.torch_hub_allow)}",
         f"full pickle:      {'ALLOWED (DASH_ALLOW_PICKLE)' if settings.allow_pickle else 'refused (torchvision weights load weights-only)'}",
+        f"CUDA graphs:      {'on' if settings.cuda_graphs else 'off (DASH_CUDA_GRAPHS)'}",
+        f"fold BatchNorm:   {'on' if settings.fold_batchnorm else 'off (DASH_FOLD_BATCHNORM)'}",
         f"HF token:         {'set' if settings.hf_token else 'not set'}",
     ))
 

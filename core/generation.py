@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from core import lora
+from core import cuda_graphs, lora
 from core.checks import check_number
 from core.config import Settings
 from core.errors import BadInputError, GpuOutOfMemoryError
@@ -91,6 +91,9 @@ class MemoryMode(StrEnum):
 
 
 _GPU_ONLY_MODES = (MemoryMode.MODEL_OFFLOAD, MemoryMode.SEQUENTIAL_OFFLOAD)
+# Modes that leave the UNet as loaded, so its calls can replay CUDA graphs (offload hooks move its weights and wrap
+# its forward; attention slicing swaps its attention processors).
+_GRAPHABLE_MODES = (MemoryMode.NONE, MemoryMode.VAE_SLICING, MemoryMode.VAE_TILING)
 
 
 class Mode(StrEnum):
@@ -198,6 +201,7 @@ class GenerationResult:
     steps_per_s: float
     peak_memory_bytes: int | None  # torch's peak allocation on the GPU during the run; None on the CPU
     notes: tuple[str, ...] = field(default=())
+    unet_path: str = "eager"  # how the denoising steps ran: "eager" or "CUDA graph" (core.cuda_graphs)
 
     def settings_for(self, index: int) -> GenerationSettings:
         """The settings that make image `index` again on its own."""
@@ -581,11 +585,13 @@ def _run(
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         reporter.started = time.perf_counter()
-        output = run_pipe(
-            prompt=settings.prompt, negative_prompt=settings.negative_prompt or None,
-            num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, num_images_per_prompt=settings.num_images,
-            generator=generators, callback_on_step_end=reporter, **_mode_arguments(settings, source),
-        )
+        # LoRA layers change the UNet's modules for this run only: a graph of them would be captured for nothing.
+        with cuda_graphs.graphed_unet(pipe.unet, allowed=not loras and settings.memory_mode in _GRAPHABLE_MODES) as unet_calls:
+            output = run_pipe(
+                prompt=settings.prompt, negative_prompt=settings.negative_prompt or None,
+                num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, num_images_per_prompt=settings.num_images,
+                generator=generators, callback_on_step_end=reporter, **_mode_arguments(settings, source),
+            )
         seconds = time.perf_counter() - reporter.started
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     except torch.OutOfMemoryError:
@@ -609,4 +615,5 @@ def _run(
         images=images, settings=settings, model_name=model.spec.repo_id, model_title=model.spec.title, is_standin=model.is_standin,
         device=str(device), dtype=str(pipe.unet.dtype).removeprefix("torch."), seconds=seconds,
         steps_per_s=settings.denoising_steps / seconds if seconds > 0 else 0.0, peak_memory_bytes=peak, notes=notes,
+        unet_path=unet_calls.path,
     )

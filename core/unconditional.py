@@ -59,6 +59,7 @@ class UnconditionalResult:
     seconds: float
     steps_per_s: float
     peak_memory_bytes: int | None
+    unet_path: str = "eager"  # the DDPM loop's small UNet calls are not graphed (core.generation's are)
 
 
 def model_spec_for(choice: str, custom: str, settings: Settings) -> ModelSpec:

@@ -54,3 +54,45 @@ def test_concurrent_replays_return_each_callers_own_result():
         thread.join(60)
     for index in range(8):
         torch.testing.assert_close(results[index], expected[index])
+
+
+def test_unet_graphs_are_dropped_when_the_weights_move():
+    unet = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3), torch.nn.GroupNorm(2, 4))
+    first = cuda_graphs._graphs_for(unet)
+    assert cuda_graphs._graphs_for(unet) is first  # weights where they were: the same graphs
+    unet.to(torch.float64)  # a cast allocates every weight anew, as precision changes and offload do
+    assert cuda_graphs._graphs_for(unet) is not first
+    unet.add_module("extra", torch.nn.Linear(2, 2))  # new weights (fused projections): not what was captured
+    assert cuda_graphs._graphs_for(unet).weights_at != first.weights_at
+
+
+def test_graphed_unet_off_the_gpu_leaves_calls_eager_and_forward_as_it_was():
+    unet = torch.nn.Linear(4, 4)
+    with cuda_graphs.graphed_unet(unet) as calls:
+        assert "forward" not in vars(unet)
+        unet(torch.randn(1, 4))
+    assert calls.path == "eager" and "forward" not in vars(unet)
+
+
+@pytest.mark.gpu
+def test_a_graphed_unet_run_serves_plain_calls_from_graphs_and_the_rest_eagerly():
+    class UNetLike(torch.nn.Module):  # diffusers' UNet call signature
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, sample, timestep, encoder_hidden_states, cross_attention_kwargs=None, return_dict=True):
+            out = self.conv(sample) * timestep.float() + encoder_hidden_states.mean()
+            return (out,) if not return_dict else {"sample": out}
+
+    unet = UNetLike().cuda().half()
+    sample, context = torch.randn(2, 4, 8, 8, device="cuda").half(), torch.randn(2, 3, 5, device="cuda").half()
+    with torch.inference_mode():
+        expected = [unet(sample, torch.tensor(t, device="cuda"), context, return_dict=False)[0] for t in (1, 2, 3)]
+        with cuda_graphs.graphed_unet(unet) as calls:
+            actual = [unet(sample, torch.tensor(t, device="cuda"), context, return_dict=False)[0] for t in (1, 2, 3)]
+            unet(sample, torch.tensor(1, device="cuda"), context, cross_attention_kwargs={"scale": 0.5}, return_dict=False)  # LoRA-style: eager
+    for want, got in zip(expected, actual, strict=True):
+        assert torch.equal(want, got)
+    assert (calls.graphed, calls.eager) == (3, 1) and calls.path == "CUDA graph (3 of 4 UNet calls)"
+    assert "forward" not in vars(unet)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from bench.bench_generation import build_full_size_ddpm, build_full_size_sd
-from core import generation, lora, unconditional
+from core import cuda_graphs, generation, lora, unconditional
 from core.config import Settings
 from core.errors import GpuOutOfMemoryError
 from core.generation import GenerationSettings, MemoryMode, Mode, Precision, SourceImages
@@ -70,6 +70,22 @@ def test_fp16_run_at_512(sd):
     assert result.dtype == "float16" and [image.image.size for image in result.images] == [(512, 512)] * 2
     assert np.isfinite(pixels(result)).all() and pixels(result).std() > 0
     assert 0 < result.peak_memory_bytes < 8 * 2**30
+
+
+def test_cuda_graph_steps_make_the_same_images_as_eager_steps_within_peak_memory(sd):
+    graphed = run(sd, BASE, "fp16, CUDA graph")
+    graphed_again = run(sd, BASE, "fp16, CUDA graph, captured")
+    cuda_graphs.set_enabled(False)
+    try:
+        eager = run(sd, BASE, "fp16, eager")
+    finally:
+        cuda_graphs.set_enabled(True)
+    assert graphed.unet_path == graphed_again.unet_path == "CUDA graph" and eager.unet_path == "eager"
+    difference = np.abs(pixels(graphed) - pixels(eager)).max()
+    print(json.dumps({"graph_vs_eager_max_pixel_difference": int(difference)}))
+    assert difference == 0  # the same kernels on the same inputs
+    assert np.array_equal(pixels(graphed), pixels(graphed_again))
+    assert graphed_again.peak_memory_bytes <= 3.4e9  # issue 9's ceiling for fp16
 
 
 def test_every_memory_mode_runs_lowers_its_peak_and_turns_off_cleanly(sd):

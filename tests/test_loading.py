@@ -82,3 +82,46 @@ def test_a_token_quoted_by_a_library_never_reaches_the_message():
     leaked = OSError(f"401 for url with Authorization: Bearer {token}")
     classified = loading.classify_load_error(MODELS["hotdog"], HUB, leaked, token=token)
     assert token not in str(classified) and "[token hidden]" in str(classified)
+
+
+def _with_random_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):  # a fresh BatchNorm is the identity: folding it would prove nothing
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.normal_()
+            module.bias.data.normal_()
+    return model.eval()
+
+
+def test_batchnorm_folding_keeps_resnet50s_function_and_module_tree():
+    import torchvision
+
+    from core.loading import fold_batch_norms
+
+    model = _with_random_statistics(torchvision.models.resnet50())
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = model(images)
+        assert fold_batch_norms(model) == 53
+        actual = model(images)
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())
+    assert isinstance(model.layer4, torch.nn.Sequential)  # Grad-CAM hooks the same modules as before
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_batchnorm_folding_leaves_a_norm_that_is_not_a_convs_only_consumer():
+    from core.loading import fold_batch_norms
+
+    class Branching(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.norm = torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            features = self.conv(x)
+            return self.norm(features) + features  # the conv's raw output is used too: folding would change it
+
+    model = _with_random_statistics(Branching())
+    assert fold_batch_norms(model) == 0 and isinstance(model.norm, torch.nn.BatchNorm2d)

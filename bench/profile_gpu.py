@@ -1,0 +1,118 @@
+"""Where the time goes on the GPU: the evidence behind docs/PERFORMANCE.md's notes on each target.
+
+    python -m bench.profile_gpu
+
+For each fixed-shape forward (ResNet50, ViT-base, the SD 1.5 UNet step, the VAE decoder, the CLIP text encoder) at
+full size with random weights: wall time per call eager and replayed from a CUDA graph, and the GPU's own busy time per
+call from torch.profiler (the sum of its kernels). Wall well above GPU time means launch-bound, where graphs help;
+wall close to GPU time means the kernels themselves are the limit. Variants the app does not use by default
+(channels-last UNet, fused QKV projections, unfolded BatchNorm) are timed beside them, so each choice has a figure.
+One JSON line per measurement.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch.profiler import ProfilerActivity, profile
+
+from bench.bench_classifiers import full_size_hotdog
+from bench.bench_generation import build_full_size_sd
+from bench.common import environment, median_seconds
+from core import cuda_graphs
+from core.config import Settings
+from core.loading import fold_batch_norms
+from core.manager import ModelManager
+from core.registry import MODELS
+
+CUDA = torch.device("cuda")
+
+
+def gpu_busy_ms(run: Callable[[], object], calls: int = 5) -> float:
+    """The GPU's kernel time per call of `run`, from the profiler (graph replays included)."""
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            run()
+        torch.cuda.synchronize()
+    return sum(event.self_device_time_total for event in prof.key_averages()) / 1000 / calls
+
+
+def measure(name: str, run: Callable[[], object], repeats: int = 20, **details: object) -> None:
+    wall_ms = median_seconds(run, CUDA, warmup=3, repeats=repeats) * 1000
+    print(json.dumps({"profile": name, "wall_ms": round(wall_ms, 3), "gpu_busy_ms": round(gpu_busy_ms(run), 3), **details}), flush=True)
+
+
+@torch.inference_mode()
+def classifiers(root: Path) -> None:
+    image = torch.randn(1, 3, 224, 224, device=CUDA, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    batch = torch.randn(256, 3, 224, 224, device=CUDA, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    torch.backends.cudnn.benchmark = True
+    for folded in (False, True):
+        model = torchvision.models.resnet50().eval()
+        if folded:
+            fold_batch_norms(model)
+        model = model.to(CUDA, torch.float16).to(memory_format=torch.channels_last)
+        measure("ResNet50 1 image eager", lambda m=model: m(image), folded_batchnorm=folded)
+        measure("ResNet50 1 image CUDA graph", lambda m=model: cuda_graphs.graphed_forward(m, m, image), folded_batchnorm=folded)
+        measure("ResNet50 256 images eager", lambda m=model: m(batch), repeats=10, folded_batchnorm=folded, images=256)
+    full_size_hotdog(root)
+    vit = ModelManager(Settings(models_root=root, standin_dir=root / "standins")).get(MODELS["hotdog"]).obj.model
+    pixels = torch.randn(1, 3, 224, 224, device=CUDA, dtype=vit.dtype)
+    logits = lambda x: vit(pixel_values=x).logits  # noqa: E731
+    measure("ViT-base 1 image eager", lambda: logits(pixels))
+    measure("ViT-base 1 image CUDA graph", lambda: cuda_graphs.graphed_forward(vit, logits, pixels))
+
+
+@torch.inference_mode()
+def stable_diffusion(root: Path) -> None:
+    build_full_size_sd(root)
+    manager = ModelManager(Settings(models_root=root, standin_dir=root / "standins"))
+    manager.get(MODELS["sd15"])
+    manager.unload("sd15")
+    pipe = manager.get(MODELS["sd15"]).obj  # the second load reads from the page cache, as an app restart would
+    print(json.dumps({"profile": "SD1.5 load from local safetensors to the GPU", "seconds": round(manager.status([MODELS["sd15"]])[0].load_s, 3)}), flush=True)
+    unet = pipe.unet
+    for images in (1, 4):
+        unet_variants(unet, 2 * images)  # classifier-free guidance: two UNet rows per image
+    latents = torch.randn(1, 4, 64, 64, device=CUDA, dtype=unet.dtype)
+    measure("SD1.5 VAE decode 512x512", lambda: pipe.vae.decode(latents).sample, repeats=10)
+    tokens = torch.randint(0, 50, (1, 77), device=CUDA)
+    measure("SD1.5 CLIP text encoder, one prompt", lambda: pipe.text_encoder(tokens)[0])
+
+
+def unet_variants(unet: torch.nn.Module, batch: int) -> None:
+    sample = torch.randn(batch, 4, 64, 64, device=CUDA, dtype=unet.dtype)
+    context = torch.randn(batch, 77, 768, device=CUDA, dtype=unet.dtype)
+    timestep = torch.tensor(500, device=CUDA)
+
+    def step() -> torch.Tensor:
+        return unet(sample, timestep, context, return_dict=False)[0]
+
+    measure("SD1.5 UNet step eager", step, batch=batch)
+    with cuda_graphs.graphed_unet(unet):
+        measure("SD1.5 UNet step CUDA graph", step, batch=batch)
+    unet.to(memory_format=torch.channels_last)
+    with cuda_graphs.graphed_unet(unet):
+        measure("SD1.5 UNet step CUDA graph, channels-last", step, batch=batch)
+    unet.to(memory_format=torch.contiguous_format)
+    unet.fuse_qkv_projections()
+    with cuda_graphs.graphed_unet(unet):
+        measure("SD1.5 UNet step CUDA graph, fused QKV", step, batch=batch)
+    unet.unfuse_qkv_projections()
+
+
+def main() -> None:
+    print(json.dumps({"environment": environment(CUDA)}), flush=True)
+    root = Path(tempfile.mkdtemp())
+    classifiers(root / "classifiers")
+    stable_diffusion(root / "sd")
+
+
+if __name__ == "__main__":
+    main()
