@@ -47,10 +47,13 @@ def environment(device: torch.device) -> dict[str, str]:
     except ImportError:  # the classifier and sentiment benchmarks run without it
         diffusers_version = "not installed"
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = os.environ.get("BENCH_COMMIT", "unknown")  # a copy of the tree without .git, as on the GPU machine
+    # BENCH_COMMIT first: the GPU machine's copy of the tree may carry a stale .git
+    commit = os.environ.get("BENCH_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),

@@ -11,8 +11,10 @@ One JSON line per measurement.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -107,9 +109,57 @@ def unet_variants(unet: torch.nn.Module, batch: int) -> None:
     unet.unfuse_qkv_projections()
 
 
+def top_kernels(name: str, run: Callable[[], object], count: int = 6) -> None:
+    """The kernels that take the GPU's time in one call of `run`, largest first: what a faster path has to beat."""
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda event: event.self_device_time_total, reverse=True)
+    total = sum(event.self_device_time_total for event in events) or 1
+    top = [{"kernel": event.key[:80], "share": round(event.self_device_time_total / total, 3)} for event in events[:count]]
+    print(json.dumps({"profile": name, "gpu_busy_ms": round(total / 1000, 3), "top_kernels": top}), flush=True)
+
+
+@torch.inference_mode()
+def compiled(root: Path, modes: list[str]) -> None:
+    """torch.compile on top of the same models: compile time, then wall and GPU time as above (graph replay on top)."""
+    torch.backends.cudnn.benchmark = True
+    batch = torch.randn(256, 3, 224, 224, device=CUDA, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    resnet = torchvision.models.resnet50().eval().to(CUDA, torch.float16).to(memory_format=torch.channels_last)
+    top_kernels("ResNet50 256 images eager", lambda: resnet(batch))
+    build_full_size_sd(root / "sd")
+    unet = ModelManager(Settings(models_root=root / "sd", standin_dir=root / "standins")).get(MODELS["sd15"]).obj.unet
+    unet.to(memory_format=torch.channels_last)
+    sample = torch.randn(2, 4, 64, 64, device=CUDA, dtype=unet.dtype)
+    context = torch.randn(2, 77, 768, device=CUDA, dtype=unet.dtype)
+    timestep = torch.tensor(500, device=CUDA)
+    top_kernels("SD1.5 UNet step eager, channels-last", lambda: unet(sample, timestep, context, return_dict=False)[0])
+    for mode in modes:
+        started = time.perf_counter()
+        fast_resnet = torch.compile(resnet, mode=mode)
+        fast_resnet(batch)
+        print(json.dumps({"profile": "ResNet50 compile", "mode": mode, "compile_s": round(time.perf_counter() - started, 1)}), flush=True)
+        measure("ResNet50 256 images compiled", lambda m=fast_resnet: m(batch), repeats=10, mode=mode, images=256)
+        started = time.perf_counter()
+        fast_unet = torch.compile(unet, mode=mode)
+        fast_unet(sample, timestep, context, return_dict=False)
+        print(json.dumps({"profile": "SD1.5 UNet compile", "mode": mode, "compile_s": round(time.perf_counter() - started, 1)}), flush=True)
+        graph = cuda_graphs._Graph(lambda s, t, e, m=fast_unet: m(s, t, e, return_dict=False)[0], (sample, timestep, context))
+        measure("SD1.5 UNet step compiled, CUDA graph, channels-last", lambda g=graph: g(sample, timestep, context), mode=mode, batch=2)
+        torch._dynamo.reset()
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--compile", nargs="*", metavar="MODE", help="time torch.compile in these modes instead")
+    args = parser.parse_args()
     print(json.dumps({"environment": environment(CUDA)}), flush=True)
     root = Path(tempfile.mkdtemp())
+    if args.compile is not None:
+        compiled(root, args.compile)
+        return
     classifiers(root / "classifiers")
     stable_diffusion(root / "sd")
 
