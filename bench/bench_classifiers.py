@@ -18,7 +18,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from bench.common import SHARED_MODELS, emit, environment, median_seconds
+from bench.common import SHARED_MODELS, emit, environment, median_seconds, settled
 from core import imagenet
 from core.classify import _forward as classify_forward
 from core.classify import classify_images
@@ -66,17 +66,17 @@ def bench_hotdog(manager: ModelManager, hotdog_folder: Path, device: torch.devic
     naive_pipe = pipeline("image-classification", model=str(hotdog_folder), device=device)
     naive = median_seconds(lambda: naive_pipe(one[0].image), device, repeats=repeats)
     hotdog = manager.get(MODELS["hotdog"])
-    ours = median_seconds(lambda: classify_images(hotdog, one), device, repeats=repeats)
+    ours = median_seconds(settled(lambda: classify_images(hotdog, one)), device, repeats=repeats)
     emit("hot dog ViT-base, one image", naive * 1000, ours * 1000, "ms", False, dtype=str(hotdog.dtype))
     naive_batch = median_seconds(lambda: [naive_pipe(p.image) for p in many], device, warmup=1, repeats=max(repeats // 4, 1))
-    ours_batch = median_seconds(lambda: classify_images(hotdog, many), device, warmup=1, repeats=max(repeats // 4, 1))
+    ours_batch = median_seconds(settled(lambda: classify_images(hotdog, many)), device, warmup=1, repeats=max(repeats // 4, 1))
     emit(f"hot dog ViT-base, {batch} images", batch / naive_batch, batch / ours_batch, "images/s", True)
     # The model alone on one preprocessed 224² image: the tutorial's fp32 eager forward against the core's _forward.
     pixels = classify_preprocess(hotdog.obj, one)
     naive_inputs = {name: tensor.float() for name, tensor in pixels.items()}
     with torch.no_grad():
         naive_forward = median_seconds(lambda: naive_pipe.model(**naive_inputs).logits, device, repeats=repeats)
-    ours_forward = median_seconds(lambda: classify_forward(hotdog.obj.model, pixels), device, repeats=repeats)
+    ours_forward = median_seconds(settled(lambda: classify_forward(hotdog.obj.model, pixels)), device, repeats=repeats)
     emit("hot dog ViT-base, one 224² image, forward only", naive_forward * 1000, ours_forward * 1000, "ms", False)
     manager.unload("hotdog")
 
@@ -94,7 +94,7 @@ def bench_resnet(manager: ModelManager, device: torch.device, one: list[DecodedI
 
     resnet = manager.get(MODELS["resnet50"])  # full-size torchvision architecture, random weights
     naive = median_seconds(lambda: naive_resnet(one), device, repeats=repeats)
-    ours = median_seconds(lambda: imagenet.classify(resnet, one), device, repeats=repeats)
+    ours = median_seconds(settled(lambda: imagenet.classify(resnet, one)), device, repeats=repeats)
     emit("ResNet50, one image (preprocessing included)", naive * 1000, ours * 1000, "ms", False, dtype=str(resnet.dtype))
     tensor_batch = torch.randn(batch, 3, 224, 224, device=device)
     # Our side gets its input as preprocess() hands it over (fp16, channels-last on CUDA), prepared outside the timing.
@@ -102,9 +102,9 @@ def bench_resnet(manager: ModelManager, device: torch.device, one: list[DecodedI
     with torch.no_grad():  # the tutorial's own guard, so the naive side builds no autograd graph either
         naive_forward = median_seconds(lambda: naive_model(tensor_batch[:1]), device, repeats=repeats)
         naive_throughput = median_seconds(lambda: naive_model(tensor_batch), device, warmup=1, repeats=max(repeats // 4, 1))
-    ours_forward = median_seconds(lambda: imagenet._forward(resnet.obj, prepared[:1]), device, repeats=repeats)
+    ours_forward = median_seconds(settled(lambda: imagenet._forward(resnet.obj, prepared[:1])), device, repeats=repeats)
     emit("ResNet50, one 224² tensor, forward only", naive_forward * 1000, ours_forward * 1000, "ms", False)
-    ours_throughput = median_seconds(lambda: imagenet._forward(resnet.obj, prepared), device, warmup=1, repeats=max(repeats // 4, 1))
+    ours_throughput = median_seconds(settled(lambda: imagenet._forward(resnet.obj, prepared)), device, warmup=1, repeats=max(repeats // 4, 1))
     emit(f"ResNet50, batch of {batch}, forward only", batch / naive_throughput, batch / ours_throughput, "images/s", True)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from dataclasses import replace
@@ -18,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import SHARED_MODELS, emit, environment, median_seconds, synchronize
-from core import cuda_graphs, generation
+from bench.common import COMPILE_WAIT_S, SHARED_MODELS, emit, environment, median_seconds, settled, synchronize
+from core import compiled, cuda_graphs, generation
 from core.config import Settings
 from core.generation import GenerationSettings, MemoryMode, Precision
 from core.manager import LoadedModel, ModelManager, release_memory
@@ -75,6 +76,7 @@ def peak_bytes(device: torch.device) -> int | None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="the tiny stand-in on the CPU, 64x64, a few steps")
+    parser.add_argument("--first-image-only", action="store_true", help="load, first image and its background compile only (run it again for a warm cache)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     print(json.dumps({"environment": environment(device)}), flush=True)
@@ -87,6 +89,8 @@ def main() -> None:
     if args.quick:
         base = replace(base, steps=4, width=64, height=64)
     model = bench_first_image(manager, base, device)
+    if args.first_image_only:
+        return
     repeats = 2 if args.quick else 3
     naive = bench_naive(model, base, device, repeats)
     release_memory()  # the naive pipeline is gone with bench_naive's frame: give its memory back before our figures
@@ -105,6 +109,10 @@ def bench_first_image(manager: ModelManager, base: GenerationSettings, device: t
     synchronize(device)
     emit(f"SD1.5 first image after the app starts ({base.steps} steps, load included)", None, time.perf_counter() - started, "s", False,
          unet_path=result.unet_path)
+    if compiled.wait_until_settled(COMPILE_WAIT_S):
+        for record in compiled.records():
+            emit(f"torch.compile of the {record.model} in the background, {record.shape}", None, record.seconds, "s", False, state=str(record.state),
+                 cache=os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
     return model
 
 
@@ -130,23 +138,28 @@ def bench_ours(model: LoadedModel, base: GenerationSettings, device: torch.devic
 
     def figure(name: str, settings: GenerationSettings, warmup: int = 1, runs: int = repeats, same_work: bool = True) -> None:
         results = []
+        # One call first: it settles the memory mode and dtype (before the peak is measured) and queues the compile.
+        run = settled(lambda: results.append(generation.generate(model, settings)))
         if device.type == "cuda":
-            generation.generate(model, settings)  # settle the memory mode and dtype before the peak is measured
             torch.cuda.reset_peak_memory_stats(device)
-        seconds = median_seconds(lambda: results.append(generation.generate(model, settings)), device, warmup=warmup, repeats=runs)
+        seconds = median_seconds(run, device, warmup=warmup, repeats=runs)
         emit(name, naive_s if same_work else None, seconds / settings.num_images, "s/image", False, peak_allocated_bytes=peak_bytes(device),
              precision=str(settings.precision), memory_mode=str(settings.memory_mode), scheduler=settings.scheduler, steps=settings.steps,
              unet_path=results[-1].unet_path)
 
     size = f"SD1.5 {base.width}x{base.height}"
     figure(f"{size} {base.steps} steps PNDM, ours ({str(model.dtype).removeprefix('torch.')})", base)
-    cuda_graphs.set_enabled(False)
-    figure(f"{size} {base.steps} steps PNDM, ours, CUDA graphs off", base)
-    cuda_graphs.set_enabled(True)
     figure(f"{size} 25 steps DPM++ 2M Karras, ours", replace(base, steps=25, scheduler="DPM++ 2M Karras"), same_work=False)
     figure(f"{size} {base.steps} steps PNDM, 4 images per run, ours", replace(base, num_images=4), runs=max(repeats - 1, 1))
     if device.type != "cuda":
         return
+    # The rest without compiles (each new dtype or shape would compile for a minute): graphs, or eager where a mode
+    # changes the UNet.
+    compiled.configure(False, Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]))
+    figure(f"{size} {base.steps} steps PNDM, ours, compile off", base)
+    cuda_graphs.set_enabled(False)
+    figure(f"{size} {base.steps} steps PNDM, ours, compile and CUDA graphs off (eager)", base)
+    cuda_graphs.set_enabled(True)
     figure(f"{size} {base.steps} steps PNDM, ours fp32", replace(base, precision=Precision.FP32))
     figure(f"{size} {base.steps} steps PNDM, ours bf16", replace(base, precision=Precision.BF16))
     for mode in MemoryMode:

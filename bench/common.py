@@ -22,6 +22,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+COMPILE_WAIT_S = 600  # the SD UNet's cold compile took 71 s on the H100; its first shapes queue behind each other
+
+
+def settled(run: Callable[[], object]) -> Callable[[], object]:
+    """`run`, after one call of it and every background compile that call queued (core.compiled): the steady state a
+    user gets from the second minute on."""
+    from core import compiled
+
+    run()
+    compiled.wait_until_settled(COMPILE_WAIT_S)
+    return run
+
+
 def median_seconds(run: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
     """Median wall time of `run()` after `warmup` untimed calls, with the GPU drained around each timing."""
     for _ in range(warmup):

@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 from bench.bench_classifiers import full_size_hotdog
 from bench.bench_generation import build_full_size_sd
 from bench.common import environment, median_seconds
-from core import cuda_graphs
+from core import classify, cuda_graphs, imagenet
 from core.config import Settings
 from core.loading import fold_batch_norms
 from core.manager import ModelManager
@@ -61,20 +61,19 @@ def classifiers(root: Path) -> None:
             fold_batch_norms(model)
         model = model.to(CUDA, torch.float16).to(memory_format=torch.channels_last)
         measure("ResNet50 1 image eager", lambda m=model: m(image), folded_batchnorm=folded)
-        measure("ResNet50 1 image CUDA graph", lambda m=model: cuda_graphs.graphed_forward(m, m, image), folded_batchnorm=folded)
+        measure("ResNet50 1 image CUDA graph", lambda m=model: cuda_graphs.graphed_forward(m, imagenet._logits, image), folded_batchnorm=folded)
         measure("ResNet50 256 images eager", lambda m=model: m(batch), repeats=10, folded_batchnorm=folded, images=256)
     full_size_hotdog(root)
-    vit = ModelManager(Settings(models_root=root, standin_dir=root / "standins")).get(MODELS["hotdog"]).obj.model
+    vit = ModelManager(Settings(models_root=root, standin_dir=root / "standins", compile=False)).get(MODELS["hotdog"]).obj.model
     pixels = torch.randn(1, 3, 224, 224, device=CUDA, dtype=vit.dtype)
-    logits = lambda x: vit(pixel_values=x).logits  # noqa: E731
-    measure("ViT-base 1 image eager", lambda: logits(pixels))
-    measure("ViT-base 1 image CUDA graph", lambda: cuda_graphs.graphed_forward(vit, logits, pixels))
+    measure("ViT-base 1 image eager", lambda: classify._logits(vit, pixels))
+    measure("ViT-base 1 image CUDA graph", lambda: cuda_graphs.graphed_forward(vit, classify._logits, pixels))
 
 
 @torch.inference_mode()
 def stable_diffusion(root: Path) -> None:
     build_full_size_sd(root)
-    manager = ModelManager(Settings(models_root=root, standin_dir=root / "standins"))
+    manager = ModelManager(Settings(models_root=root, standin_dir=root / "standins", compile=False))
     manager.get(MODELS["sd15"])
     manager.unload("sd15")
     pipe = manager.get(MODELS["sd15"]).obj  # the second load reads from the page cache, as an app restart would
@@ -130,7 +129,7 @@ def compiled(root: Path, modes: list[str]) -> None:
     resnet = torchvision.models.resnet50().eval().to(CUDA, torch.float16).to(memory_format=torch.channels_last)
     top_kernels("ResNet50 256 images eager", lambda: resnet(batch))
     build_full_size_sd(root / "sd")
-    unet = ModelManager(Settings(models_root=root / "sd", standin_dir=root / "standins")).get(MODELS["sd15"]).obj.unet
+    unet = ModelManager(Settings(models_root=root / "sd", standin_dir=root / "standins", compile=False)).get(MODELS["sd15"]).obj.unet
     unet.to(memory_format=torch.channels_last)
     sample = torch.randn(2, 4, 64, 64, device=CUDA, dtype=unet.dtype)
     context = torch.randn(2, 77, 768, device=CUDA, dtype=unet.dtype)

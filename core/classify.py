@@ -85,8 +85,12 @@ def preprocess(pipe: Any, images: list[DecodedImage]) -> dict[str, torch.Tensor]
     return {name: tensor.to(pipe.device, dtype=pipe.model.dtype) for name, tensor in inputs.items()}
 
 
+def _logits(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    return model(pixel_values=pixel_values).logits
+
+
 def _forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    return graphed_forward(model, lambda pixel_values: model(pixel_values=pixel_values).logits, inputs["pixel_values"])
+    return graphed_forward(model, _logits, inputs["pixel_values"])
 
 
 def postprocess(logits: torch.Tensor, id2label: dict[int, str], images: list[DecodedImage]) -> list[Classification]:

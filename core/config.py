@@ -166,6 +166,11 @@ class Settings:
     # Fold each BatchNorm into the convolution before it when a torchvision classifier loads (core.loading): fewer
     # kernels, the same function up to rounding; off keeps the checkpoint's layers as they are.
     fold_batchnorm: bool = True
+    # torch.compile on CUDA, in the background (core.compiled): each new input shape is served eagerly until its
+    # compile is done, then from fused kernels; close to the eager results (tests state the tolerance), not bit-equal.
+    compile: bool = True
+    # Inductor's caches, kept between starts so that a restart's compiles take seconds (TORCHINDUCTOR_CACHE_DIR wins).
+    compile_cache_dir: Path = Path.home() / ".cache" / "model-dashboard" / "inductor"
     # Kept out of repr so that printing the settings never shows it.
     hf_token: str | None = field(default=None, repr=False)
 
@@ -200,9 +205,11 @@ class Settings:
         allow_pickle = checked(_flag, env.get("DASH_ALLOW_PICKLE"), False, "DASH_ALLOW_PICKLE")
         cuda_graphs = checked(_flag, env.get("DASH_CUDA_GRAPHS"), True, "DASH_CUDA_GRAPHS")
         fold_batchnorm = checked(_flag, env.get("DASH_FOLD_BATCHNORM"), True, "DASH_FOLD_BATCHNORM")
+        compile_ = checked(_flag, env.get("DASH_COMPILE"), True, "DASH_COMPILE")
         if errors:
             raise SettingsError("\n".join(errors))
         standin_dir = env.get("DASH_STANDIN_DIR", "").strip()
+        compile_cache_dir = env.get("DASH_COMPILE_CACHE", "").strip()
         return cls(
             models_root=models_root,
             standin_dir=Path(standin_dir).expanduser() if standin_dir else cls.standin_dir,
@@ -215,6 +222,8 @@ class Settings:
             allow_pickle=allow_pickle,
             cuda_graphs=cuda_graphs,
             fold_batchnorm=fold_batchnorm,
+            compile=compile_,
+            compile_cache_dir=Path(compile_cache_dir).expanduser() if compile_cache_dir else cls.compile_cache_dir,
             hf_token=_read_token(env, secrets_file),
         )
 
@@ -242,6 +251,7 @@ def describe(settings: Settings) -> str:
         f"full pickle:      {'ALLOWED (DASH_ALLOW_PICKLE)' if settings.allow_pickle else 'refused (torchvision weights load weights-only)'}",
         f"CUDA graphs:      {'on' if settings.cuda_graphs else 'off (DASH_CUDA_GRAPHS)'}",
         f"fold BatchNorm:   {'on' if settings.fold_batchnorm else 'off (DASH_FOLD_BATCHNORM)'}",
+        f"torch.compile:    {f'on CUDA, in the background, cache {settings.compile_cache_dir}' if settings.compile else 'off (DASH_COMPILE)'}",
         f"HF token:         {'set' if settings.hf_token else 'not set'}",
     ))
 

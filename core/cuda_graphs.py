@@ -3,10 +3,13 @@
 A ResNet50 or ViT-base forward of one image launches a few hundred kernels, an SD UNet step over a thousand; on a
 fast GPU the CPU cannot issue them as quickly as the GPU runs them. A CUDA graph records the launches once and
 replays them in one call: the same kernels on the same data, so results match eager exactly. Graphs have fixed input
-and output buffers, so each replay holds a lock, and a call that has no graph runs eagerly.
+and output buffers, so each replay holds a lock, and a call that has no graph runs eagerly. Once core.compiled has
+compiled a shape in the background, its graph is captured again from the compiled function (fewer, fused kernels).
 
-A graph also records the addresses of the weights it reads. The UNet's graphs are therefore tied to where its weights
-were when they were captured, and dropped when a cast or an offload moved them.
+A graph records the addresses of the weights it reads, so a module's graphs (and compiles) are tied to where its
+weights were when they were captured, and dropped when a cast, an offload or an eviction moved them.
+
+Forward functions are "steps": module-level functions of (module, *tensors), see core.compiled.
 """
 from __future__ import annotations
 
@@ -21,11 +24,17 @@ from dataclasses import dataclass
 
 import torch
 
+from core import compiled
+
 log = logging.getLogger(__name__)
 
-# Shapes worth a graph: single images (the interactive case). Larger batches keep the GPU busy on their own.
+# Shapes worth a graph for classifiers: single images (the interactive case). Larger batches keep the GPU busy alone.
 GRAPHED_BATCH_SIZES = (1,)
+# A module keeps the graphs of its last few call shapes (an SD size x images per run); each holds an activation pool.
+GRAPHS_KEPT = 4
 WARMUP_RUNS = 3  # cuDNN autotuning and lazy initialisation must happen before capture, not inside it
+
+Step = Callable[..., torch.Tensor]
 
 
 class _Graph:
@@ -54,83 +63,110 @@ class _Graph:
             return self.static_output.clone()
 
 
-_graphs: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, _Graph | None]] = weakref.WeakKeyDictionary()
+_CAPTURING = object()  # a graph being recorded: other callers of that shape run without it meanwhile
+
+
+@dataclass
+class _ModuleGraphs:
+    weights_at: tuple[int, ...]
+    graphs: OrderedDict[tuple, _Graph | object | None]  # None: that call could not be captured, it stays ungraphed
+
+
+_graphs: weakref.WeakKeyDictionary[torch.nn.Module, _ModuleGraphs] = weakref.WeakKeyDictionary()
 _graphs_lock = threading.Lock()
-
-
 _enabled = True
 
 
 def set_enabled(enabled: bool) -> None:
-    """Switch graph replay on or off for the process (DASH_CUDA_GRAPHS); off, every call runs eagerly."""
+    """Switch graph replay on or off for the process (DASH_CUDA_GRAPHS); off, every call runs without graphs."""
     global _enabled
     _enabled = enabled
-
-
-def graphed_forward(module: torch.nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
-    """`forward(inputs)`, replayed from a CUDA graph when `inputs` is on CUDA and of a graphed batch size."""
-    if not _enabled or inputs.device.type != "cuda" or inputs.shape[0] not in GRAPHED_BATCH_SIZES:
-        with torch.inference_mode():
-            return forward(inputs)
-    key = (tuple(inputs.shape), inputs.dtype, inputs.device, inputs.is_contiguous(memory_format=torch.channels_last))
-    with _graphs_lock:
-        per_module = _graphs.setdefault(module, {})
-        capture = key not in per_module
-        if capture:
-            per_module[key] = None  # being captured; concurrent calls run eagerly meanwhile
-        graph = per_module[key]
-    if capture:
-        try:
-            graph = _Graph(forward, (inputs,))
-        except RuntimeError:
-            graph = None  # a model that cannot be captured stays eager for good
-        with _graphs_lock:
-            per_module[key] = graph
-    if graph is None:
-        with torch.inference_mode():
-            return forward(inputs)
-    return graph(inputs)
-
-
-# A UNet keeps the graphs of its last few call shapes (size x images per run); each holds a pool of activation memory.
-UNET_GRAPHS_KEPT = 4
-_UNET_EXTRAS_ALLOWED = {"timestep_cond", "attention_mask", "cross_attention_kwargs", "added_cond_kwargs", "down_block_additional_residuals",
-                        "mid_block_additional_residual", "down_intrablock_additional_residuals", "encoder_attention_mask"}
-
-
-@dataclass
-class UNetCalls:
-    """How a run's UNet calls were served: what the page tells the user."""
-
-    graphed: int = 0
-    eager: int = 0
-
-    @property
-    def path(self) -> str:
-        if not self.graphed:
-            return "eager"
-        return "CUDA graph" if not self.eager else f"CUDA graph ({self.graphed} of {self.graphed + self.eager} UNet calls)"
-
-
-@dataclass
-class _UNetGraphs:
-    weights_at: tuple[int, ...]
-    graphs: OrderedDict[tuple, _Graph | None]
-
-
-_unet_graphs: weakref.WeakKeyDictionary[torch.nn.Module, _UNetGraphs] = weakref.WeakKeyDictionary()
 
 
 def _weight_addresses(module: torch.nn.Module) -> tuple[int, ...]:
     return tuple(tensor.data_ptr() for tensor in itertools.chain(module.parameters(), module.buffers()))
 
 
-def _graphs_for(unet: torch.nn.Module) -> _UNetGraphs:
-    addresses = _weight_addresses(unet)
-    cache = _unet_graphs.get(unet)
-    if cache is None or cache.weights_at != addresses:
-        cache = _unet_graphs[unet] = _UNetGraphs(addresses, OrderedDict())
-    return cache
+def _graphs_for(module: torch.nn.Module) -> _ModuleGraphs:
+    """The module's graphs, emptied (with its compiles) when its weights are no longer where they were captured."""
+    addresses = _weight_addresses(module)
+    with _graphs_lock:
+        entry = _graphs.get(module)
+        if entry is None or entry.weights_at != addresses:
+            entry = _graphs[module] = _ModuleGraphs(addresses, OrderedDict())
+            compiled.forget(module)
+    return entry
+
+
+def _served(module: torch.nn.Module, entry: _ModuleGraphs, step: Step, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, str]:
+    """`step(module, *inputs)` from a graph where one can serve it, and the path that served it."""
+    fast = compiled.ready(module, step, inputs)
+    forward = fast or step
+    key = (compiled.shape_key(inputs), fast is not None)
+    with _graphs_lock:
+        graph = entry.graphs.get(key)
+        if key not in entry.graphs:
+            graph = entry.graphs[key] = _CAPTURING
+            if fast is not None:
+                entry.graphs.pop((key[0], False), None)  # the compiled graph replaces the eager one of that shape
+            while len(entry.graphs) > GRAPHS_KEPT:
+                entry.graphs.popitem(last=False)
+            capture = True
+        else:
+            entry.graphs.move_to_end(key)
+            capture = False
+    if capture:
+        graph = _capture(lambda *tensors: forward(module, *tensors), inputs)
+        with _graphs_lock:
+            entry.graphs[key] = graph
+    if isinstance(graph, _Graph):
+        return graph(*inputs), "compiled + CUDA graph" if fast is not None else "CUDA graph"
+    with torch.inference_mode():
+        return forward(module, *inputs), "compiled" if fast is not None else "eager"
+
+
+def _capture(forward: Callable[..., torch.Tensor], examples: tuple[torch.Tensor, ...]) -> _Graph | None:
+    try:
+        return _Graph(forward, examples)
+    except torch.OutOfMemoryError:
+        raise  # the caller's own failure, reported as such
+    except RuntimeError:
+        log.warning("A call could not be captured as a CUDA graph; that shape runs without one.", exc_info=True)
+        return None
+
+
+def graphed_forward(module: torch.nn.Module, step: Step, inputs: torch.Tensor) -> torch.Tensor:
+    """`step(module, inputs)` for a classifier: a single image from a graph, a batch compiled once that is ready."""
+    if inputs.device.type != "cuda":
+        with torch.inference_mode():
+            return step(module, inputs)
+    if _enabled and inputs.shape[0] in GRAPHED_BATCH_SIZES:
+        return _served(module, _graphs_for(module), step, (inputs,))[0]
+    fast = compiled.ready(module, step, (inputs,))
+    with torch.inference_mode():
+        return (fast or step)(module, inputs)
+
+
+@dataclass
+class UNetCalls:
+    """How a run's UNet calls were served: what the page tells the user."""
+
+    paths: dict[str, int]
+
+    @property
+    def path(self) -> str:
+        if len(self.paths) <= 1:
+            return next(iter(self.paths), "eager")
+        return ", ".join(f"{path} ({count} of {sum(self.paths.values())} UNet calls)" for path, count in self.paths.items())
+
+
+_UNET_EXTRAS = {"timestep_cond", "attention_mask", "cross_attention_kwargs", "added_cond_kwargs", "down_block_additional_residuals",
+                "mid_block_additional_residual", "down_intrablock_additional_residuals", "encoder_attention_mask"}
+
+
+def unet_step(unet: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    """One plain diffusers UNet call, through the class's own forward (graphed_unet swaps the instance's)."""
+    return type(unet).forward(unet, sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
 @contextmanager
@@ -138,49 +174,37 @@ def graphed_unet(unet: torch.nn.Module, allowed: bool = True) -> Iterator[UNetCa
     """Within: the diffusers UNet's plain calls (`return_dict=False`, no extra conditioning) replay CUDA graphs.
 
     For one run holding the device's slot: the UNet's `forward` is swapped for the run and put back after, and nothing
-    else may move its weights meanwhile. The first call of a shape captures its graph (a few eager warm-up calls
-    first); a call the graph cannot serve runs eagerly and is counted as such.
+    else may move its weights meanwhile. The first call of a shape captures its graph (a few warm-up calls first);
+    a call a graph cannot serve runs eagerly, and each call is counted under the path that served it.
     """
-    calls = UNetCalls()
+    calls = UNetCalls({})
     device = next(unet.parameters()).device
-    if not (_enabled and allowed and device.type == "cuda"):
+    if not (allowed and device.type == "cuda" and (_enabled or compiled.is_enabled())):
         yield calls  # every call eager, uncounted
         return
-    cache = _graphs_for(unet)
-    eager_forward = unet.forward
+    entry = _graphs_for(unet)
 
     def forward(sample: torch.Tensor, timestep: torch.Tensor | float, encoder_hidden_states: torch.Tensor, *args, **kwargs):
         extras = set(kwargs) - {"return_dict"}
-        plain = not args and kwargs.get("return_dict") is False and extras <= _UNET_EXTRAS_ALLOWED and all(kwargs[k] is None for k in extras)
+        plain = not args and kwargs.get("return_dict") is False and extras <= _UNET_EXTRAS and all(kwargs[k] is None for k in extras)
         if not plain:
-            calls.eager += 1
-            return eager_forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
-        timestep = torch.as_tensor(timestep, device=sample.device)
-        key = tuple((tuple(t.shape), t.dtype, t.stride()) for t in (sample, timestep, encoder_hidden_states))
-        if key not in cache.graphs:
-            cache.graphs[key] = _capture(lambda s, t, e: eager_forward(s, t, e, return_dict=False)[0], (sample, timestep, encoder_hidden_states))
-            while len(cache.graphs) > UNET_GRAPHS_KEPT:
-                cache.graphs.popitem(last=False)
-        cache.graphs.move_to_end(key)
-        graph = cache.graphs[key]
-        if graph is None:
-            calls.eager += 1
-            return eager_forward(sample, timestep, encoder_hidden_states, return_dict=False)
-        calls.graphed += 1
-        return (graph(sample, timestep, encoder_hidden_states),)
+            path, output = "eager", type(unet).forward(unet, sample, timestep, encoder_hidden_states, *args, **kwargs)
+        else:
+            inputs = (sample, torch.as_tensor(timestep, device=sample.device), encoder_hidden_states)
+            if _enabled:
+                result, path = _served(unet, entry, unet_step, inputs)
+            elif (fast := compiled.ready(unet, unet_step, inputs)) is not None:
+                with torch.inference_mode():  # as it was compiled: another grad mode would recompile here
+                    result = fast(unet, *inputs)
+                result, path = result.clone(), "compiled"  # a normal tensor again, for the scheduler's in-place steps
+            else:
+                result, path = unet_step(unet, *inputs), "eager"
+            output = (result,)
+        calls.paths[path] = calls.paths.get(path, 0) + 1
+        return output
 
     unet.forward = forward
     try:
         yield calls
     finally:
         del unet.forward  # the class's own forward again
-
-
-def _capture(forward: Callable[..., torch.Tensor], examples: tuple[torch.Tensor, ...]) -> _Graph | None:
-    try:
-        return _Graph(forward, examples)
-    except torch.OutOfMemoryError:
-        raise  # the run's own failure, reported as such
-    except RuntimeError:
-        log.warning("A UNet call could not be captured as a CUDA graph; that shape runs eagerly.", exc_info=True)
-        return None

@@ -56,8 +56,12 @@ def preprocess(model: LoadedModel, images: list[DecodedImage]) -> torch.Tensor:
     return batch.contiguous(memory_format=torch.channels_last) if model.device.type == "cuda" else batch
 
 
+def _logits(module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return module(batch)
+
+
 def _forward(module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    return graphed_forward(module, module, batch)
+    return graphed_forward(module, _logits, batch)
 
 
 def postprocess(logits: torch.Tensor, categories: list[str], images: list[DecodedImage], top_k: int) -> list[Classification]:

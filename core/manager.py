@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from core import cuda_graphs, loading, standins
+from core import compiled, cuda_graphs, loading, standins
 from core.config import Settings
 from core.devices import pick_device, pick_dtype
 from core.errors import DashboardError, ModelUnavailableError
@@ -151,7 +151,9 @@ class ModelManager:
     ) -> None:
         """`gpu_total_bytes` (CUDA index -> card bytes) stands in for the cards torch finds: tests plan without a GPU."""
         self.settings = settings
-        cuda_graphs.set_enabled(settings.cuda_graphs)  # a process setting: there is one manager per process
+        # Process settings: there is one manager per process.
+        cuda_graphs.set_enabled(settings.cuda_graphs)
+        compiled.configure(settings.compile, settings.compile_cache_dir)
         self.device = pick_device(settings)
         self.dtype = pick_dtype(self.device)
         self.policy = policy or MemoryPolicy.from_settings(settings)

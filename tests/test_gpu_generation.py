@@ -5,6 +5,7 @@ seconds and torch's peak allocated memory, per precision and per memory mode.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 
 from bench.bench_generation import build_full_size_ddpm, build_full_size_sd
-from core import cuda_graphs, generation, lora, unconditional
+from core import compiled, cuda_graphs, generation, lora, unconditional
 from core.config import Settings
 from core.errors import GpuOutOfMemoryError
 from core.generation import GenerationSettings, MemoryMode, Mode, Precision, SourceImages
@@ -35,7 +36,8 @@ BASE = GenerationSettings(prompt="a lighthouse at dawn", width=512, height=512, 
 def sd(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("full-size")
     build_full_size_sd(root / "models")
-    manager = ModelManager(Settings(models_root=root / "models", standin_dir=root / "standins"))
+    # Compile off: a background compile finishing mid-test would change the path; test_compiled_steps turns it on.
+    manager = ModelManager(Settings(models_root=root / "models", standin_dir=root / "standins", compile=False, compile_cache_dir=root / "inductor"))
     model = manager.get(MODELS["sd15"])
     assert not model.is_standin and model.dtype == torch.float16 and model.device.type == "cuda"
     yield model
@@ -86,6 +88,28 @@ def test_cuda_graph_steps_make_the_same_images_as_eager_steps_within_peak_memory
     assert difference == 0  # the same kernels on the same inputs
     assert np.array_equal(pixels(graphed), pixels(graphed_again))
     assert graphed_again.peak_memory_bytes <= eager.peak_memory_bytes + 64 * 2**20  # a graph's pool holds what eager steps allocate
+
+
+def test_compiled_steps_agree_with_eager_ones_and_serve_runs_once_ready(sd, tmp_path):
+    unet = sd.obj.unet
+    compiled.configure(True, tmp_path)
+    try:
+        queued = run(sd, BASE, "fp16, compile queued in the background")
+        assert "compiled" not in queued.unet_path  # the run did not wait for the compile
+        assert compiled.wait_until_settled(600)
+        print(json.dumps({"compiles": [dataclasses.asdict(record) for record in compiled.records()]}, default=str))
+        served = run(sd, BASE, "fp16, compiled")
+        assert served.unet_path == "compiled + CUDA graph"
+        inputs = (torch.randn(4, 4, 64, 64, device=CUDA, dtype=torch.float16), torch.tensor(500, device=CUDA),
+                  torch.randn(4, 77, 768, device=CUDA, dtype=torch.float16))
+        with torch.inference_mode():
+            eager = cuda_graphs.unet_step(unet, *inputs).float()
+            fast = compiled.ready(unet, cuda_graphs.unet_step, inputs)(unet, *inputs).float()
+        error = ((fast - eager).abs().max() / eager.abs().max()).item()
+        print(json.dumps({"compiled_vs_eager_unet_step_max_error_relative_to_largest": error}))
+        assert error < 1e-2  # fused kernels round differently; a wrong kernel would be off by far more
+    finally:
+        compiled.configure(False, tmp_path)
 
 
 def test_every_memory_mode_runs_lowers_its_peak_and_turns_off_cleanly(sd):

@@ -1,0 +1,79 @@
+"""core.compiled: torch.compile in the background, with a stand-in compiler so that the hand-over is tested here."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from core import compiled
+from core.compiled import CompileState
+
+
+@pytest.fixture
+def compiler(monkeypatch):
+    """A compiler whose compiles wait for `release` and whose compiled steps add 1000, so their results are told apart."""
+    release = threading.Event()
+
+    def compile_step(step):
+        release.wait(30)
+
+        def compiled_step(module, *inputs):
+            return step(module, *inputs) + 1000
+
+        return compiled_step
+
+    monkeypatch.setattr(compiled, "_compiler", compile_step)
+    monkeypatch.setattr(compiled, "_enabled", True)
+    monkeypatch.setattr(compiled, "_on_gpu", lambda tensor: True)
+    return release
+
+
+def linear_step(module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    return module(inputs)
+
+
+def states(module) -> list[CompileState]:
+    return [record.state for record in compiled.records() if record.model == type(module).__name__ and record.shape in {"1×4", "2×4"}]
+
+
+def test_a_shape_is_served_eagerly_until_its_background_compile_is_done(compiler):
+    module, one = torch.nn.Linear(4, 4), torch.randn(1, 4)
+    assert compiled.ready(module, linear_step, (one,)) is None  # queued: this call runs eagerly
+    assert compiled.ready(module, linear_step, (one,)) is None  # still compiling: still eager, not queued twice
+    assert states(module) == [CompileState.COMPILING]
+    compiler.set()
+    assert compiled.wait_until_settled(30)
+    fast = compiled.ready(module, linear_step, (one,))
+    assert fast is not None and torch.allclose(fast(module, one), module(one) + 1000)
+    assert compiled.ready(module, linear_step, (torch.randn(2, 4),)) is None  # another shape waits for its own compile
+
+
+def test_a_failed_compile_leaves_the_eager_path_serving(monkeypatch, compiler):
+    def broken(step):
+        raise RuntimeError("inductor failed")
+
+    monkeypatch.setattr(compiled, "_compiler", broken)
+    module, one = torch.nn.Linear(4, 4), torch.randn(1, 4)
+    assert compiled.ready(module, lambda m, x: m(x), (one,)) is None
+    assert compiled.wait_until_settled(30)
+    assert states(module) == [CompileState.FAILED]
+    assert compiled.ready(module, linear_step, (one,)) is None
+
+
+def test_forgotten_compiles_are_redone_for_moved_weights(compiler):
+    compiler.set()
+    module, one = torch.nn.Linear(4, 4), torch.randn(1, 4)
+    compiled.ready(module, linear_step, (one,))
+    assert compiled.wait_until_settled(30) and compiled.ready(module, linear_step, (one,)) is not None
+    compiled.forget(module)  # what core.cuda_graphs does when the weights are no longer where they were
+    assert compiled.ready(module, linear_step, (one,)) is None  # compiled again, in the background
+
+
+def test_off_or_on_the_cpu_nothing_is_compiled(monkeypatch):
+    module = torch.nn.Linear(4, 4)
+    monkeypatch.setattr(compiled, "_enabled", False)
+    assert compiled.ready(module, linear_step, (torch.randn(1, 4),)) is None
+    monkeypatch.setattr(compiled, "_enabled", True)  # on, but a CPU tensor
+    assert compiled.ready(module, linear_step, (torch.randn(1, 4),)) is None
+    assert states(module) == []
