@@ -37,7 +37,9 @@ def standin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def settings(standin_dir: Path):
     from core.config import Settings
 
-    return Settings(standin_dir=standin_dir, device="auto")
+    # Compile off: a background compile finishing mid-test would change timings, memory and the path that serves a
+    # call; the tests of core.compiled and the GPU soak turn it on.
+    return Settings(standin_dir=standin_dir, device="auto", compile=False)
 
 
 @pytest.fixture()
