@@ -150,12 +150,34 @@ def compiled(root: Path, modes: list[str]) -> None:
         torch._dynamo.reset()
 
 
+@torch.inference_mode()
+def vit_attention(root: Path) -> None:
+    """ViT-base, one image, per attention implementation: graphed eager step and graphed compiled step."""
+    full_size_hotdog(root)
+    pixels = torch.randn(1, 3, 224, 224, device=CUDA, dtype=torch.float16)
+    for attention in ("sdpa", "eager"):
+        from transformers import ViTForImageClassification
+
+        vit = ViTForImageClassification.from_pretrained(root / MODELS["hotdog"].repo_id, attn_implementation=attention, dtype=torch.float16).to(CUDA).eval()
+        measure("ViT-base 1 image CUDA graph", lambda m=vit: cuda_graphs.graphed_forward(m, classify._logits, pixels), attention=attention)
+        top_kernels(f"ViT-base 1 image eager, {attention} attention", lambda m=vit: classify._logits(m, pixels), count=5)
+        started = time.perf_counter()
+        fast = torch.compile(classify._logits, mode="default", dynamic=False)
+        fast(vit, pixels)
+        graph = cuda_graphs._Graph(lambda x, m=vit: fast(m, x), (pixels,))
+        measure("ViT-base 1 image compiled, CUDA graph", lambda g=graph: g(pixels), attention=attention, compile_s=round(time.perf_counter() - started, 1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--compile", nargs="*", metavar="MODE", help="time torch.compile in these modes instead")
+    parser.add_argument("--vit", action="store_true", help="ViT-base's attention implementations only")
     args = parser.parse_args()
     print(json.dumps({"environment": environment(CUDA)}), flush=True)
     root = Path(tempfile.mkdtemp())
+    if args.vit:
+        vit_attention(root)
+        return
     if args.compile is not None:
         compiled(root, args.compile)
         return
