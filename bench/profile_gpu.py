@@ -164,7 +164,7 @@ def vit_attention(root: Path) -> None:
         started = time.perf_counter()
         fast = torch.compile(classify._logits, mode="default", dynamic=False)
         fast(vit, pixels)
-        graph = cuda_graphs._Graph(lambda x, m=vit: fast(m, x), (pixels,))
+        graph = cuda_graphs._Graph(lambda x, m=vit, f=fast: f(m, x), (pixels,))
         measure("ViT-base 1 image compiled, CUDA graph", lambda g=graph: g(pixels), attention=attention, compile_s=round(time.perf_counter() - started, 1))
 
 
