@@ -44,7 +44,7 @@ class _Graph:
         self.lock = threading.Lock()
         self.static_inputs = tuple(example.clone() for example in examples)
         device = examples[0].device
-        stream = torch.cuda.Stream(device)
+        stream = _warmup_stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(WARMUP_RUNS):
@@ -61,6 +61,18 @@ class _Graph:
                 static.copy_(given)
             self.graph.replay()
             return self.static_output.clone()
+
+
+_warmup_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _warmup_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per GPU for every capture's warm-up: cuBLAS keeps a workspace (32 MiB on an H100) for each
+    stream it has seen, so a new stream per capture grew the GPU memory by that much at every capture."""
+    with _graphs_lock:
+        if device not in _warmup_streams:
+            _warmup_streams[device] = torch.cuda.Stream(device)
+        return _warmup_streams[device]
 
 
 _CAPTURING = object()  # a graph being recorded: other callers of that shape run without it meanwhile

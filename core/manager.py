@@ -412,4 +412,5 @@ class ModelManager:
 def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
+        torch._C._cuda_clearCublasWorkspaces()  # one per stream used; they come back on the next matrix product
         torch.cuda.empty_cache()
