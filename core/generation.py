@@ -586,7 +586,8 @@ def _run(
             torch.cuda.reset_peak_memory_stats(device)
         reporter.started = time.perf_counter()
         # LoRA layers change the UNet's modules for this run only: a graph of them would be captured for nothing.
-        with cuda_graphs.graphed_unet(pipe.unet, allowed=not loras and settings.memory_mode in _GRAPHABLE_MODES) as unet_calls:
+        fast = not loras and settings.memory_mode in _GRAPHABLE_MODES
+        with cuda_graphs.graphed_unet(pipe.unet, allowed=fast) as unet_calls, cuda_graphs.compiled_vae_decode(pipe.vae, allowed=fast):
             output = run_pipe(
                 prompt=settings.prompt, negative_prompt=settings.negative_prompt or None,
                 num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, num_images_per_prompt=settings.num_images,

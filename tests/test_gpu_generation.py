@@ -105,9 +105,13 @@ def test_compiled_steps_agree_with_eager_ones_and_serve_runs_once_ready(sd, tmp_
         with torch.inference_mode():
             eager = cuda_graphs.unet_step(unet, *inputs).float()
             fast = compiled.ready(unet, cuda_graphs.unet_step, inputs)(unet, *inputs).float()
-        error = ((fast - eager).abs().max() / eager.abs().max()).item()
-        print(json.dumps({"compiled_vs_eager_unet_step_max_error_relative_to_largest": error}))
-        assert error < 1e-2  # fused kernels round differently; a wrong kernel would be off by far more
+            latents = torch.randn(2, 4, 64, 64, device=CUDA, dtype=torch.float16)
+            eager_decoded = cuda_graphs.vae_decode_step(sd.obj.vae, latents).float()
+            fast_decoded = compiled.ready(sd.obj.vae, cuda_graphs.vae_decode_step, (latents,))(sd.obj.vae, latents).float()
+        errors = {"unet_step": ((fast - eager).abs().max() / eager.abs().max()).item(),
+                  "vae_decode": ((fast_decoded - eager_decoded).abs().max() / eager_decoded.abs().max()).item()}
+        print(json.dumps({"compiled_vs_eager_max_error_relative_to_largest": errors}))
+        assert max(errors.values()) < 1e-2  # fused kernels round differently; a wrong kernel would be off by far more
     finally:
         compiled.configure(False, tmp_path)
 
