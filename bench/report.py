@@ -20,20 +20,26 @@ from bench.common import PROJECT_ROOT, environment
 TABLE_START, TABLE_END = "<!-- bench table: written by bench/report.py -->", "<!-- end of bench table -->"
 
 
-def run_benchmark(module: str, quick: bool) -> list[dict[str, object]]:
+def run_benchmark(module: str, quick: bool) -> tuple[list[dict[str, object]], dict[str, str] | None]:
     command = [sys.executable, "-m", module] + (["--quick"] if quick else [])
     completed = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
     sys.stderr.write(completed.stderr[-4000:])
     if completed.returncode != 0:
         raise SystemExit(f"{module} failed with exit code {completed.returncode}")
-    figures = []
-    for line in completed.stdout.splitlines():
+    return figures_in(completed.stdout, module.rsplit(".", 1)[-1])
+
+
+def figures_in(output: str, bench: str) -> tuple[list[dict[str, object]], dict[str, str] | None]:
+    """The figures of one benchmark's JSON lines, and the environment line it printed first."""
+    figures, header = [], None
+    for line in output.splitlines():
         if line.startswith("{"):
             print(line, flush=True)
             record = json.loads(line)
             if "figure" in record:
-                figures.append({"bench": module.rsplit(".", 1)[-1], **record})
-    return figures
+                figures.append({"bench": bench, **record})
+            header = record.get("environment", header)
+    return figures, header
 
 
 def _cell(value: object) -> str:
@@ -68,13 +74,19 @@ def markdown(figures: list[dict[str, object]], header: dict[str, str], quick: bo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("modules", nargs="+")
+    parser.add_argument("modules", nargs="+", help="benchmark modules to run, or with --from-json their saved output files (<bench>.jsonl)")
     parser.add_argument("--quick", action="store_true", help="reduced sizes, for a CPU")
+    parser.add_argument("--from-json", action="store_true", help="build the table from saved outputs (runs made on the GPU machine)")
     parser.add_argument("--output", default=str(PROJECT_ROOT / "docs" / "PERFORMANCE.md"))
     args = parser.parse_args()
-    figures = [figure for module in args.modules for figure in run_benchmark(module, args.quick)]
+    if args.from_json:
+        runs = [figures_in(Path(name).read_text(), Path(name).stem) for name in args.modules]
+    else:
+        runs = [run_benchmark(module, args.quick) for module in args.modules]
+    figures = [figure for run_figures, _ in runs for figure in run_figures]
+    headers = [header for _, header in runs if header]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    write_table(Path(args.output), markdown(figures, environment(device), args.quick))
+    write_table(Path(args.output), markdown(figures, headers[0] if headers else environment(device), args.quick))
 
 
 def write_table(path: Path, table: str) -> None:
