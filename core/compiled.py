@@ -93,7 +93,7 @@ def ready(module: torch.nn.Module, step: Step, inputs: tuple[torch.Tensor, ...])
         compiles = _compiles.setdefault(module, {})
         entry = compiles.get(key)
         if entry is None:
-            compiles[key] = _Compile(CompileState.COMPILING, " x ".join("×".join(map(str, t.shape)) for t in inputs))
+            compiles[key] = _Compile(CompileState.COMPILING, " + ".join("×".join(map(str, t.shape)) or "scalar" for t in inputs))
             _queue.put((weakref.ref(module), step, tuple(t.clone() for t in inputs), key))
             _start_worker()
             return None

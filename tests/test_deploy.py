@@ -93,7 +93,7 @@ def test_image_runs_as_a_non_root_user_with_the_cache_in_a_writable_volume():
     assert any("/data" in volume for volume in instruction("VOLUME"))
     assert any(re.search(rf"chown {user}(:{user})? /data", run) for run in instruction("RUN"))
     env = docker_env()
-    for variable in ("HF_HOME", "TORCH_HOME", "DASH_STANDIN_DIR"):
+    for variable in ("HF_HOME", "TORCH_HOME", "DASH_STANDIN_DIR", "DASH_COMPILE_CACHE"):
         assert env[variable].startswith("/data/"), variable
 
 
