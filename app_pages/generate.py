@@ -252,7 +252,7 @@ def zip_of(gallery: list[GalleryEntry]) -> Callable[[], bytes]:
 def show_entry(entry: GalleryEntry) -> None:
     result = entry.result
     with st.container(border=True):
-        st.markdown(f"**Run {entry.number}** · {result.model_title} · {images_phrase(len(result.images))} in {result.seconds:.1f} s ({result.steps_per_s:.2f} it/s, {result.unet_path})")
+        st.markdown(f"**Run {entry.number}** · {result.model_title} · {images_phrase(len(result.images))} in {result.seconds:.1f} s ({result.steps_per_s:.2f} it/s · steps: {result.unet_path})")
         if isinstance(result, UnconditionalResult):
             described = f"unconditional · {result.settings.steps} steps · seeds {result.settings.seed} to {result.images[-1].seed}"
         else:

@@ -59,6 +59,7 @@ def test_a_run_shows_the_image_its_seed_and_writes_the_settings_into_the_png(app
     assert "Steps: 3" in text and "Seed: 42" in text and "Size: 64x64" in text and "Sampler: PLMS" in text
     assert [button.proto.label for button in at.get("download_button")] == ["Download all (zip)", "PNG"]
     assert "stand-in model" in texts(at)
+    assert "steps: eager" in texts(at)  # which path served the run (on a GPU: "compiled + CUDA graph" once compiled)
 
 
 def test_random_seed_is_shown_and_reuse_fills_the_form(app_env):
