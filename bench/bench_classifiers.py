@@ -97,8 +97,8 @@ def bench_resnet(manager: ModelManager, device: torch.device, one: list[DecodedI
     ours = median_seconds(settled(lambda: imagenet.classify(resnet, one)), device, repeats=repeats)
     emit("ResNet50, one image (preprocessing included)", naive * 1000, ours * 1000, "ms", False, dtype=str(resnet.dtype))
     tensor_batch = torch.randn(batch, 3, 224, 224, device=device)
-    # Our side gets its input as preprocess() hands it over (fp16, channels-last on CUDA), prepared outside the timing.
-    prepared = tensor_batch.to(resnet.dtype).contiguous(memory_format=torch.channels_last) if device.type == "cuda" else tensor_batch
+    # Our side gets its input as preprocess() hands it over (fp16 on CUDA, channels-last), prepared outside the timing.
+    prepared = tensor_batch.to(resnet.dtype).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():  # the tutorial's own guard, so the naive side builds no autograd graph either
         naive_forward = median_seconds(lambda: naive_model(tensor_batch[:1]), device, repeats=repeats)
         naive_throughput = median_seconds(lambda: naive_model(tensor_batch), device, warmup=1, repeats=max(repeats // 4, 1))

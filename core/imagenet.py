@@ -53,7 +53,7 @@ def preprocess(model: LoadedModel, images: list[DecodedImage]) -> torch.Tensor:
     transform = weights_of(model.spec).transforms()
     batch = torch.stack([transform(decoded.image) for decoded in images])
     batch = batch.to(model.device, dtype=model.dtype)
-    return batch.contiguous(memory_format=torch.channels_last) if model.device.type == "cuda" else batch
+    return batch.contiguous(memory_format=torch.channels_last)  # as the model's weights (core.loading)
 
 
 def _logits(module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:

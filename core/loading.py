@@ -128,8 +128,8 @@ def _load_torch_hub(spec: ModelSpec, source: ModelSource, device: torch.device, 
     if device.type == "cuda":
         # Classifier inputs have one fixed size (224²), so cuDNN's one-off algorithm search pays for itself.
         torch.backends.cudnn.benchmark = True
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    # NHWC convolutions, in cuDNN and in oneDNN on the CPU (ResNet50 on 2 cores: 16 images 390 ms instead of 640-760 ms)
+    return model.to(memory_format=torch.channels_last)
 
 
 def fold_batch_norms(model: torch.nn.Module) -> int:
