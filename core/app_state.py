@@ -22,12 +22,23 @@ def get_settings() -> Settings:
 
 @st.cache_resource(show_spinner=False)
 def get_manager() -> ModelManager:
-    return ModelManager(get_settings())
+    """The local manager, or with DASH_BACKEND=ray the one that runs every model on Ray Serve (same methods)."""
+    settings = get_settings()
+    if settings.backend == "ray":
+        from core.serving import RayManager  # imported only here: the local backend needs no Ray installed
+
+        return RayManager(settings)
+    return ModelManager(settings)
 
 
 @st.cache_resource(show_spinner=False)
 def get_gpu_monitor() -> GpuMonitor:
-    """NVML through nvidia-ml-py; on a machine without it the monitor reports why, and no GPUs."""
+    """NVML through nvidia-ml-py; on a machine without it the monitor reports why, and no GPUs. With the ray
+    backend: every GPU that holds a replica, cluster-wide, as the replicas report them."""
+    if get_settings().backend == "ray":
+        from core.serving import ClusterGpuMonitor
+
+        return ClusterGpuMonitor(get_manager())
     return GpuMonitor(load_nvml())
 
 
