@@ -44,7 +44,7 @@ from core.config import PROJECT_ROOT, Settings
 from core.errors import DashboardError, ModelUnavailableError
 from core.gpu import GpuMonitor, GpuProcess, GpuReport, GpuSnapshot, allocator_stats, load_nvml
 from core.jobs import JobCancelled, JobContext
-from core.manager import GpuBudget, LoadedModel, Loader, ModelManager, ModelState, ModelStatus, RemoteModel
+from core.manager import GpuBudget, LoadedModel, Loader, ModelManager, ModelState, ModelStatus, RemoteModel, module_bytes
 from core.registry import MODELS, ModelSpec
 from core.serving_config import DeploymentOptions, ServingOptions, load_deployment_options
 
@@ -121,7 +121,7 @@ class ModelInfo:
     load_s: float
     config: Any  # a transformers model's config (labels, limits), or None
     tokenizer: Any  # the tokenizer (sentiment, SD prompts), or None
-    component_sizes: tuple[tuple[str, int, str], ...]  # diffusers: (component, parameter count, dtype)
+    component_sizes: tuple[tuple[str, int, str], ...]  # diffusers: (component, bytes of its tensors, dtype)
 
 
 @dataclass(frozen=True)
@@ -265,7 +265,7 @@ class ModelServer:
         sizes = ()
         if hasattr(obj, "components"):  # diffusers: each module's size, so that memory estimates need no weights
             sizes = tuple(
-                (name, sum(t.numel() for t in [*m.parameters(), *m.buffers()]), str(getattr(m, "dtype", model.dtype)).removeprefix("torch."))
+                (name, module_bytes(m), str(getattr(m, "dtype", model.dtype)).removeprefix("torch."))
                 for name, m in obj.components.items() if isinstance(m, torch.nn.Module)
             )
         return Outcome(ModelInfo(
@@ -303,16 +303,22 @@ class ModelServer:
         return await self._in_one_pass(requests, lambda texts: sentiment.score_texts(self._model, texts), _split_scores)
 
     async def _in_one_pass(self, requests: list[list], run: Callable[[list], Any], split: Callable[[Any, list[int]], list[Any]]) -> list[Outcome]:
-        """Every request's items in one call of `run`, split back per request. When that fails with a typed error
-        (one request's bad input), each request runs alone, so that only its own caller gets the error."""
+        """Every request's items in one call of `run`, split back per request, so that each caller gets what the
+        call would give it alone. An empty request, or a batch that fails with a typed error (one request's bad
+        input), runs request by request instead, so that only its own caller gets the error."""
         if self._error is not None:
             return [Outcome(error=self._error)] * len(requests)
-        whole = await self._in_thread(lambda: _run_to_outcome(lambda: run([item for request in requests for item in request]), "a batch"))
-        if whole.error is None:
-            return [Outcome(part) for part in split(whole.value, [len(request) for request in requests])]
-        if len(requests) == 1:
-            return [whole]
-        return [await self._in_thread(lambda request=request: _run_to_outcome(lambda: run(request), "a request")) for request in requests]
+        answers: list[Outcome | None] = [None] * len(requests)
+        together = [i for i, request in enumerate(requests) if request]
+        if len(together) > 1:
+            whole = await self._in_thread(lambda: _run_to_outcome(lambda: run([item for i in together for item in requests[i]]), "a batch"))
+            if whole.error is None:
+                for i, part in zip(together, split(whole.value, [len(requests[i]) for i in together]), strict=True):
+                    answers[i] = Outcome(part)
+        for i, answer in enumerate(answers):
+            if answer is None:
+                answers[i] = await self._in_thread(lambda request=requests[i]: _run_to_outcome(lambda: run(request), "a request"))
+        return answers
 
     # Single requests -----------------------------------------------------------------------------------------------
 
@@ -444,15 +450,17 @@ def _split_scores(scores: Any, sizes: list[int]) -> list[Any]:
 
 
 class _SizedModule(torch.nn.Module):
-    """A diffusers component's size without its weights: one empty parameter on the meta device, of its numel."""
+    """A diffusers component's size and dtype without its weights: one byte tensor of its size on the meta device
+    (no memory), so that `module_bytes` and `generation.estimate_memory` count it as they count the real one."""
 
-    def __init__(self, numel: int, dtype: torch.dtype) -> None:
+    def __init__(self, size_bytes: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.weights = torch.nn.Parameter(torch.empty(numel, dtype=dtype, device="meta"), requires_grad=False)
+        self.weights = torch.nn.Parameter(torch.empty(size_bytes, dtype=torch.uint8, device="meta"), requires_grad=False)
+        self._dtype = dtype
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.weights.dtype
+        return self._dtype
 
 
 class _ConfigHolder:
@@ -469,7 +477,7 @@ class ServedModel(RemoteModel):
         self._handle = handle
         self.model = _ConfigHolder(info.config) if info.config is not None else None
         self.tokenizer = info.tokenizer
-        self.components = {name: _SizedModule(numel, getattr(torch, dtype)) for name, numel, dtype in info.component_sizes}
+        self.components = {name: _SizedModule(size, getattr(torch, dtype)) for name, size, dtype in info.component_sizes}
         self.unet = self.components.get("unet")
         self.safety_checker = self.components.get("safety_checker")
 
