@@ -223,7 +223,7 @@ def _run_to_outcome(work: Callable[[], Any], what: str) -> Outcome:
 class ModelServer:
     """One replica of one model: loads it as the local backend does, and runs the core functions on it."""
 
-    def __init__(self, spec: ModelSpec, settings: Settings, allow_standin: bool, options: DeploymentOptions, loader: Loader | None = None) -> None:
+    def __init__(self, spec: ModelSpec, settings: Settings, allow_standin: bool, loader: Loader | None = None) -> None:
         # The token is never shipped with the settings: each node reads its own HF_TOKEN.
         settings = replace(settings, hf_token=os.environ.get("HF_TOKEN") or None)
         self._spec = spec
@@ -237,9 +237,6 @@ class ModelServer:
             self._model = self._manager.get(spec, allow_standin=allow_standin)
         except DashboardError as error:  # typed: the page shows it; a restart would not help, so the replica stays up
             self._error = error
-        for batched in (self.classify_images, self.classify, self.score_texts):
-            batched.set_max_batch_size(options.max_batch_size)
-            batched.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
         context = serve.get_replica_context()
         self._app, self._replica_id = context.app_name, context.replica_id.unique_id
         self._gpu_monitor = GpuMonitor(load_nvml()) if self._on_gpu else None
@@ -249,6 +246,12 @@ class ModelServer:
     @property
     def _on_gpu(self) -> bool:
         return self._model is not None and self._model.device.type == "cuda"
+
+    def reconfigure(self, batching: dict[str, float]) -> None:
+        """Serve's `user_config`: batch size and wait change on the running replicas, with no restart."""
+        for batched in (self.classify_images, self.classify, self.score_texts):
+            batched.set_max_batch_size(int(batching["max_batch_size"]))
+            batched.set_batch_wait_timeout_s(batching["batch_wait_timeout_s"])
 
     def check_health(self) -> None:
         """Serve calls this every health_check_period_s: a replica whose CUDA context broke is replaced."""
@@ -622,8 +625,9 @@ class RayManager:
             ray_actor_options={"num_cpus": options.num_cpus, "num_gpus": options.num_gpus},
             max_ongoing_requests=options.max_ongoing_requests,
             health_check_period_s=options.health_check_period_s, health_check_timeout_s=options.health_check_timeout_s,
+            user_config={"max_batch_size": options.max_batch_size, "batch_wait_timeout_s": options.batch_wait_timeout_s},
             **_replicas(options),
-        ).bind(spec, self.settings, allow_standin, options, self._loader)
+        ).bind(spec, self.settings, allow_standin, self._loader)  # replicas, resources and batching change without a reload
         try:
             handle = serve.run(application, name=app_name(spec), route_prefix=None)
         except RuntimeError as error:  # Serve gave up: every replica failed to start, again and again
