@@ -110,7 +110,7 @@ def _options(where: str, table: dict, base: DeploymentOptions) -> DeploymentOpti
     for name, value in table.items():
         whole = _FIELDS[name] == "int"
         if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or value < 0:
-            raise SettingsError(f"DASH_RAY_DEPLOYMENTS: {where} {name} must be a {'whole' if whole else ''} number of 0 or more, not {value!r}")
+            raise SettingsError(f"DASH_RAY_DEPLOYMENTS: {where} {name} must be a {'whole number' if whole else 'number'} of 0 or more, not {value!r}")
     options = replace(base, **table)
     if not 1 <= options.min_replicas <= options.max_replicas:
         raise SettingsError(f"DASH_RAY_DEPLOYMENTS: {where} needs 1 <= min_replicas <= max_replicas, not {options.min_replicas} and {options.max_replicas}")
