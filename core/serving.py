@@ -42,7 +42,7 @@ from ray.serve.exceptions import ReplicaUnavailableError, RequestCancelledError
 from core import loading
 from core.config import PROJECT_ROOT, Settings
 from core.errors import DashboardError, ModelUnavailableError
-from core.gpu import GpuMonitor, GpuProcess, GpuReport, GpuSnapshot, allocator_stats, load_nvml
+from core.gpu import SNAPSHOT_TTL_S, GpuMonitor, GpuProcess, GpuReport, GpuSnapshot, allocator_stats, load_nvml
 from core.jobs import JobCancelled, JobContext
 from core.manager import GpuBudget, LoadedModel, Loader, ModelManager, ModelState, ModelStatus, RemoteModel, module_bytes
 from core.registry import MODELS, ModelSpec
@@ -740,10 +740,21 @@ class ClusterGpuMonitor:
     """`GpuMonitor.snapshot` for the ray backend: every GPU that holds a replica, on any node, with the replicas on it
     as its processes. Figures come from the replicas' latest reports (at most a health-check period old)."""
 
-    def __init__(self, manager: RayManager) -> None:
+    def __init__(self, manager: RayManager, *, ttl_s: float = SNAPSHOT_TTL_S) -> None:
         self._manager = manager
+        self._ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._cached: tuple[float, GpuReport] | None = None
 
     def snapshot(self) -> GpuReport:
+        """Every replica's card, at most `ttl_s` old (a page and the history sampler ask several times a second)."""
+        with self._lock:
+            now = time.monotonic()
+            if self._cached is None or now - self._cached[0] >= self._ttl_s:
+                self._cached = (now, self._read())
+            return self._cached[1]
+
+    def _read(self) -> GpuReport:
         cards: dict[tuple[str, str], GpuSnapshot] = {}
         for report in self._manager.replicas():
             if report.gpu is None:

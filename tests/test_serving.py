@@ -246,7 +246,7 @@ def test_status_lists_every_replica_with_its_device_and_memory(local, remote):
 
 
 def test_cluster_gpu_monitor_shows_each_replicas_card(remote):
-    monitor = serving.ClusterGpuMonitor(remote)
+    monitor = serving.ClusterGpuMonitor(remote, ttl_s=0)
     assert monitor.snapshot().gpus == () and "no Ray Serve replica runs on a GPU" in monitor.snapshot().unavailable_reason
     card = GpuSnapshot(0, "NVIDIA H100", "GPU-1", 80 * 2**30, 10 * 2**30, 70 * 2**30, 50, 20, 40, 300.0, 700.0, 1800, 1980, 2600, ())
     base = wait_for(lambda: [r for r in remote.replicas() if r.key == "hotdog"], "a replica report")[0]
