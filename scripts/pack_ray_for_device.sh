@@ -79,6 +79,6 @@ rm -f "$OUT/ray.tar.xz"
 echo "unpacked: $(du -sh "$WORK/site" | cut -f1); compressing (xz -9, a few minutes)..."
 XZ_OPT="-9 -T0" tar -cJf "$OUT/ray.tar.xz" -C "$WORK/site" .
 # The model configs the benchmarks build their full-size models from (a few hundred kB).
-rm -rf "$OUT/models" && cp -r "${SHARED_MODELS_DIR:-../shared/models}" "$OUT/models"
+rm -rf "$OUT/models" && cp -r "${SHARED_MODELS_DIR:-../shared/models}" "$OUT/models" && chmod -R u+w "$OUT/models"
 grep -qxF ".raypack/" "$(git rev-parse --git-path info/exclude)" || echo ".raypack/" >> "$(git rev-parse --git-path info/exclude)"
 echo "wrote $OUT/ray.tar.xz ($(du -h "$OUT/ray.tar.xz" | cut -f1)) for Python $PYTHON_VERSION, and $OUT/models"

@@ -292,3 +292,25 @@ def test_the_hot_dog_page_runs_unchanged_on_the_ray_backend(cluster, local, monk
         get_manager().unload_all()
         for cached in (get_settings, get_manager, get_gpu_monitor):
             cached.clear()
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_replicas_hold_the_card_and_answer_as_the_local_backend(cluster, ray_settings, local):
+    """On the GPU machine (Ray from scripts/pack_ray_for_device.sh): a replica with a quarter of the card loads the
+    hot dog model in fp16 there, answers as the local backend does on the same card, and the VRAM views show it."""
+    manager = serving.RayManager(ray_settings, options=ServingOptions({kind: replace(SMALL_REPLICA, num_gpus=0.25) for kind in KINDS}, {}))
+    try:
+        here, served = local.get(MODELS["hotdog"]), manager.get(MODELS["hotdog"])
+        assert served.device.type == "cuda" and served.dtype == here.dtype == torch.float16
+        batch = images("hot-dog.png", "salad.png")
+        ours, theirs = classify_images(here, batch), classify_images(served, batch)
+        assert [r.top.label for r in theirs.results] == [r.top.label for r in ours.results]
+        for mine, yours in zip(ours.results, theirs.results, strict=True):
+            np.testing.assert_allclose([s.score for s in yours.scores], [s.score for s in mine.scores], atol=1e-3)  # fp16 on one card
+        (row,) = wait_for(lambda: [r for r in manager.status() if r.key.startswith("hotdog#")], "the GPU replica's row")
+        assert row.device.startswith("cuda:0 @ ") and row.memory_bytes == here.memory_bytes
+        (card,) = serving.ClusterGpuMonitor(manager, ttl_s=0).snapshot().gpus
+        replica = next(p for p in card.processes if "Hot dog" in p.name)
+        assert replica.used_bytes and replica.used_bytes >= here.memory_bytes  # torch reserved in the replica
+    finally:
+        manager.unload_all()
