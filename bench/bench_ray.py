@@ -55,7 +55,7 @@ def main() -> None:
     settings = Settings(models_root=root / "models", standin_dir=root / "standins", standin_fallback=True, device=device.type, backend="ray")
     resources = {"num_cpus": 4} if device.type == "cpu" else {}  # on the GPU machine: every core and the card
     ray.init(namespace=serving.NAMESPACE, log_to_driver=False, include_dashboard=False, **resources,
-             runtime_env={"working_dir": str(serving.PROJECT_ROOT), "excludes": serving.CODE_EXCLUDES})
+             runtime_env=serving.code_runtime_env())
     try:
         if device.type == "cpu":
             bench_scaling(settings, seconds=5 if args.quick else 15)

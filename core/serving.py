@@ -63,6 +63,9 @@ REPORT_STALE_S = 60.0
 # What the code on the cluster is: the repository, shipped to every node by Ray (large, local-only folders left out).
 CODE_EXCLUDES = [".venv", ".git", "artifacts", ".raypack", ".whl", ".standins", "docs/screenshots", "**/__pycache__"]
 _LOST_REPLICA = (RayActorError, ActorUnavailableError, ReplicaUnavailableError)
+# The front end's Hub switches go to the replicas too (an offline app has offline replicas, instead of each load
+# waiting on an unreachable Hub first); the token does not: each node reads its own HF_TOKEN.
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY")
 
 
 def connect(settings: Settings) -> None:
@@ -70,9 +73,15 @@ def connect(settings: Settings) -> None:
     if not ray.is_initialized():
         ray.init(
             address=settings.ray_address, namespace=NAMESPACE, log_to_driver=False,
-            runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": CODE_EXCLUDES},
+            runtime_env=code_runtime_env(),
         )
     serve.start(proxy_location="Disabled")  # pages call deployment handles; nothing is served over HTTP
+
+
+def code_runtime_env() -> dict[str, Any]:
+    """What every worker of the app gets: this repository as its working directory, and the Hub switches."""
+    env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    return {"working_dir": str(PROJECT_ROOT), "excludes": CODE_EXCLUDES, "env_vars": env_vars}
 
 
 def app_name(spec: ModelSpec) -> str:

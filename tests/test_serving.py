@@ -56,7 +56,7 @@ def ray_settings(standin_dir: Path) -> Settings:
 def cluster(ray_settings: Settings):
     """One local Ray (4 CPUs, so that a few replicas fit on this 2-core machine) for the whole module."""
     ray.init(num_cpus=4, include_dashboard=False, namespace=serving.NAMESPACE, log_to_driver=False,
-             runtime_env={"working_dir": str(serving.PROJECT_ROOT), "excludes": serving.CODE_EXCLUDES})
+             runtime_env=serving.code_runtime_env())
     serving.connect(ray_settings)
     yield
     serve.shutdown()
