@@ -29,6 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -522,6 +523,9 @@ class ServedModel(RemoteModel):
 
     def _call(self, method: str, *args: Any) -> Any:
         """One request, sent again if its replica was lost (the calls are pure functions of their inputs)."""
+        return _outside_event_loop(lambda: self._call_here(method, *args))
+
+    def _call_here(self, method: str, *args: Any) -> Any:
         for attempt in range(1, LOST_REPLICA_ATTEMPTS + 1):
             try:
                 return getattr(self._handle, method).remote(*args).result().unwrap()
@@ -532,6 +536,9 @@ class ServedModel(RemoteModel):
     def _stream(self, method: str, args: tuple, context: JobContext | None, abandoned: Callable[[], bool]) -> Any:
         """A streamed run: progress and previews into `context`; cancel (or `abandoned()`) cancels the response.
         A run whose replica was lost starts again from its first step on another replica."""
+        return _outside_event_loop(lambda: self._stream_here(method, args, context, abandoned))
+
+    def _stream_here(self, method: str, args: tuple, context: JobContext | None, abandoned: Callable[[], bool]) -> Any:
         for attempt in range(1, LOST_REPLICA_ATTEMPTS + 1):
             response = getattr(self._handle.options(stream=True), method).remote(*args)
             finished = threading.Event()
@@ -554,6 +561,17 @@ class ServedModel(RemoteModel):
             if (context is not None and context.cancelled) or abandoned():
                 raise JobCancelled
         raise _replicas_lost_error(method)
+
+
+def _outside_event_loop(work: Callable[[], Any]) -> Any:
+    """`work()`, which blocks on Serve. Serve refuses blocking calls from a thread that runs an asyncio loop (an async
+    caller; Playwright's sync API in the tests), so such a caller waits for it on a helper thread instead."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return work()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="serve-call") as pool:
+        return pool.submit(work).result()
 
 
 def _cancel_when_asked(response: Any, context: JobContext | None, abandoned: Callable[[], bool], finished: threading.Event) -> None:
@@ -614,7 +632,7 @@ class RayManager:
             if entry.model is None or (allow and not entry.allows_standin and entry.state is ModelState.FAILED):
                 entry.state, entry.error = ModelState.LOADING, None
                 try:
-                    entry.model = self._deploy(spec, allow)
+                    entry.model = _outside_event_loop(lambda: self._deploy(spec, allow))
                 except DashboardError as error:
                     entry.state, entry.error, entry.model = ModelState.FAILED, error, None
                     raise
