@@ -600,7 +600,6 @@ class _Entry:
         self.lock = threading.Lock()
         self.state = ModelState.NOT_LOADED
         self.model: LoadedModel | None = None
-        self.allows_standin = False
         self.error: DashboardError | None = None
         self.busy = 0
         self.last_used: float | None = None
@@ -629,7 +628,7 @@ class RayManager:
         entry = self._entry(spec)
         allow = allow_standin or self.settings.standin_fallback
         with entry.lock:
-            if entry.model is None or (allow and not entry.allows_standin and entry.state is ModelState.FAILED):
+            if entry.model is None:  # not deployed yet, or its deployment failed (perhaps now with a stand-in allowed)
                 entry.state, entry.error = ModelState.LOADING, None
                 try:
                     entry.model = _outside_event_loop(lambda: self._deploy(spec, allow))
@@ -639,7 +638,7 @@ class RayManager:
                 except BaseException:
                     entry.state = ModelState.NOT_LOADED
                     raise
-                entry.state, entry.allows_standin = ModelState.READY, allow
+                entry.state = ModelState.READY
             with self._lock:
                 entry.last_used = time.time()
             return entry.model

@@ -21,7 +21,7 @@ from ray import serve  # noqa: E402
 from core import generation, imagenet, loading, sentiment, serving, unconditional  # noqa: E402
 from core.classify import classify_images  # noqa: E402
 from core.config import Settings  # noqa: E402
-from core.errors import BadInputError  # noqa: E402
+from core.errors import BadInputError, ModelUnavailableError  # noqa: E402
 from core.generation import GenerationSettings  # noqa: E402
 from core.gpu import GpuSnapshot  # noqa: E402
 from core.images import decode_image  # noqa: E402
@@ -220,6 +220,22 @@ def test_a_replica_that_dies_while_loading_is_replaced(cluster, ray_settings, lo
         assert marker.exists()  # the first replica did die
         batch = images("salad.png")
         assert imagenet.classify(served, batch).results == imagenet.classify(local.get(spec), batch).results
+    finally:
+        manager.unload_all()
+
+
+def test_a_model_that_cannot_be_had_gives_the_typed_error_and_then_the_stand_in(cluster, ray_settings):
+    """The page's stand-in offer: the replica's ModelUnavailableError reaches the page with its remedy, the failed
+    deployment is removed, and asking again with the stand-in allowed deploys it."""
+    manager = serving.RayManager(replace(ray_settings, standin_fallback=False), options=TEST_OPTIONS)
+    spec = MODELS["ddpm-cifar10"]
+    try:
+        with pytest.raises(ModelUnavailableError) as failure:
+            manager.get(spec)
+        assert failure.value.remedy and manager.status([spec])[0].state is ModelState.FAILED
+        assert serving.app_name(spec) not in serve.status().applications
+        served = manager.get(spec, allow_standin=True)
+        assert served.is_standin and unconditional.generate(served, UnconditionalSettings(num_images=1, steps=2, seed=0)).is_standin
     finally:
         manager.unload_all()
 
