@@ -304,6 +304,10 @@ def test_the_hot_dog_page_runs_unchanged_on_the_ray_backend(cluster, local, monk
         assert not at.exception
         models = next(frame.value for frame in at.dataframe if "Running now" in frame.value.columns)  # the models table
         assert any(title.startswith("Hot dog") and "replica 1 of" in title for title in models["Model"])
+        # The page's Unload on a replica's row removes the model's deployment, every replica of it.
+        row = next(r for r in get_manager().status() if r.key.startswith("hotdog#"))
+        assert get_manager().unload(row.key) == row.memory_bytes > 0
+        assert serving.app_name(MODELS["hotdog"]) not in serve.status().applications
     finally:
         get_manager().unload_all()
         for cached in (get_settings, get_manager, get_gpu_monitor):
