@@ -70,13 +70,42 @@ FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY")
 
 
 def connect(settings: Settings) -> None:
-    """Join the cluster of `settings.ray_address` (or start a Ray in this process) and start Serve without HTTP."""
-    if not ray.is_initialized():
-        ray.init(
-            address=settings.ray_address, namespace=NAMESPACE, log_to_driver=False,
-            runtime_env=code_runtime_env(),
-        )
+    """Join the cluster of `settings.ray_address` (or start a Ray in this process), start Serve without HTTP, and
+    create the ReplicaBoard. Safe to call again and from any thread.
+
+    Ray's connection belongs to the thread that opens it: once that thread has ended, calls to Ray's control store
+    (named actors, for one) hang. A Streamlit script thread ends with its rerun, so the connection is opened on a
+    thread of its own that lives as long as the process.
+    """
+    with _connection_lock:
+        if ray.is_initialized():
+            _start_serve()
+            return
+        opened, failures = threading.Event(), []
+
+        def hold_connection() -> None:
+            try:
+                ray.init(address=settings.ray_address, namespace=NAMESPACE, log_to_driver=False, runtime_env=code_runtime_env())
+                _start_serve()
+            except BaseException as error:  # handed to the caller below
+                failures.append(error)
+            opened.set()
+            if not failures:
+                threading.Event().wait()  # keep this thread, and so the connection, alive
+
+        threading.Thread(target=hold_connection, name="ray-connection", daemon=True).start()
+        opened.wait()
+        if failures:
+            raise failures[0]
+
+
+def _start_serve() -> None:
     serve.start(proxy_location="Disabled")  # pages call deployment handles; nothing is served over HTTP
+    # Detached: it outlives this front end, so another one (or a restart) finds the replicas' reports.
+    ReplicaBoard.options(name=BOARD_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached").remote()
+
+
+_connection_lock = threading.Lock()
 
 
 def code_runtime_env() -> dict[str, Any]:
@@ -180,8 +209,8 @@ class ReplicaBoard:
 
 
 def board() -> Any:
-    """The cluster's one ReplicaBoard, created by whoever asks first; it outlives the app that created it."""
-    return ReplicaBoard.options(name=BOARD_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached").remote()
+    """The cluster's one ReplicaBoard (created by `connect`, before any deployment)."""
+    return ray.get_actor(BOARD_NAME, namespace=NAMESPACE)
 
 
 # --- the replica --------------------------------------------------------------------------------------------------

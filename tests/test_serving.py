@@ -334,3 +334,35 @@ def test_on_a_gpu_replicas_hold_the_card_and_answer_as_the_local_backend(cluster
         assert replica.used_bytes and replica.used_bytes >= here.memory_bytes  # torch reserved in the replica
     finally:
         manager.unload_all()
+
+
+CONNECT_FROM_A_SCRIPT_THREAD = """
+import threading
+from core import serving
+from core.config import Settings
+from core.registry import MODELS
+
+settings = Settings(backend="ray", standin_fallback=True, standin_dir=__import__("pathlib").Path({standin_dir!r}))
+manager = serving.RayManager(settings)
+first = threading.Thread(target=lambda: manager.get(MODELS["hotdog"]))  # a Streamlit rerun: connects, deploys, ends
+first.start()
+first.join()
+later = threading.Thread(target=lambda: print("replicas", len(manager.replicas())))  # the next rerun, or the sampler
+later.start()
+later.join(60)
+print("hung" if later.is_alive() else "answered", flush=True)
+__import__("os")._exit(0)
+"""
+
+
+def test_ray_keeps_answering_after_the_thread_that_connected_has_ended(standin_dir, local):
+    """Streamlit connects from a script thread that ends with its rerun; Ray's control calls (the replica board)
+    hung after that until the connection got a thread of its own. A process of its own: Ray connects once per process."""
+    import subprocess
+    import sys
+
+    local.get(MODELS["hotdog"])  # the stand-in is built before the replica looks for it
+    script = CONNECT_FROM_A_SCRIPT_THREAD.format(standin_dir=str(standin_dir))
+    done = subprocess.run([sys.executable, "-c", script], cwd=serving.PROJECT_ROOT, capture_output=True, text=True, timeout=WAIT_S,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert "answered" in done.stdout and "replicas 1" in done.stdout, done.stdout + done.stderr[-2000:]
