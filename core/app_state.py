@@ -5,6 +5,7 @@ This is the only module in `core/` that imports streamlit.
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 import streamlit as st
 
@@ -12,6 +13,9 @@ from core.config import Settings
 from core.gpu import GpuMonitor, load_nvml
 from core.history import HistorySampler, take_sample
 from core.manager import ModelManager
+
+if TYPE_CHECKING:  # the ray backend's classes; Ray itself is imported only when DASH_BACKEND=ray
+    from core.serving import ClusterGpuMonitor, RayManager
 
 
 @st.cache_resource(show_spinner=False)
@@ -21,13 +25,24 @@ def get_settings() -> Settings:
 
 
 @st.cache_resource(show_spinner=False)
-def get_manager() -> ModelManager:
-    return ModelManager(get_settings())
+def get_manager() -> ModelManager | RayManager:
+    """The local manager, or with DASH_BACKEND=ray the one that runs every model on Ray Serve (same methods)."""
+    settings = get_settings()
+    if settings.backend == "ray":
+        from core.serving import RayManager  # imported only here: the local backend needs no Ray installed
+
+        return RayManager(settings)
+    return ModelManager(settings)
 
 
 @st.cache_resource(show_spinner=False)
-def get_gpu_monitor() -> GpuMonitor:
-    """NVML through nvidia-ml-py; on a machine without it the monitor reports why, and no GPUs."""
+def get_gpu_monitor() -> GpuMonitor | ClusterGpuMonitor:
+    """NVML through nvidia-ml-py; on a machine without it the monitor reports why, and no GPUs. With the ray
+    backend: every GPU that holds a replica, cluster-wide, as the replicas report them."""
+    if get_settings().backend == "ray":
+        from core.serving import ClusterGpuMonitor
+
+        return ClusterGpuMonitor(get_manager())
     return GpuMonitor(load_nvml())
 
 

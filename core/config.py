@@ -37,6 +37,8 @@ _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([a-z]+)$")
 _GITHUB_REPO = re.compile(r"^[A-Za-z0-9](?:[\w.-]{0,98}[A-Za-z0-9])?/[A-Za-z0-9](?:[\w.-]{0,98}[A-Za-z0-9])?$")
 # torchvision's own repo: the only torch.hub code the dashboard needs (ResNet50 and the other ImageNet classifiers).
 DEFAULT_TORCH_HUB_ALLOW = ("pytorch/vision",)
+# Where the models run: in this process ("local"), or as Ray Serve deployments on a cluster ("ray", core/serving.py).
+BACKENDS = ("local", "ray")
 T = TypeVar("T")
 
 
@@ -171,6 +173,14 @@ class Settings:
     compile: bool = True
     # Inductor's caches, kept between starts so that a restart's compiles take seconds (TORCHINDUCTOR_CACHE_DIR wins).
     compile_cache_dir: Path = Path.home() / ".cache" / "model-dashboard" / "inductor"
+    # "local": every model in this process (the default); "ray": every model a Ray Serve deployment (docs/RAY.md).
+    backend: str = "local"
+    # The Ray cluster the ray backend joins: "auto" (a node of this machine joined it), "ray://head:10001", or None to
+    # start a Ray of its own inside this process (for trying it on one machine).
+    ray_address: str | None = None
+    # Replicas, resources and batching per deployment, from the TOML file named by DASH_RAY_DEPLOYMENTS
+    # (deploy/ray-cluster.example.toml); kinds or model keys missing from it keep core.serving_config's defaults.
+    ray_deployments: Path | None = None
     # Kept out of repr so that printing the settings never shows it.
     hf_token: str | None = field(default=None, repr=False)
 
@@ -206,6 +216,10 @@ class Settings:
         cuda_graphs = checked(_flag, env.get("DASH_CUDA_GRAPHS"), True, "DASH_CUDA_GRAPHS")
         fold_batchnorm = checked(_flag, env.get("DASH_FOLD_BATCHNORM"), True, "DASH_FOLD_BATCHNORM")
         compile_ = checked(_flag, env.get("DASH_COMPILE"), True, "DASH_COMPILE")
+        backend = env.get("DASH_BACKEND", "local").strip().lower() or "local"
+        if backend not in BACKENDS:
+            errors.append(f"DASH_BACKEND must be {' or '.join(BACKENDS)}, not {backend!r}")
+        ray_deployments = checked(_ray_deployments, env.get("DASH_RAY_DEPLOYMENTS", ""))
         if errors:
             raise SettingsError("\n".join(errors))
         standin_dir = env.get("DASH_STANDIN_DIR", "").strip()
@@ -224,6 +238,9 @@ class Settings:
             fold_batchnorm=fold_batchnorm,
             compile=compile_,
             compile_cache_dir=Path(compile_cache_dir).expanduser() if compile_cache_dir else cls.compile_cache_dir,
+            backend=backend,
+            ray_address=env.get("DASH_RAY_ADDRESS", "").strip() or None,
+            ray_deployments=ray_deployments,
             hf_token=_read_token(env, secrets_file),
         )
 
@@ -235,6 +252,17 @@ def _models_root(text: str) -> Path | None:
     if not root.is_dir():
         raise SettingsError(f"DASH_MODELS_ROOT must be an existing folder, not {text!r}")
     return root
+
+
+def _ray_deployments(text: str) -> Path | None:
+    """The deployment options file, read and checked now so that a typo stops the start, not the first request."""
+    from core.serving_config import load_deployment_options
+
+    if not text.strip():
+        return None
+    path = Path(text.strip()).expanduser()
+    load_deployment_options(path)
+    return path
 
 
 def describe(settings: Settings) -> str:
@@ -252,8 +280,16 @@ def describe(settings: Settings) -> str:
         f"CUDA graphs:      {'on' if settings.cuda_graphs else 'off (DASH_CUDA_GRAPHS)'}",
         f"fold BatchNorm:   {'on' if settings.fold_batchnorm else 'off (DASH_FOLD_BATCHNORM)'}",
         f"torch.compile:    {f'on CUDA, in the background, cache {settings.compile_cache_dir}' if settings.compile else 'off (DASH_COMPILE)'}",
+        f"backend:          {_describe_backend(settings)}",
         f"HF token:         {'set' if settings.hf_token else 'not set'}",
     ))
+
+
+def _describe_backend(settings: Settings) -> str:
+    if settings.backend == "local":
+        return "local (every model in this process)"
+    cluster = settings.ray_address or "a Ray started inside this process"
+    return f"ray (Serve deployments on {cluster}; options from {settings.ray_deployments or 'the defaults'})"
 
 
 def _describe_budget(budget: VramBudget) -> str:

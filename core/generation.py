@@ -509,6 +509,8 @@ def generate(
     session's images ever see them. Raises BadInputError before any work, JobCancelled when cancelled (partial
     results dropped), and GpuOutOfMemoryError (memory already released) when the device runs out of memory.
     """
+    if model.is_remote:  # the ray backend: this function runs on a Serve replica (core/serving.py)
+        return model.obj.generate(settings, context, abandoned, source, loras)
     pipe, device = model.obj, model.device
     # 1. Check inputs
     check_inputs(settings, device, source)

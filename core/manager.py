@@ -43,6 +43,14 @@ class ModelState(StrEnum):
     FAILED = "failed"
 
 
+class RemoteModel:
+    """Base of a model that lives in another process (the ray backend's `core.serving.ServedModel`).
+
+    Core inference functions hand a call on such a model to its method of the same name, which runs the same
+    function where the model lives; the object also carries what pages read directly (config, tokenizer).
+    """
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """A live model: the object only core inference functions touch, and how it was loaded."""
@@ -58,6 +66,11 @@ class LoadedModel:
     @property
     def is_standin(self) -> bool:
         return self.source.is_standin
+
+    @property
+    def is_remote(self) -> bool:
+        """The model runs on a Ray Serve replica: core functions forward their call to `obj` (a RemoteModel)."""
+        return isinstance(self.obj, RemoteModel)
 
 
 @dataclass(frozen=True)

@@ -253,6 +253,8 @@ def score_texts(model: LoadedModel, texts: Sequence[str], context: JobContext | 
     With a `context` (from core.jobs.Job) it reports texts done after each batch and stops at the next batch
     when the user cancels (raising JobCancelled).
     """
+    if model.is_remote:  # the ray backend: this function runs on a Serve replica (core/serving.py)
+        return model.obj.score_texts(texts, context)
     check_inputs(texts)
     pipe = model.obj
     limit = max_tokens(pipe)
@@ -345,6 +347,8 @@ def explain(
     gradient x input takes the gradient at the text only (one pass, rougher). The gradient goes to the input alone:
     the shared model's weights get no .grad and are never changed.
     """
+    if model.is_remote:  # the ray backend: this function runs on a Serve replica (core/serving.py)
+        return model.obj.explain(text, method, steps, label)
     if not isinstance(text, str) or not text.strip():
         raise BadInputError(f"`text` is {text!r}: empty or whitespace only.", remedy="Type or paste some text.")
     if method not in (INTEGRATED_GRADIENTS, GRADIENT_X_INPUT):

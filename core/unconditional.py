@@ -98,6 +98,8 @@ def generate(
     abandoned: Callable[[], bool] = lambda: False,
 ) -> UnconditionalResult:
     """Sample `settings.num_images` images from the DDPM model in `model`; cancel and errors as core.generation.generate."""
+    if model.is_remote:  # the ray backend: this function runs on a Serve replica (core/serving.py)
+        return model.obj.generate_unconditional(settings, context, abandoned)
     # 1. Check inputs
     check_inputs(settings)
     if settings.seed is None:
