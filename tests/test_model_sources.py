@@ -313,10 +313,26 @@ def test_the_builder_still_sets_the_architecture_up_from_the_weights(settings, h
     saved = torchvision.models.googlenet(weights=None, aux_logits=True, transform_input=True, init_weights=False).state_dict()
     torch.save(saved, hub_dir / "checkpoints" / Path(weights.url).name)
     spec = hub_spec("pytorch/vision:v0.29.1", entry="googlenet", weights="GoogLeNet_Weights.IMAGENET1K_V1")
-    model = loading.load(spec, loading.ModelSource(spec.repo_id, is_local=False), CPU, torch.float32, settings)
+    # BatchNorm folding off: this compares the loaded weights with the checkpoint's, tensor for tensor.
+    model = loading.load(spec, loading.ModelSource(spec.repo_id, is_local=False), CPU, torch.float32, replace(settings, fold_batchnorm=False))
     assert torch_loads == [True]
     assert model.transform_input and model.aux1 is None
     assert_loaded(model, saved)
+
+
+def test_a_loaded_classifier_has_its_batchnorms_folded_and_computes_the_same(settings, hub_dir, torch_loads, hub_calls):
+    weights = torchvision.models.get_weight("GoogLeNet_Weights.IMAGENET1K_V1")
+    saved = torchvision.models.googlenet(weights=None, aux_logits=True, transform_input=True, init_weights=False).state_dict()
+    torch.save(saved, hub_dir / "checkpoints" / Path(weights.url).name)
+    spec = hub_spec("pytorch/vision:v0.29.1", entry="googlenet", weights="GoogLeNet_Weights.IMAGENET1K_V1")
+    source = loading.ModelSource(spec.repo_id, is_local=False)
+    folded = loading.load(spec, source, CPU, torch.float32, settings)
+    plain = loading.load(spec, source, CPU, torch.float32, replace(settings, fold_batchnorm=False))
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in folded.modules())
+    images = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        expected = plain(images)
+        torch.testing.assert_close(folded(images), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(settings, hub_dir, torch_loads, hub_calls, tmp_path):
