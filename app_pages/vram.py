@@ -6,7 +6,7 @@ import time
 import pandas as pd
 import streamlit as st
 
-from core import gpu
+from core import compiled, gpu
 from core.app_state import get_gpu_monitor, get_history, get_manager
 from core.formatting import human_bytes
 from core.history import Sample
@@ -172,6 +172,12 @@ evictions = manager.evictions()
 if evictions:
     st.caption("Recent evictions: " + "; ".join(
         f"{e.title} ({human_bytes(e.size_bytes)}, GPU {e.gpu_index} → {e.to.value}) for {e.for_key}, {_ago(e.at)}" for e in evictions[-5:]
+    ))
+
+compiles = compiled.records()
+if compiles:
+    st.caption("Background compiles (torch.compile; a shape is served without it until it is ready): " + "; ".join(
+        f"{c.model} {c.shape}: {c.state.value}" + (f" in {c.seconds:.0f} s" if c.seconds is not None else "") for c in compiles
     ))
 
 # --- actions -------------------------------------------------------------------------------------------------------

@@ -178,3 +178,17 @@ def test_budget_per_gpu_is_shown_when_the_manager_has_gpus(monitor_page, setting
     texts = [bar.proto.text for bar in at.get("progress")]
     assert any("GPU 0 (CUDA): models hold 1.0 MiB of the 8.0 GiB budget (16.0 GiB card)" in t for t in texts)
     assert any("GPU 1 (CUDA): models hold 0 B" in t for t in texts)
+
+
+def test_background_compiles_are_listed_with_their_state(monitor_page, monkeypatch):
+    from core import compiled
+    from core.compiled import CompileRecord, CompileState
+
+    monkeypatch.setattr(compiled, "records", lambda: [
+        CompileRecord("UNet2DConditionModel", "2×4×64×64 + scalar + 2×77×768", CompileState.READY, 71.4),
+        CompileRecord("ResNet", "64×3×224×224", CompileState.COMPILING, None),
+    ])
+    at = monitor_page(FakeNvml(init_error="Driver Not Loaded"))
+    caption = next(c.value for c in at.caption if c.value.startswith("Background compiles"))
+    assert "UNet2DConditionModel 2×4×64×64 + scalar + 2×77×768: ready in 71 s" in caption
+    assert "ResNet 64×3×224×224: compiling" in caption
