@@ -75,9 +75,14 @@ _worker: threading.Thread | None = None
 def configure(enabled: bool, cache_dir: Path) -> None:
     """Compile on CUDA or not (DASH_COMPILE), and where inductor keeps its caches between starts (an operator's own
     TORCHINDUCTOR_CACHE_DIR wins)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     global _enabled
     _enabled = enabled
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
+    # Importing diffusers or transformers already sets the variable to inductor's default (/tmp/torchinductor_<user>,
+    # gone at a reboot): only a value an operator chose is kept. Inductor reads the variable at each compile.
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
 
 
 def is_enabled() -> bool:

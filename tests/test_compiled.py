@@ -1,6 +1,7 @@
 """core.compiled: torch.compile in the background, with a stand-in compiler so that the hand-over is tested here."""
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -77,3 +78,14 @@ def test_off_or_on_the_cpu_nothing_is_compiled(monkeypatch):
     monkeypatch.setattr(compiled, "_enabled", True)  # on, but a CPU tensor
     assert compiled.ready(module, linear_step, (torch.randn(1, 4),)) is None
     assert states(module) == []
+
+
+def test_the_compile_cache_goes_where_configured_unless_an_operator_chose_one(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing diffusers leaves there
+    compiled.configure(False, tmp_path / "inductor")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "operator's"))
+    compiled.configure(False, tmp_path / "inductor")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "operator's")
