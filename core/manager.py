@@ -116,7 +116,9 @@ class Eviction:
     at: float  # time.time()
 
 
-class _Entry:
+class ModelEntry:
+    """One model's row in a manager's table (this one's and the ray backend's): its state, live model and users."""
+
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self.load_lock = threading.Lock()
@@ -173,18 +175,18 @@ class ModelManager:
         self._loader = loader
         self._lock = threading.Lock()
         self._memory_lock = threading.Lock()
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, ModelEntry] = {}
         self._gpu_total_bytes = dict(gpu_total_bytes) if gpu_total_bytes is not None else None
         self._measured_bytes: dict[str, int] = {}  # footprints of earlier loads: they replace the estimates
         self._pending: dict[str, Resident] = {}  # loads in progress, held at their estimate
         self._use_counter = itertools.count(1)
         self._evictions: deque[Eviction] = deque(maxlen=50)
 
-    def _entry(self, spec: ModelSpec) -> _Entry:
+    def _entry(self, spec: ModelSpec) -> ModelEntry:
         with self._lock:
             entry = self._entries.get(spec.key)
             if entry is None:
-                entry = self._entries[spec.key] = _Entry(spec)
+                entry = self._entries[spec.key] = ModelEntry(spec)
             return entry
 
     def _budgets_bytes(self) -> dict[int, int]:
@@ -223,16 +225,16 @@ class ModelManager:
         return model.device.type == "cuda" and gpu in (None, model.device.index)
 
     @staticmethod
-    def _resting_state(entry: _Entry, unloaded: ModelState) -> ModelState:
+    def _resting_state(entry: ModelEntry, unloaded: ModelState) -> ModelState:
         # A parked model that could not come back is still parked, and still usable from there.
         return ModelState.OFFLOADED if entry.model is not None else unloaded
 
-    def _touch(self, entry: _Entry) -> None:
+    def _touch(self, entry: ModelEntry) -> None:
         with self._lock:
             entry.last_used = time.time()
             entry.use_seq = next(self._use_counter)
 
-    def _place(self, entry: _Entry, allow_standin: bool, gpu: int | None) -> None:
+    def _place(self, entry: ModelEntry, allow_standin: bool, gpu: int | None) -> None:
         """Load the model, or bring it back from the CPU or another card, where the memory policy says; sets entry.model."""
         spec = entry.spec
         if not self._budgets_bytes():
@@ -402,7 +404,7 @@ class ModelManager:
         with self._lock:
             return tuple(self._evictions)
 
-    def _status_row(self, spec: ModelSpec, entry: _Entry | None, dtype_bytes: int, measured_bytes: int | None) -> ModelStatus:
+    def _status_row(self, spec: ModelSpec, entry: ModelEntry | None, dtype_bytes: int, measured_bytes: int | None) -> ModelStatus:
         model = entry.model if entry else None
         return ModelStatus(
             key=spec.key,

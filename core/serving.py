@@ -45,7 +45,17 @@ from core.config import PROJECT_ROOT, Settings
 from core.errors import DashboardError, ModelUnavailableError
 from core.gpu import SNAPSHOT_TTL_S, GpuMonitor, GpuProcess, GpuReport, GpuSnapshot, allocator_stats, load_nvml
 from core.jobs import JobCancelled, JobContext
-from core.manager import GpuBudget, LoadedModel, Loader, ModelManager, ModelState, ModelStatus, RemoteModel, module_bytes
+from core.manager import (
+    GpuBudget,
+    LoadedModel,
+    Loader,
+    ModelEntry,
+    ModelManager,
+    ModelState,
+    ModelStatus,
+    RemoteModel,
+    module_bytes,
+)
 from core.registry import MODELS, ModelSpec
 from core.serving_config import DeploymentOptions, ServingOptions, load_deployment_options
 
@@ -623,17 +633,6 @@ def _replicas_lost_error(method: str) -> ModelUnavailableError:
     )
 
 
-class _Entry:
-    def __init__(self, spec: ModelSpec) -> None:
-        self.spec = spec
-        self.lock = threading.Lock()
-        self.state = ModelState.NOT_LOADED
-        self.model: LoadedModel | None = None
-        self.error: DashboardError | None = None
-        self.busy = 0
-        self.last_used: float | None = None
-
-
 class RayManager:
     """The ray backend's model manager: the local ModelManager's public methods, over Serve deployments."""
 
@@ -646,17 +645,17 @@ class RayManager:
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self._loader = loader
         self._lock = threading.Lock()
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, ModelEntry] = {}
 
-    def _entry(self, spec: ModelSpec) -> _Entry:
+    def _entry(self, spec: ModelSpec) -> ModelEntry:
         with self._lock:
-            return self._entries.setdefault(spec.key, _Entry(spec))
+            return self._entries.setdefault(spec.key, ModelEntry(spec))
 
     def get(self, spec: ModelSpec, *, allow_standin: bool = False, gpu: int | None = None) -> LoadedModel:
         """The model's deployment, started (and its replicas loaded) on first use. `gpu` is Ray's to choose here."""
         entry = self._entry(spec)
         allow = allow_standin or self.settings.standin_fallback
-        with entry.lock:
+        with entry.load_lock:
             if entry.model is None:  # not deployed yet, or its deployment failed (perhaps now with a stand-in allowed)
                 entry.state, entry.error = ModelState.LOADING, None
                 try:
@@ -717,7 +716,7 @@ class RayManager:
             entry = self._entries.get(key)
         if entry is None:
             return 0
-        with entry.lock:
+        with entry.load_lock:
             freed = entry.model.memory_bytes if entry.model is not None else 0
             if entry.model is not None:
                 serve.delete(app_name(entry.spec))
@@ -772,7 +771,7 @@ def _replicas(options: DeploymentOptions) -> dict[str, Any]:
     }}
 
 
-def _model_row(spec: ModelSpec, entry: _Entry | None, dtype: torch.dtype) -> ModelStatus:
+def _model_row(spec: ModelSpec, entry: ModelEntry | None, dtype: torch.dtype) -> ModelStatus:
     return ModelStatus(
         key=spec.key, title=spec.title, state=entry.state if entry else ModelState.NOT_LOADED, device=None, dtype=None,
         memory_bytes=None, estimate_bytes=spec.estimate_bytes(torch.finfo(dtype).bits // 8), load_s=None, is_standin=False,
