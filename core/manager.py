@@ -155,7 +155,31 @@ def _modules_of(obj: Any) -> Iterator[torch.nn.Module]:
 Loader = Callable[[ModelSpec, loading.ModelSource, torch.device, torch.dtype, Settings], Any]
 
 
-class ModelManager:
+class CountsUses:
+    """`use()` for both managers (this one and core.serving's RayManager): each has `_lock`, `_entry()` and `get()`."""
+
+    _lock: threading.Lock
+
+    def _entry(self, spec: ModelSpec) -> ModelEntry:
+        raise NotImplementedError
+
+    def get(self, spec: ModelSpec, *, allow_standin: bool = False, gpu: int | None = None) -> LoadedModel:
+        raise NotImplementedError
+
+    @contextmanager
+    def use(self, spec: ModelSpec, *, allow_standin: bool = False, gpu: int | None = None) -> Iterator[LoadedModel]:
+        """The model for one inference: counted as busy (never evicted, shown as running) while it runs."""
+        entry = self._entry(spec)
+        with self._lock:
+            entry.busy += 1  # before the load, so no eviction slips in between loading and running
+        try:
+            yield self.get(spec, allow_standin=allow_standin, gpu=gpu)
+        finally:
+            with self._lock:
+                entry.busy -= 1
+
+
+class ModelManager(CountsUses):
     def __init__(
         self,
         settings: Settings,
@@ -347,18 +371,6 @@ class ModelManager:
         obj = self._loader(spec, source, device, self.dtype, self.settings)
         load_s = time.perf_counter() - started
         return LoadedModel(spec, obj, device, self.dtype, source, module_bytes(obj), load_s)
-
-    @contextmanager
-    def use(self, spec: ModelSpec, *, allow_standin: bool = False, gpu: int | None = None) -> Iterator[LoadedModel]:
-        """The model for one inference: counted as busy (never evicted) and stamped as used."""
-        entry = self._entry(spec)
-        with self._lock:
-            entry.busy += 1  # before the load, so no eviction slips in between loading and running
-        try:
-            yield self.get(spec, allow_standin=allow_standin, gpu=gpu)
-        finally:
-            with self._lock:
-                entry.busy -= 1
 
     def unload(self, key: str) -> int:
         """Drop a model and give its memory back. Returns the bytes its tensors held (0 if it was not loaded)."""

@@ -28,9 +28,8 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -46,6 +45,7 @@ from core.errors import DashboardError, ModelUnavailableError
 from core.gpu import SNAPSHOT_TTL_S, GpuMonitor, GpuProcess, GpuReport, GpuSnapshot, allocator_stats, load_nvml
 from core.jobs import JobCancelled, JobContext
 from core.manager import (
+    CountsUses,
     GpuBudget,
     LoadedModel,
     Loader,
@@ -633,7 +633,7 @@ def _replicas_lost_error(method: str) -> ModelUnavailableError:
     )
 
 
-class RayManager:
+class RayManager(CountsUses):
     """The ray backend's model manager: the local ModelManager's public methods, over Serve deployments."""
 
     def __init__(self, settings: Settings, loader: Loader | None = None, *, options: ServingOptions | None = None) -> None:
@@ -696,18 +696,6 @@ class RayManager:
             raise
         log.info("deployed %s as %s in %.1f s", spec.key, app_name(spec), time.perf_counter() - started)
         return LoadedModel(spec, ServedModel(handle, info), torch.device(info.device), getattr(torch, info.dtype), info.source, info.memory_bytes, info.load_s)
-
-    @contextmanager
-    def use(self, spec: ModelSpec, *, allow_standin: bool = False, gpu: int | None = None) -> Iterator[LoadedModel]:
-        """The model for one inference, counted as running (the replicas count their own requests too)."""
-        entry = self._entry(spec)
-        with self._lock:
-            entry.busy += 1
-        try:
-            yield self.get(spec, allow_standin=allow_standin, gpu=gpu)
-        finally:
-            with self._lock:
-                entry.busy -= 1
 
     def unload(self, key: str) -> int:
         """Delete a model's deployment (every replica of it). `key` is a model key or a status row's replica key."""
