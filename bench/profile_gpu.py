@@ -7,7 +7,8 @@ full size with random weights: wall time per call eager and replayed from a CUDA
 call from torch.profiler (the sum of its kernels). Wall well above GPU time means launch-bound, where graphs help;
 wall close to GPU time means the kernels themselves are the limit. Variants the app does not use by default
 (channels-last UNet, fused QKV projections, unfolded BatchNorm) are timed beside them, so each choice has a figure.
-One JSON line per measurement.
+`--pipeline` times whole images instead and reads their timelines: how much of a run the GPU is busy, and how often
+the CPU waits for it. One JSON line per measurement.
 """
 from __future__ import annotations
 
@@ -16,17 +17,21 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torchvision
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from bench.bench_classifiers import full_size_hotdog
-from bench.bench_generation import build_full_size_sd
-from bench.common import environment, median_seconds
-from core import classify, cuda_graphs, imagenet
+from bench.bench_generation import PROMPT, build_full_size_sd
+from bench.common import environment, median_seconds, settled
+from core import classify, cuda_graphs, generation, imagenet
 from core.config import Settings
+from core.generation import GenerationSettings
 from core.loading import fold_batch_norms
 from core.manager import ModelManager
 from core.registry import MODELS
@@ -168,15 +173,68 @@ def vit_attention(root: Path) -> None:
         measure("ViT-base 1 image compiled, CUDA graph", lambda g=graph: g(pixels), attention=attention, compile_s=round(time.perf_counter() - started, 1))
 
 
+SYNC_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"}
+
+
+def timeline(run: Callable[[], object]) -> dict[str, object]:
+    """One call of `run` from the profiler's timeline: its span, the GPU's busy time in it (kernels and copies, overlaps
+    counted once), the GPU's longest idle gaps, and how often and how long the CPU waited for the GPU."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    events = prof.events()
+    on_gpu = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    busy_us, gaps, reach = 0.0, [], None
+    for start, end in on_gpu:
+        if reach is not None and start > reach:
+            gaps.append(start - reach)
+        busy_us += max(0.0, end - max(start, reach or start))
+        reach = end if reach is None else max(reach, end)
+    span_us = max(e.time_range.end for e in events) - min(e.time_range.start for e in events)
+    syncs = [e for e in events if e.name in SYNC_CALLS]
+    return {
+        "span_ms": round(span_us / 1000, 1), "gpu_busy_ms": round(busy_us / 1000, 1), "gpu_idle_ms": round((span_us - busy_us) / 1000, 1),
+        "cpu_waits_for_gpu": len(syncs), "cpu_wait_ms": round(sum(e.cpu_time_total for e in syncs) / 1000, 1),
+        "longest_gpu_gaps_ms": [round(gap / 1000, 2) for gap in sorted(gaps, reverse=True)[:5]],
+    }
+
+
+def whole_runs(root: Path) -> None:
+    """Whole 512x512 images on the app's path (compiled and graphed, as served from the second minute on), with the
+    two ways it keeps the GPU fed switched off in turn: each variant's median wall time and one run's timeline."""
+    build_full_size_sd(root)
+    manager = ModelManager(Settings(models_root=root, standin_dir=root / "standins", compile_cache_dir=root / "inductor"))
+    model = manager.get(MODELS["sd15"])
+    variants = {
+        "as the app runs it": [],
+        "timesteps on the GPU (diffusers' default)": [mock.patch.object(generation, "keep_timesteps_on_the_cpu", lambda scheduler: scheduler)],
+        "text encoder without a graph": [mock.patch.object(cuda_graphs, "graphed_text_encoder", lambda *args, **kwargs: nullcontext())],
+    }
+    for scheduler, steps in (("PNDM", 50), ("DPM++ 2M Karras", 25)):
+        settings = GenerationSettings(prompt=PROMPT, width=512, height=512, steps=steps, scheduler=scheduler, seed=0)
+        run = settled(lambda s=settings: generation.generate(model, s))
+        for variant, patches in variants.items():
+            with ExitStack() as stack:
+                for patch in patches:
+                    stack.enter_context(patch)
+                wall_ms = median_seconds(run, CUDA, warmup=2, repeats=7) * 1000
+                print(json.dumps({"profile": f"SD1.5 512x512 {steps} steps {scheduler}, one image", "variant": variant,
+                                  "wall_ms": round(wall_ms, 1), **timeline(run)}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--compile", nargs="*", metavar="MODE", help="time torch.compile in these modes instead")
     parser.add_argument("--vit", action="store_true", help="ViT-base's attention implementations only")
+    parser.add_argument("--pipeline", action="store_true", help="whole SD images on the app's path only")
     args = parser.parse_args()
     print(json.dumps({"environment": environment(CUDA)}), flush=True)
     root = Path(tempfile.mkdtemp())
     if args.vit:
         vit_attention(root)
+        return
+    if args.pipeline:
+        whole_runs(root)
         return
     if args.compile is not None:
         compiled(root, args.compile)

@@ -555,9 +555,26 @@ def run_pipeline(pipe: Any, mode: Mode, scheduler: str) -> Any:
         state.run_tokenizer = copy.deepcopy(pipe.tokenizer)
     components = {**pipe.components, "tokenizer": state.run_tokenizer}
     run_pipe = getattr(diffusers, PIPELINE_CLASSES[mode])(**components, requires_safety_checker=False)
-    run_pipe.scheduler = build_scheduler(pipe, scheduler)
+    run_pipe.scheduler = keep_timesteps_on_the_cpu(build_scheduler(pipe, scheduler))
     run_pipe.set_progress_bar_config(disable=True)
     return run_pipe
+
+
+def keep_timesteps_on_the_cpu(scheduler: Any) -> Any:
+    """The scheduler keeps its timesteps on the CPU whatever device the pipeline asks for.
+
+    With GPU timesteps, each PNDM or DDIM step reads a CPU table at a GPU timestep and compares one with 0: each read
+    waits for the GPU to finish the step's UNet call, so the CPU cannot queue the next step while the GPU works, and
+    the GPU idles through every step's Python. The values are the same on either device, and so are the images; the
+    UNet gets its timestep on the GPU from core.cuda_graphs without a copy.
+    """
+    set_timesteps = scheduler.set_timesteps
+
+    def on_the_cpu(*args: Any, device: Any = None, **kwargs: Any) -> Any:
+        return set_timesteps(*args, **kwargs)
+
+    scheduler.set_timesteps = on_the_cpu
+    return scheduler
 
 
 def _run(
@@ -589,7 +606,11 @@ def _run(
         reporter.started = time.perf_counter()
         # LoRA layers change the UNet's modules for this run only: a graph of them would be captured for nothing.
         fast = not loras and settings.memory_mode in _GRAPHABLE_MODES
-        with cuda_graphs.graphed_unet(pipe.unet, allowed=fast) as unet_calls, cuda_graphs.compiled_vae_decode(pipe.vae, allowed=fast):
+        with (
+            cuda_graphs.graphed_unet(pipe.unet, allowed=fast) as unet_calls,
+            cuda_graphs.graphed_text_encoder(pipe.text_encoder, allowed=fast),
+            cuda_graphs.compiled_vae_decode(pipe.vae, allowed=fast),
+        ):
             output = run_pipe(
                 prompt=settings.prompt, negative_prompt=settings.negative_prompt or None,
                 num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, num_images_per_prompt=settings.num_images,

@@ -85,6 +85,23 @@ def test_graphed_unet_off_the_gpu_leaves_calls_eager_and_forward_as_it_was():
     assert calls.path == "eager" and "forward" not in vars(unet)
 
 
+def test_graphed_text_encoder_off_the_gpu_leaves_forward_as_it_was():
+    text_encoder = torch.nn.Embedding(10, 4)
+    with cuda_graphs.graphed_text_encoder(text_encoder):
+        assert "forward" not in vars(text_encoder)
+        text_encoder(torch.tensor([[1, 2]]))
+    assert "forward" not in vars(text_encoder)
+
+
+@pytest.mark.parametrize("timestep", [torch.tensor(981), torch.tensor(981.5), 981, 981.5])
+def test_a_timestep_is_filled_in_on_the_device_with_its_value_and_type(timestep):
+    on_device = cuda_graphs.timestep_on(torch.device("meta"), timestep)  # meta: a device other than the CPU, no GPU needed
+    expected = torch.as_tensor(timestep)
+    assert on_device.device.type == "meta" and on_device.shape == expected.shape and on_device.dtype == expected.dtype
+    cpu = torch.tensor(5)
+    assert cuda_graphs.timestep_on(torch.device("cpu"), cpu) is cpu
+
+
 def test_unet_calls_say_which_path_served_them():
     assert cuda_graphs.UNetCalls({}).path == "eager"
     assert cuda_graphs.UNetCalls({"CUDA graph": 51}).path == "CUDA graph"
@@ -114,3 +131,21 @@ def test_a_graphed_unet_run_serves_plain_calls_from_graphs_and_the_rest_eagerly(
         assert torch.equal(want, got)
     assert calls.paths == {"CUDA graph": 3, "eager": 1}
     assert "forward" not in vars(unet)
+
+
+@pytest.mark.gpu
+def test_a_graphed_text_encoder_serves_plain_encodings_from_a_graph_exactly_and_masked_ones_eagerly():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77)
+    text_encoder = CLIPTextModel(config).cuda().half().eval()
+    ids = torch.randint(0, 100, (1, 77), device="cuda")
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        expected = text_encoder(ids)[0]
+        with cuda_graphs.graphed_text_encoder(text_encoder):
+            graphed = [text_encoder(ids)[0] for _ in range(2)]  # the first captures, the second replays
+            masked = text_encoder(ids, attention_mask=mask)[0]
+    assert all(torch.equal(expected, got) for got in graphed)
+    assert torch.equal(masked, expected)  # an all-ones mask changes nothing: the eager path ran it
+    assert len(cuda_graphs._graphs[text_encoder].graphs) == 1 and "forward" not in vars(text_encoder)

@@ -87,6 +87,16 @@ def test_each_scheduler_is_built_from_the_models_config(sd):
     assert generation.build_scheduler(sd.obj, "DPM++ 2M Karras").config.use_karras_sigmas is True
 
 
+def test_every_runs_scheduler_keeps_its_timesteps_on_the_cpu_whatever_device_is_asked(sd):
+    for name in generation.available_schedulers():
+        scheduler = generation.run_pipeline(sd.obj, Mode.TEXT_TO_IMAGE, name).scheduler
+        plain = generation.build_scheduler(sd.obj, name)
+        scheduler.set_timesteps(10, device="cuda")  # what the pipeline asks on a GPU (here it would fail: no CUDA)
+        plain.set_timesteps(10, device="cpu")
+        assert scheduler.timesteps.device == CPU, name
+        assert torch.equal(scheduler.timesteps, plain.timesteps), name
+
+
 def test_cancel_mid_run_drops_the_partial_result_and_frees_the_device(sd):
     ready, calls = threading.Event(), []
 

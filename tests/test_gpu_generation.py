@@ -90,6 +90,24 @@ def test_cuda_graph_steps_make_the_same_images_as_eager_steps_within_peak_memory
     assert graphed_again.peak_memory_bytes <= eager.peak_memory_bytes + 64 * 2**20  # a graph's pool holds what eager steps allocate
 
 
+@pytest.mark.parametrize("scheduler", ["PNDM", "DDIM", "DPM++ 2M Karras"])
+def test_the_cpu_waits_for_the_gpu_no_more_often_in_a_longer_run(sd, scheduler):
+    """Steps are queued while the GPU works: the CPU waits for it a fixed number of times per run (the prompt, the
+    noise, the finished image), not at every step (diffusers' schedulers with their timesteps on the GPU did)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def waits(steps: int) -> int:
+        settings = replace(BASE, num_images=1, steps=steps, scheduler=scheduler)
+        generation.generate(sd, settings)  # graphs captured
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            generation.generate(sd, settings)
+        return sum(event.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize") for event in prof.events())
+
+    short, long = waits(10), waits(30)
+    print(json.dumps({"scheduler": scheduler, "cpu_waits_for_gpu": {"10 steps": short, "30 steps": long}}))
+    assert long == short
+
+
 def test_compiled_steps_agree_with_eager_ones_and_serve_runs_once_ready(sd, tmp_path):
     unet = sd.obj.unet
     compiled.configure(True, tmp_path)
@@ -108,8 +126,11 @@ def test_compiled_steps_agree_with_eager_ones_and_serve_runs_once_ready(sd, tmp_
             latents = torch.randn(2, 4, 64, 64, device=CUDA, dtype=torch.float16)
             eager_decoded = cuda_graphs.vae_decode_step(sd.obj.vae, latents).float()
             fast_decoded = compiled.ready(sd.obj.vae, cuda_graphs.vae_decode_step, (latents,))(sd.obj.vae, latents).float()
-        errors = {"unet_step": ((fast - eager).abs().max() / eager.abs().max()).item(),
-                  "vae_decode": ((fast_decoded - eager_decoded).abs().max() / eager_decoded.abs().max()).item()}
+            ids = torch.randint(0, 49408, (1, 77), device=CUDA)
+            eager_encoded = cuda_graphs.text_encoder_step(sd.obj.text_encoder, ids).float()
+            fast_encoded = compiled.ready(sd.obj.text_encoder, cuda_graphs.text_encoder_step, (ids,))(sd.obj.text_encoder, ids).float()
+        errors = {name: ((fast_out - eager_out).abs().max() / eager_out.abs().max()).item() for name, fast_out, eager_out in (
+            ("unet_step", fast, eager), ("vae_decode", fast_decoded, eager_decoded), ("text_encoder", fast_encoded, eager_encoded))}
         print(json.dumps({"compiled_vs_eager_max_error_relative_to_largest": errors}))
         assert max(errors.values()) < 1e-2  # fused kernels round differently; a wrong kernel would be off by far more
     finally:
