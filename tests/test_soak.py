@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import psutil
@@ -34,13 +35,23 @@ def settled_rss() -> int:
 
 
 def warm_up(manager: ModelManager) -> None:
-    """Each model loaded and run once, so that imports and one-off caches are in the starting level."""
+    """Each thing the soaks repeat, done once, so that imports and one-off caches are in the starting level: every
+    model loaded, a run, its background compiles, a compiled run, a cancelled run (in a job thread, as the app runs
+    them), an unload and a reload with its graphs captured again.
+
+    On the H100 a first cancelled run and reload added 94 MiB once (per-thread CUDA and allocator state) and nothing
+    over 300 more generations and 3 more reloads (docs/RELIABILITY.md); a warm-up without them counted that as growth.
+    """
     for key in SWITCHED:
         manager.get(MODELS[key], allow_standin=True)
     sd = manager.get(MODELS["sd15"], allow_standin=True)
     generation.generate(sd, replace(SMALL, seed=0))
     assert compiled.wait_until_settled(600)  # on a GPU: the UNet step's compile, queued by that first run
     generation.generate(sd, replace(SMALL, seed=1))  # and the first use of the compiled step, its graph captured
+    assert cancelled_run(sd, replace(SMALL, seed=2, steps=20)) is JobState.CANCELLED
+    del sd
+    manager.unload_all()
+    generation.generate(manager.get(MODELS["sd15"], allow_standin=True), replace(SMALL, seed=3))
     manager.unload_all()
 
 
@@ -62,17 +73,19 @@ def settled_level() -> MemoryLevel:
     return MemoryLevel(rss, torch.cuda.memory_allocated() if torch.cuda.is_available() else 0)
 
 
-def switch_models_fifty_times(manager: ModelManager) -> None:
+def switch_models_fifty_times(manager: ModelManager, checkpoint: Callable[[str], None]) -> None:
     for cycle in range(50):
         current, following = MODELS[SWITCHED[cycle % 4]], MODELS[SWITCHED[(cycle + 1) % 4]]
         manager.get(current, allow_standin=True)
         manager.get(following, allow_standin=True)  # switch: both resident for a moment
         assert manager.unload(current.key) > 0
+        if cycle % 25 == 24:
+            checkpoint(f"{cycle + 1} cycles")
     manager.unload_all()
     assert all(row.state is ModelState.NOT_LOADED for row in manager.status())
 
 
-def generate_two_hundred_times_with_cancels(manager: ModelManager) -> None:
+def generate_two_hundred_times_with_cancels(manager: ModelManager, checkpoint: Callable[[str], None]) -> None:
     sd = manager.get(MODELS["sd15"], allow_standin=True)
     finished = cancelled = 0
     for run in range(200):
@@ -82,18 +95,23 @@ def generate_two_hundred_times_with_cancels(manager: ModelManager) -> None:
         else:
             assert generation.generate(sd, replace(SMALL, seed=run)).images
             finished += 1
+        if run % 50 == 49:
+            checkpoint(f"{run + 1} generations")
     assert (finished, cancelled) == (160, 40) and len(queue_for(sd.device)) == 0
     manager.unload_all()
 
 
 def soak(manager: ModelManager, work, label: str) -> tuple[MemoryLevel, MemoryLevel]:
+    """The level after the warm-up and after the work, with the levels on the way (models loaded there) printed: a
+    leak climbs from checkpoint to checkpoint, a one-off cache does not."""
     warm_up(manager)
     before = settled_level()
-    work(manager)
+    trajectory = {}
+    work(manager, lambda at: trajectory.setdefault(at, asdict(settled_level())))
     assert compiled.wait_until_settled(600)
     after = settled_level()
     live_models = sum(isinstance(o, torch.nn.Module) and type(o).__name__.endswith("Model") for o in gc.get_objects())
-    print(json.dumps({"soak": label, "device": str(manager.device), "before": asdict(before), "after": asdict(after),
+    print(json.dumps({"soak": label, "device": str(manager.device), "before": asdict(before), "on_the_way": trajectory, "after": asdict(after),
                       "live_model_objects": live_models, "compiles": [str(record) for record in compiled.records()]}))
     return before, after
 
