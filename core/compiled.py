@@ -89,9 +89,14 @@ def is_enabled() -> bool:
     return _enabled
 
 
+def applies_to(inputs: torch.Tensor) -> bool:
+    """Whether calls on `inputs` are compiled at all (on, and on the GPU)."""
+    return _enabled and _on_gpu(inputs)
+
+
 def ready(module: torch.nn.Module, step: Step, inputs: tuple[torch.Tensor, ...]) -> Step | None:
     """`step` compiled for `inputs`' shapes, or None while it is not (the first call of a shape queues its compile)."""
-    if not _enabled or not _on_gpu(inputs[0]):
+    if not applies_to(inputs[0]):
         return None
     key = shape_key(inputs)
     with _lock:

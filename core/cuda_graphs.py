@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 # Shapes worth a graph for classifiers: single images (the interactive case). Larger batches keep the GPU busy alone.
 GRAPHED_BATCH_SIZES = (1,)
+COMPILED_BATCH_SIZES = (2, 4, 8, 16, 32, 64, 128, 256)  # larger batches run eagerly: the GPU is busy with them anyway
 # A module keeps the graphs of its last few call shapes (an SD size x images per run); each holds an activation pool.
 GRAPHS_KEPT = 4
 WARMUP_RUNS = 3  # cuDNN autotuning and lazy initialisation must happen before capture, not inside it
@@ -154,15 +155,32 @@ def _capture(forward: Callable[..., torch.Tensor], examples: tuple[torch.Tensor,
 
 
 def graphed_forward(module: torch.nn.Module, step: Step, inputs: torch.Tensor) -> torch.Tensor:
-    """`step(module, inputs)` for a classifier: a single image from a graph, a batch compiled once that is ready."""
-    if inputs.device.type != "cuda":
-        with torch.inference_mode():
-            return step(module, inputs)
-    if _enabled and inputs.shape[0] in GRAPHED_BATCH_SIZES:
+    """`step(module, inputs)` for a classifier: a single image from a graph, a batch compiled once that is ready.
+
+    Batches are compiled at COMPILED_BATCH_SIZES only, a batch of another size padded up to the next one (rows are
+    independent in inference): Serve's dynamic batching, or uploads of any count, then ask for a handful of compiles
+    rather than one per size, each of which would hold the GIL for a quarter of a minute.
+    """
+    count = inputs.shape[0]
+    if _enabled and inputs.is_cuda and count in GRAPHED_BATCH_SIZES:
         return _served(module, _graphs_for(module), step, (inputs,))[0]
-    fast = compiled.ready(module, step, (inputs,))
     with torch.inference_mode():
-        return (fast or step)(module, inputs)
+        bucket = next((size for size in COMPILED_BATCH_SIZES if size >= count), None)
+        if bucket is None or not compiled.applies_to(inputs):
+            return step(module, inputs)
+        padded = inputs if bucket == count else _padded(inputs, bucket)
+        fast = compiled.ready(module, step, (padded,))
+        return step(module, inputs) if fast is None else fast(module, padded)[:count]
+
+
+def _padded(inputs: torch.Tensor, rows: int) -> torch.Tensor:
+    """`inputs` with copies of its first row up to `rows`, in its memory format (a compile is made for one layout)."""
+    channels_last = inputs.dim() == 4 and inputs.is_contiguous(memory_format=torch.channels_last)
+    padded = torch.empty((rows, *inputs.shape[1:]), dtype=inputs.dtype, device=inputs.device,
+                         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    padded[: len(inputs)] = inputs
+    padded[len(inputs):] = inputs[:1]
+    return padded
 
 
 @dataclass

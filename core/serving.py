@@ -39,7 +39,7 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError, RequestCancelledError
 
-from core import loading
+from core import compiled, loading
 from core.config import PROJECT_ROOT, Settings
 from core.errors import DashboardError, ModelUnavailableError
 from core.gpu import SNAPSHOT_TTL_S, GpuMonitor, GpuProcess, GpuReport, GpuSnapshot, allocator_stats, load_nvml
@@ -325,6 +325,10 @@ class ModelServer:
             config, getattr(obj, "tokenizer", None), sizes,
         ))
 
+    async def wait_for_compiles(self, timeout_s: float) -> Outcome:
+        """Until this replica's background compiles are done: what benchmarks wait for to measure the steady state."""
+        return Outcome(await asyncio.to_thread(compiled.wait_until_settled, timeout_s))
+
     # Short requests: batched across sessions -----------------------------------------------------------------
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
@@ -557,6 +561,10 @@ class ServedModel(RemoteModel):
 
     def generate_unconditional(self, settings: Any, context: JobContext | None, abandoned: Callable[[], bool]) -> Any:
         return self._stream("generate_unconditional", (settings,), context, abandoned)
+
+    def wait_for_compiles(self, timeout_s: float) -> bool:
+        """Until the background compiles of the replica this call reaches are done (False on time-out)."""
+        return self._call("wait_for_compiles", timeout_s)
 
     # How calls travel ---------------------------------------------------------------------------------------------
 

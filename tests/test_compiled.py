@@ -13,13 +13,14 @@ from core.compiled import CompileState
 
 @pytest.fixture
 def compiler(monkeypatch):
-    """A compiler whose compiles wait for `release` and whose compiled steps add 1000, so their results are told apart."""
+    """A compiler whose compiles wait for `release` and whose compiled steps add 1000, so their results are told apart.
+
+    As torch.compile's, the wait is in the compiled step's first call (the worker's), not in wrapping the step."""
     release = threading.Event()
 
     def compile_step(step):
-        release.wait(30)
-
         def compiled_step(module, *inputs):
+            release.wait(30)
             return step(module, *inputs) + 1000
 
         return compiled_step
@@ -89,3 +90,30 @@ def test_the_compile_cache_goes_where_configured_unless_an_operator_chose_one(mo
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "operator's"))
     compiled.configure(False, tmp_path / "inductor")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "operator's")
+
+
+def test_batches_compile_at_a_few_sizes_and_other_sizes_are_padded_up_to_them(compiler):
+    from core import cuda_graphs
+
+    def batch_step(module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:  # its own: compiled steps are kept per function
+        return module(inputs)
+
+    module = torch.nn.Linear(4, 4)
+    batches = {count: torch.randn(count, 4) for count in (3, 4, 5, 7)}
+    for batch in batches.values():
+        assert torch.equal(cuda_graphs.graphed_forward(module, batch_step, batch), module(batch))  # eager meanwhile
+    assert sorted(r.shape for r in compiled.records() if r.model == "Linear") == ["4×4", "8×4"]  # not one per size
+    compiler.set()
+    assert compiled.wait_until_settled(30)
+    for count, batch in batches.items():
+        served = cuda_graphs.graphed_forward(module, batch_step, batch)
+        assert served.shape == (count, 4) and torch.allclose(served, module(batch) + 1000)  # its own rows, compiled
+
+
+def test_padding_repeats_the_first_row_in_the_inputs_memory_format():
+    from core import cuda_graphs
+
+    images = torch.randn(3, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    padded = cuda_graphs._padded(images, 4)
+    assert padded.is_contiguous(memory_format=torch.channels_last) and padded.shape == (4, 3, 8, 8)
+    assert torch.equal(padded[:3], images) and torch.equal(padded[3], images[0])
