@@ -63,12 +63,6 @@ def shape_key(inputs: tuple[torch.Tensor, ...]) -> tuple:
     return tuple((tuple(t.shape), t.dtype, t.stride(), t.device) for t in inputs)
 
 
-# Inductor draws random numbers on the GPU while it compiles (inputs for timing kernels); a CUDA-graph capture running
-# on another thread at that moment fails the compile ("Offset increment outside graph capture encountered
-# unexpectedly": the text encoder's compile in a Serve replica, H100). So they take turns: a compile holds this for its
-# whole run, and a capture happens only while it is free (core.cuda_graphs; that call runs without a graph otherwise).
-capture_turn = threading.Lock()
-
 _enabled = False
 _compiler: Callable[[Step], Step] = lambda step: torch.compile(step, mode=COMPILE_MODE, dynamic=False)  # noqa: E731
 _compiled_steps: dict[Step, Step] = {}
@@ -158,7 +152,7 @@ def _work() -> None:
         try:
             with _lock:
                 compiled = _compiled_steps.get(step) or _compiled_steps.setdefault(step, _compiler(step))
-            with capture_turn, torch.inference_mode():
+            with torch.inference_mode():
                 compiled(module, *examples)  # compiles this shape, then runs it once
             state = CompileState.READY
         except Exception:  # noqa: BLE001 - a compile can fail in many ways; the eager path keeps serving

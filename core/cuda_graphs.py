@@ -134,17 +134,10 @@ def _served(module: torch.nn.Module, entry: _ModuleGraphs, step: Step, inputs: t
         else:
             entry.graphs.move_to_end(key)
             capture = False
-    if capture and compiled.capture_turn.acquire(blocking=False):
-        try:
-            graph = _capture(lambda *tensors: forward(module, *tensors), inputs)
-        finally:
-            compiled.capture_turn.release()
+    if capture:
+        graph = _capture(lambda *tensors: forward(module, *tensors), inputs)
         with _graphs_lock:
             entry.graphs[key] = graph
-    elif capture:  # a compile is running: this call goes without a graph, a later one captures it
-        with _graphs_lock:
-            entry.graphs.pop(key, None)
-        graph = None
     if isinstance(graph, _Graph):
         return graph(*inputs), "compiled + CUDA graph" if fast is not None else "CUDA graph"
     with torch.inference_mode():

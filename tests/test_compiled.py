@@ -117,28 +117,3 @@ def test_padding_repeats_the_first_row_in_the_inputs_memory_format():
     padded = cuda_graphs._padded(images, 4)
     assert padded.is_contiguous(memory_format=torch.channels_last) and padded.shape == (4, 3, 8, 8)
     assert torch.equal(padded[:3], images) and torch.equal(padded[3], images[0])
-
-
-def test_a_compile_holds_the_capture_turn_while_it_runs(compiler, monkeypatch):
-    running, seen_locked = threading.Event(), []
-
-    def compile_step(step):
-        def compiled_step(module, *inputs):
-            seen_locked.append(compiled.capture_turn.locked())
-            running.set()
-            compiler.wait(30)
-            return step(module, *inputs)
-
-        return compiled_step
-
-    def held_step(module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:  # its own: compiled steps are kept per function
-        return module(inputs)
-
-    monkeypatch.setattr(compiled, "_compiler", compile_step)
-    module = torch.nn.Linear(4, 4)  # kept: the worker skips the compile of a module that is gone
-    assert not compiled.capture_turn.locked()
-    compiled.ready(module, held_step, (torch.randn(1, 4),))
-    assert running.wait(10)
-    assert seen_locked == [True] and not compiled.capture_turn.acquire(blocking=False)  # a capture cannot start now
-    compiler.set()
-    assert compiled.wait_until_settled(30) and not compiled.capture_turn.locked()
