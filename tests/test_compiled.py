@@ -117,3 +117,33 @@ def test_padding_repeats_the_first_row_in_the_inputs_memory_format():
     padded = cuda_graphs._padded(images, 4)
     assert padded.is_contiguous(memory_format=torch.channels_last) and padded.shape == (4, 3, 8, 8)
     assert torch.equal(padded[:3], images) and torch.equal(padded[3], images[0])
+
+
+def test_a_compile_that_met_a_graph_capture_is_run_again_and_other_failures_are_not(compiler, monkeypatch):
+    attempts = []
+
+    def compile_step(step):
+        def compiled_step(module, *inputs):
+            attempts.append(step.__name__)
+            if step is clashing and len(attempts) == 1:
+                raise RuntimeError(f"{compiled.CAPTURE_CLASH} encountered unexpectedly.")
+            if step is broken:
+                raise RuntimeError("inductor failed")
+            return step(module, *inputs) + 1000
+
+        return compiled_step
+
+    def clashing(module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        return module(inputs)
+
+    def broken(module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        return module(inputs)
+
+    monkeypatch.setattr(compiled, "_compiler", compile_step)
+    module, one = torch.nn.Linear(4, 4), torch.randn(1, 4)
+    compiled.ready(module, clashing, (one,))
+    assert compiled.wait_until_settled(30)
+    assert attempts == ["clashing", "clashing"] and compiled.ready(module, clashing, (one,)) is not None
+    compiled.ready(module, broken, (torch.randn(2, 4),))
+    assert compiled.wait_until_settled(30)
+    assert attempts.count("broken") == 1 and compiled.ready(module, broken, (torch.randn(2, 4),)) is None
