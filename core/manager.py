@@ -194,7 +194,6 @@ class ModelManager(CountsUses):
         cuda_graphs.set_enabled(settings.cuda_graphs)
         compiled.configure(settings.compile, settings.compile_cache_dir)
         self.device = pick_device(settings)
-        self.dtype = pick_dtype(self.device)
         self.policy = policy or MemoryPolicy.from_settings(settings)
         self._loader = loader
         self._lock = threading.Lock()
@@ -301,7 +300,7 @@ class ModelManager(CountsUses):
     def _footprint_bytes(self, spec: ModelSpec) -> int:
         with self._lock:
             measured = self._measured_bytes.get(spec.key)
-        return measured if measured is not None else spec.estimate_bytes(torch.finfo(self.dtype).bits // 8)
+        return measured if measured is not None else spec.estimate_bytes(torch.finfo(self.dtype_for(spec)).bits // 8)
 
     def _evict_until_fits(self, spec: ModelSpec, need_bytes: int, gpu: int | None) -> Placement:
         """Plan, evict, plan again until nothing more has to leave (the caller holds `_memory_lock`).
@@ -368,9 +367,14 @@ class ModelManager(CountsUses):
 
     def _load_from(self, spec: ModelSpec, source: loading.ModelSource, device: torch.device) -> LoadedModel:
         started = time.perf_counter()
-        obj = self._loader(spec, source, device, self.dtype, self.settings)
+        dtype = self.dtype_for(spec)
+        obj = self._loader(spec, source, device, dtype, self.settings)
         load_s = time.perf_counter() - started
-        return LoadedModel(spec, obj, device, self.dtype, source, module_bytes(obj), load_s)
+        return LoadedModel(spec, obj, device, dtype, source, module_bytes(obj), load_s)
+
+    def dtype_for(self, spec: ModelSpec) -> torch.dtype:
+        """The dtype `spec` loads in on this manager's device (core.devices.pick_dtype)."""
+        return pick_dtype(self.device, spec.family, self.settings.cpu_bf16)
 
     def unload(self, key: str) -> int:
         """Drop a model and give its memory back. Returns the bytes its tensors held (0 if it was not loaded)."""
@@ -396,8 +400,7 @@ class ModelManager(CountsUses):
             wanted.update({key: entry.spec for key, entry in self._entries.items()})
             entries = {key: self._entries.get(key) for key in wanted}
             measured = dict(self._measured_bytes)
-        dtype_bytes = torch.finfo(self.dtype).bits // 8
-        return [self._status_row(spec, entries[key], dtype_bytes, measured.get(key)) for key, spec in wanted.items()]
+        return [self._status_row(spec, entries[key], measured.get(key)) for key, spec in wanted.items()]
 
     def gpu_budgets(self) -> tuple[GpuBudget, ...]:
         """Each GPU's budget and what the models on it hold; () on the CPU."""
@@ -416,7 +419,7 @@ class ModelManager(CountsUses):
         with self._lock:
             return tuple(self._evictions)
 
-    def _status_row(self, spec: ModelSpec, entry: ModelEntry | None, dtype_bytes: int, measured_bytes: int | None) -> ModelStatus:
+    def _status_row(self, spec: ModelSpec, entry: ModelEntry | None, measured_bytes: int | None) -> ModelStatus:
         model = entry.model if entry else None
         return ModelStatus(
             key=spec.key,
@@ -425,7 +428,7 @@ class ModelManager(CountsUses):
             device=str(model.device) if model else None,
             dtype=str(model.dtype).removeprefix("torch.") if model else None,
             memory_bytes=model.memory_bytes if model else None,
-            estimate_bytes=measured_bytes if measured_bytes is not None else spec.estimate_bytes(dtype_bytes),
+            estimate_bytes=measured_bytes if measured_bytes is not None else spec.estimate_bytes(torch.finfo(self.dtype_for(spec)).bits // 8),
             load_s=model.load_s if model else None,
             is_standin=model.is_standin if model else False,
             source=model.source.label if model else None,

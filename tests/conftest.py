@@ -38,8 +38,9 @@ def settings(standin_dir: Path):
     from core.config import Settings
 
     # Compile off: a background compile finishing mid-test would change timings, memory and the path that serves a
-    # call; the tests of core.compiled and the GPU soak turn it on.
-    return Settings(standin_dir=standin_dir, device="auto", compile=False)
+    # call; the tests of core.compiled and the GPU soak turn it on. CPU bf16 off: the tests compare results with
+    # fp32 references on any CPU; tests/test_devices.py checks bf16 against them.
+    return Settings(standin_dir=standin_dir, device="auto", compile=False, cpu_bf16=False)
 
 
 @pytest.fixture()
@@ -56,6 +57,7 @@ def app_env(monkeypatch: pytest.MonkeyPatch, standin_dir: Path):
 
     monkeypatch.setenv("DASH_STANDIN_DIR", str(standin_dir))
     monkeypatch.setenv("DASH_STANDIN_FALLBACK", "1")
+    monkeypatch.setenv("DASH_CPU_BF16", "0")  # as the `settings` fixture: pages' results compared with fp32 ones
     get_settings.clear()
     get_manager.clear()
     yield
@@ -65,7 +67,7 @@ def app_env(monkeypatch: pytest.MonkeyPatch, standin_dir: Path):
 
 @pytest.fixture(scope="session")
 def app_url(tmp_path_factory: pytest.TempPathFactory, standin_dir: Path):
-    with running_app(tmp_path_factory.mktemp("app") / "streamlit.log", DASH_STANDIN_DIR=str(standin_dir), DASH_STANDIN_FALLBACK="1") as url:
+    with running_app(tmp_path_factory.mktemp("app") / "streamlit.log", DASH_STANDIN_DIR=str(standin_dir), DASH_STANDIN_FALLBACK="1", DASH_CPU_BF16="0") as url:
         yield url
 
 
