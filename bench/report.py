@@ -50,11 +50,16 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-def markdown(figures: list[dict[str, object]], header: dict[str, str], quick: bool) -> str:
+def markdown(figures: list[dict[str, object]], header: dict[str, str], quick: bool, commits: dict[str, str] | None = None) -> str:
+    """The table; `commits` (bench -> commit) where the benchmarks ran at different commits (saved device runs)."""
+    if commits and len(set(commits.values())) > 1:
+        commit = ", ".join(f"`{sha}` ({bench})" for bench, sha in commits.items())
+    else:
+        commit = f"`{header['commit']}`"
     lines = [
         "# Performance",
         "",
-        f"Latest run: {header['date']} on **{header['device']}**, commit `{header['commit']}`, torch {header['torch']}, "
+        f"Latest run: {header['date']} on **{header['device']}**, commit {commit}, torch {header['torch']}, "
         f"transformers {header['transformers']}, diffusers {header['diffusers']}{' (quick, reduced sizes)' if quick else ''}.",
         "Full-size architectures with random weights (speed and memory do not depend on weight values). "
         "`naive` is the tutorial way (fp32, one item per call); `ours` is the app's core path, timed in the same process. "
@@ -85,8 +90,9 @@ def main() -> None:
         runs = [run_benchmark(module, args.quick) for module in args.modules]
     figures = [figure for run_figures, _ in runs for figure in run_figures]
     headers = [header for _, header in runs if header]
+    commits = {run_figures[0]["bench"]: header["commit"] for run_figures, header in runs if header and run_figures}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    write_table(Path(args.output), markdown(figures, headers[0] if headers else environment(device), args.quick))
+    write_table(Path(args.output), markdown(figures, headers[0] if headers else environment(device), args.quick, commits))
 
 
 def write_table(path: Path, table: str) -> None:

@@ -763,7 +763,9 @@ def _replicas(options: DeploymentOptions) -> dict[str, Any]:
         return {"num_replicas": options.min_replicas}
     return {"autoscaling_config": {
         "min_replicas": options.min_replicas, "max_replicas": options.max_replicas,
-        "target_ongoing_requests": options.target_ongoing_requests,
+        "target_ongoing_requests": options.target_ongoing_requests, "upscale_delay_s": options.upscale_delay_s,
+        "downscale_delay_s": options.downscale_delay_s, "metrics_interval_s": options.metrics_interval_s,
+        "look_back_period_s": options.look_back_period_s,
     }}
 
 

@@ -42,6 +42,12 @@ class DeploymentOptions:
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing_requests: float = 2.0
+    # How fast autoscaling reacts (Serve's defaults): queue lengths are reported every metrics_interval_s and averaged
+    # over look_back_period_s; a replica is added after upscale_delay_s of demand, removed after downscale_delay_s idle.
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+    metrics_interval_s: float = 10.0
+    look_back_period_s: float = 30.0
     # Requests one replica accepts at once; beyond it they wait in the caller's queue (and count for autoscaling).
     max_ongoing_requests: int = 16
     # Dynamic batching (classifiers, sentiment): requests from every session that arrive within the wait are one

@@ -315,6 +315,28 @@ def test_the_hot_dog_page_runs_unchanged_on_the_ray_backend(cluster, local, monk
             cached.clear()
 
 
+def test_requests_queued_beyond_the_target_scale_a_deployment_out_to_its_maximum(cluster, ray_settings, local):
+    """Serve's autoscaling on queue length, reacting within seconds (Serve's defaults wait 30 s to add a replica): with
+    one request in flight per replica as the target, four long runs at once bring a second replica."""
+    spec = replace(MODELS["ddpm-butterflies"], key="ddpm-autoscaling")  # its own application, beside the module's
+    local.get(spec, allow_standin=True)  # the stand-in built before either replica looks for it
+    quick = DeploymentOptions(num_cpus=0.25, min_replicas=1, max_replicas=2, target_ongoing_requests=1, max_ongoing_requests=2,
+                              upscale_delay_s=0, metrics_interval_s=0.2, look_back_period_s=1)
+    manager = serving.RayManager(ray_settings, options=ServingOptions({kind: quick for kind in KINDS}, {}))
+    jobs = []
+    try:
+        served = manager.get(spec, allow_standin=True)
+        assert len([r for r in manager.replicas() if r.key == spec.key]) == 1
+        long_run = UnconditionalSettings(num_images=1, steps=1000, seed=7)
+        jobs = [Job(lambda context: unconditional.generate(served, long_run, context), f"long ddpm {i}") for i in range(4)]
+        wait_for(lambda: len({r.replica_id for r in manager.replicas() if r.key == spec.key}) == 2, "a second replica", timeout_s=90)
+    finally:
+        for job in jobs:
+            job.cancel()
+        assert all(job.wait(WAIT_S) for job in jobs)
+        manager.unload_all()
+
+
 @pytest.mark.gpu
 def test_on_a_gpu_replicas_hold_the_card_and_answer_as_the_local_backend(cluster, ray_settings, local):
     """On the GPU machine (Ray from scripts/pack_ray_for_device.sh): a replica with a quarter of the card loads the
