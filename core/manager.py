@@ -129,6 +129,15 @@ class ModelEntry:
         self.last_used: float | None = None
         self.use_seq = 0  # orders uses for least-recently-used eviction; wall-clock ties cannot happen here
 
+    def forget(self, release: Callable[[LoadedModel], None] = lambda model: None) -> int:
+        """Back to "not loaded", `release` called on the live model first; the bytes its tensors held."""
+        with self.load_lock:
+            model = self.model
+            if model is not None:
+                release(model)
+            self.model, self.error, self.state = None, None, ModelState.NOT_LOADED
+        return model.memory_bytes if model is not None else 0
+
 
 def module_bytes(obj: Any) -> int:
     """Bytes held by the parameters and buffers of every torch module inside a model object."""
@@ -382,9 +391,7 @@ class ModelManager(CountsUses):
             entry = self._entries.get(key)
         if entry is None:
             return 0
-        with entry.load_lock:
-            freed = entry.model.memory_bytes if entry.model is not None else 0
-            entry.model, entry.error, entry.state = None, None, ModelState.NOT_LOADED
+        freed = entry.forget()
         release_memory()
         return freed
 

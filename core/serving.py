@@ -712,13 +712,12 @@ class RayManager(CountsUses):
             entry = self._entries.get(key)
         if entry is None:
             return 0
-        with entry.load_lock:
-            freed = entry.model.memory_bytes if entry.model is not None else 0
-            if entry.model is not None:
-                serve.delete(app_name(entry.spec))
-                board().forget_app.remote(app_name(entry.spec))
-            entry.model, entry.error, entry.state = None, None, ModelState.NOT_LOADED
-        return freed
+
+        def delete_deployment(model: LoadedModel) -> None:
+            serve.delete(app_name(model.spec))
+            board().forget_app.remote(app_name(model.spec))
+
+        return entry.forget(delete_deployment)
 
     def unload_all(self) -> int:
         with self._lock:
