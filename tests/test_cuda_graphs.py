@@ -149,3 +149,19 @@ def test_a_graphed_text_encoder_serves_plain_encodings_from_a_graph_exactly_and_
     assert all(torch.equal(expected, got) for got in graphed)
     assert torch.equal(masked, expected)  # an all-ones mask changes nothing: the eager path ran it
     assert len(cuda_graphs._graphs[text_encoder].graphs) == 1 and "forward" not in vars(text_encoder)
+
+
+@pytest.mark.gpu
+def test_a_batch_between_compiled_sizes_is_served_padded_by_the_compiled_step_within_tolerance(monkeypatch, tmp_path):
+    monkeypatch.setattr(compiled, "_enabled", True)
+    model = torchvision.models.resnet50().eval().cuda().half().to(memory_format=torch.channels_last)
+    batch = torch.randn(3, 3, 224, 224, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = model(batch).float()
+    assert torch.equal(cuda_graphs.graphed_forward(model, call, batch), model(batch))  # eager while the 4-image compile runs
+    assert compiled.wait_until_settled(300)
+    assert [(r.shape, r.state) for r in compiled.records() if r.model == "ResNet"] == [("4×3×224×224", compiled.CompileState.READY)]
+    served = cuda_graphs.graphed_forward(model, call, batch).float()
+    assert served.shape == (3, 1000)
+    assert ((served - expected).abs().max() / expected.abs().max()).item() < 1e-2
+    compiled.forget(model)
