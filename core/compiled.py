@@ -66,7 +66,7 @@ def shape_key(inputs: tuple[torch.Tensor, ...]) -> tuple:
 # Inductor draws random numbers on the GPU while it compiles; if another thread is capturing a CUDA graph at that
 # moment, the generator refuses and the compile fails with this (the text encoder's, in a Serve replica on the H100).
 # Captures are short and compiles long, so the compile is simply run again; making captures wait for compiles instead
-# left the first image after a start on the eager path, 86 s instead of 14-17 s.
+# left the first image after a start on the eager path, 86 s instead of 12 s (H100).
 CAPTURE_CLASH = "Offset increment outside graph capture"
 COMPILE_ATTEMPTS = 3
 

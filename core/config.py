@@ -171,7 +171,7 @@ class Settings:
     # torch.compile on CUDA, in the background (core.compiled): each new input shape is served eagerly until its
     # compile is done, then from fused kernels; close to the eager results (tests state the tolerance), not bit-equal.
     compile: bool = True
-    # bf16 for the hot dog and sentiment models on a CPU that computes it natively (AVX512-BF16, AMX): about 3.7 times
+    # bf16 for the hot dog and sentiment models on a CPU that computes it natively (AVX512-BF16, AMX): about 3.5 times
     # faster than fp32 there, within 1 % of fp32's logits (as fp16 on a GPU); off keeps fp32 on every CPU.
     cpu_bf16: bool = True
     # Inductor's caches, kept between starts so that a restart's compiles take seconds (TORCHINDUCTOR_CACHE_DIR wins).

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 # Shapes worth a graph for classifiers: single images (the interactive case). Larger batches keep the GPU busy alone.
 GRAPHED_BATCH_SIZES = (1,)
-COMPILED_BATCH_SIZES = (2, 4, 8, 16, 32, 64, 128, 256)  # larger batches run eagerly: the GPU is busy with them anyway
+# Batch sizes compiled (others padded up to the next); larger batches run eagerly: the GPU is busy with them anyway.
+COMPILED_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # A module keeps the graphs of its last few call shapes (an SD size x images per run); each holds an activation pool.
 GRAPHS_KEPT = 4
 WARMUP_RUNS = 3  # cuDNN autotuning and lazy initialisation must happen before capture, not inside it
