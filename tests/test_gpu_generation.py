@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from bench.bench_generation import build_full_size_ddpm, build_full_size_sd
+from bench.profile_gpu import SYNC_CALLS
 from core import compiled, cuda_graphs, generation, lora, unconditional
 from core.config import Settings
 from core.errors import GpuOutOfMemoryError
@@ -101,7 +102,7 @@ def test_the_cpu_waits_for_the_gpu_no_more_often_in_a_longer_run(sd, scheduler):
         generation.generate(sd, settings)  # graphs captured
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             generation.generate(sd, settings)
-        return sum(event.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize") for event in prof.events())
+        return sum(event.name in SYNC_CALLS for event in prof.events())
 
     short, long = waits(10), waits(30)
     print(json.dumps({"scheduler": scheduler, "cpu_waits_for_gpu": {"10 steps": short, "30 steps": long}}))
