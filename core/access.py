@@ -55,20 +55,20 @@ def decide_access(login_configured: bool, login: Login | None, admins: tuple[str
             return Access(True)
         listening_on = f"on {server_address}" if server_address else "on every network interface"
         return Access(False, (
-            f"this app listens {listening_on} without login, so nobody is an admin: configure login ([auth] in "
+            f"this app listens {listening_on} without login, so nobody is an admin; configure login ([auth] in "
             f".streamlit/secrets.toml) and list admins in {ADMINS_VARIABLE}, or bind it to 127.0.0.1"
         ))
     if not admins:
-        return Access(False, f"no admins are configured: the operator lists their e-mail addresses in {ADMINS_VARIABLE}")
+        return Access(False, f"no admins are configured; the operator lists their e-mail addresses in {ADMINS_VARIABLE}")
     if login is None:
         return Access(False, f"log in (sidebar) with an address listed in {ADMINS_VARIABLE}")
     if not login.email:
         return Access(False, (
-            "your login carries no e-mail address: the provider must grant the `email` scope "
+            "your login carries no e-mail address; the provider must grant the `email` scope "
             "(on a Hugging Face Space, `hf_oauth_scopes: [email]` in the README front matter)"
         ))
     if login.email_verified is False:
-        return Access(False, f"your provider has not verified {login.email}: verify it there, then log in again")
+        return Access(False, f"your provider has not verified {login.email}; verify it there, then log in again")
     if login.email.strip().lower() in admins:
         return Access(True)
-    return Access(False, f"you are logged in as {login.email}, which is not in {ADMINS_VARIABLE}: log in as an admin, or ask the operator to add you")
+    return Access(False, f"you are logged in as {login.email}, which is not in {ADMINS_VARIABLE}; log in as an admin, or ask the operator to add you")

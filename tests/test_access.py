@@ -8,6 +8,7 @@ from streamlit.testing.v1 import AppTest
 
 from core.access import Login, decide_access, is_loopback
 from core.config import Settings, SettingsError, describe, parse_admins
+from tests.oidc_provider import UNREACHED_AUTH_SECRETS
 
 HOME = str(Path(__file__).resolve().parent.parent / "Home.py")
 ADMINS = ("admin@example.org", "second@example.org")
@@ -49,7 +50,7 @@ def test_with_login_only_listed_verified_addresses_are_admin_wherever_the_app_li
     (Login("someone@example.org"), ADMINS, "you are logged in as someone@example.org, which is not in DASH_ADMINS"),
     (Login("admin@example.org", False), ADMINS, "your provider has not verified admin@example.org"),
     (Login(None), ADMINS, "your login carries no e-mail address"),
-    (Login("admin@example.org", True), (), "no admins are configured: the operator lists their e-mail addresses in DASH_ADMINS"),
+    (Login("admin@example.org", True), (), "no admins are configured; the operator lists their e-mail addresses in DASH_ADMINS"),
 ])
 def test_each_refusal_says_what_to_do(login, admins, remedy):
     access = decide_access(True, login, admins, "0.0.0.0")
@@ -67,10 +68,6 @@ def test_admins_setting_is_read_lower_cased_and_checked():
         Settings.from_env({"DASH_ADMINS": "admin, a b@example.org, ok@example.org"})
 
 
-AUTH_SECRETS = {"auth": {
-    "redirect_uri": "http://localhost:8501/oauth2callback", "cookie_secret": "x" * 32,
-    "client_id": "dashboard", "client_secret": "secret", "server_metadata_url": "http://127.0.0.1:1/.well-known/openid-configuration",
-}}
 
 
 def home(user: dict, secrets: dict) -> AppTest:
@@ -92,14 +89,14 @@ def test_sidebar_has_no_login_when_login_is_not_configured(app_env):
 
 
 def test_sidebar_offers_log_in_when_login_is_configured(app_env):
-    at = home({"is_logged_in": False}, AUTH_SECRETS)
+    at = home({"is_logged_in": False}, UNREACHED_AUTH_SECRETS)
     assert sidebar_buttons(at) == ["Log in"]
 
 
 def test_sidebar_says_who_is_logged_in_and_whether_admin(app_env, monkeypatch):
     monkeypatch.setenv("DASH_ADMINS", "admin@example.org")
-    at = home({"is_logged_in": True, "email": "admin@example.org"}, AUTH_SECRETS)
+    at = home({"is_logged_in": True, "email": "admin@example.org"}, UNREACHED_AUTH_SECRETS)
     assert sidebar_buttons(at) == ["Log out"]
     assert any(c.value == "Logged in as **admin@example.org** (admin)" for c in at.sidebar.caption)
-    at = home({"is_logged_in": True, "email": "someone@example.org"}, AUTH_SECRETS)
+    at = home({"is_logged_in": True, "email": "someone@example.org"}, UNREACHED_AUTH_SECRETS)
     assert any(c.value == "Logged in as **someone@example.org** (not an admin)" for c in at.sidebar.caption)

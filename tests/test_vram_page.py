@@ -17,6 +17,7 @@ from core.history import HistorySampler, take_sample
 from core.manager import ModelManager
 from core.memory import MemoryPolicy
 from core.registry import MODELS
+from tests.oidc_provider import UNREACHED_AUTH_SECRETS
 
 HOME = str(Path(__file__).resolve().parent.parent / "Home.py")
 GIB = 2**30
@@ -24,11 +25,6 @@ GIB = 2**30
 
 ADMIN, USER = "admin@example.org", "someone@example.org"
 ACTION_KEYS = ("vram:unload", "vram:unload_all", "vram:empty_cache", "vram:reset_peak")
-# What st.login reads; the values matter only to a real login (tests/test_browser_login.py).
-AUTH_SECRETS = {"auth": {
-    "redirect_uri": "http://localhost:8501/oauth2callback", "cookie_secret": "x" * 32,
-    "client_id": "dashboard", "client_secret": "secret", "server_metadata_url": "http://127.0.0.1:1/.well-known/openid-configuration",
-}}
 
 
 @pytest.fixture()
@@ -247,7 +243,7 @@ def test_with_login_an_admin_gets_the_actions_and_unloads(monitor_page, monkeypa
     monkeypatch.setenv("DASH_ADMINS", "Admin@Example.org")
     manager = ModelManager(settings, loader=lambda *args: torch.nn.Linear(512, 512))
     manager.get(MODELS["sentiment"])
-    at = monitor_page(FakeNvml(), manager, user={"is_logged_in": True, "email": ADMIN, "email_verified": True}, secrets=AUTH_SECRETS)
+    at = monitor_page(FakeNvml(), manager, user={"is_logged_in": True, "email": ADMIN, "email_verified": True}, secrets=UNREACHED_AUTH_SECRETS)
     assert action_buttons(at) == list(ACTION_KEYS)
     at.button(key="vram:unload").click().run()
     at.button(key="vram:confirm").click().run()
@@ -263,6 +259,6 @@ def test_with_login_an_admin_gets_the_actions_and_unloads(monitor_page, monkeypa
 def test_with_login_everyone_else_sees_why_the_actions_are_missing(monitor_page, monkeypatch, server_address, user, remedy):
     server_address("127.0.0.1")  # localhost makes nobody admin once login is on
     monkeypatch.setenv("DASH_ADMINS", ADMIN)
-    at = monitor_page(FakeNvml(), user=user, secrets=AUTH_SECRETS)
+    at = monitor_page(FakeNvml(), user=user, secrets=UNREACHED_AUTH_SECRETS)
     assert action_buttons(at) == []
     assert remedy in admin_caption(at)
