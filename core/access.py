@@ -9,7 +9,13 @@ reach the port would be one.
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
+import secrets
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 ADMINS_VARIABLE = "DASH_ADMINS"
 
@@ -72,3 +78,49 @@ def decide_access(login_configured: bool, login: Login | None, admins: tuple[str
     if login.email.strip().lower() in admins:
         return Access(True)
     return Access(False, f"you are logged in as {login.email}, which is not in {ADMINS_VARIABLE}; log in as an admin, or ask the operator to add you")
+
+
+# A Hugging Face Space with `hf_oauth: true` in its README front matter gets these variables; st.login reads only
+# secrets files, which Streamlit parses when its server starts, so the [auth] table is written before that.
+SPACE_OAUTH_VARIABLES = ("OAUTH_CLIENT_ID", "OAUTH_CLIENT_SECRET", "OPENID_PROVIDER_URL", "SPACE_HOST")
+
+
+def space_auth_section(environ: Mapping[str, str], cookie_secret: str) -> dict[str, str] | None:
+    """The `[auth]` table for Hugging Face's OpenID provider from a Space's variables; None outside a Space with
+    OAuth on. `cookie_secret` signs the login cookie: a fresh one at every start logs everyone out at a restart."""
+    if not all(environ.get(name) for name in SPACE_OAUTH_VARIABLES):
+        return None
+    return {
+        "redirect_uri": f"https://{environ['SPACE_HOST']}/oauth2callback",  # any path on the Space's host is allowed
+        "cookie_secret": cookie_secret,
+        "client_id": environ["OAUTH_CLIENT_ID"],
+        "client_secret": environ["OAUTH_CLIENT_SECRET"],
+        "server_metadata_url": f"{environ['OPENID_PROVIDER_URL'].rstrip('/')}/.well-known/openid-configuration",
+    }
+
+
+def auth_toml(section: Mapping[str, str]) -> str:
+    """An `[auth]` table as secrets.toml text (TOML basic strings take JSON's escapes)."""
+    return "[auth]\n" + "".join(f"{name} = {json.dumps(value)}\n" for name, value in section.items())
+
+
+def main(argv: list[str]) -> int:
+    """`python -m core.access SECRETS_FILE`: on a Space with OAuth on, write its [auth] table there (private to the
+    app's user); elsewhere write nothing. Run it before `streamlit run`, with SECRETS_FILE among `secrets.files`."""
+    if len(argv) != 1:
+        print("usage: python -m core.access SECRETS_FILE   (for example ~/.streamlit/secrets.toml)", file=sys.stderr)
+        return 2
+    section = space_auth_section(os.environ, secrets.token_urlsafe(32))
+    if section is None:
+        print(f"Not a Space with OAuth on ({', '.join(SPACE_OAUTH_VARIABLES)} not all set): login stays as configured.")
+        return 0
+    path = Path(argv[0]).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(auth_toml(section))
+    print(f"Login through {section['server_metadata_url']} written to {path}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

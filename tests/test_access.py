@@ -1,12 +1,14 @@
 """Who is admin (core.access), the DASH_ADMINS setting, and the sidebar's Log in / Log out (AppTest of Home)."""
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.access import Login, decide_access, is_loopback
+from core.access import main as access_main
 from core.config import Settings, SettingsError, describe, parse_admins
 from tests.oidc_provider import UNREACHED_AUTH_SECRETS
 
@@ -100,3 +102,32 @@ def test_sidebar_says_who_is_logged_in_and_whether_admin(app_env, monkeypatch):
     assert any(c.value == "Logged in as **admin@example.org** (admin)" for c in at.sidebar.caption)
     at = home({"is_logged_in": True, "email": "someone@example.org"}, UNREACHED_AUTH_SECRETS)
     assert any(c.value == "Logged in as **someone@example.org** (not an admin)" for c in at.sidebar.caption)
+
+
+SPACE = {"OAUTH_CLIENT_ID": "abc-123", "OAUTH_CLIENT_SECRET": "s3cret", "OPENID_PROVIDER_URL": "https://huggingface.co/", "SPACE_HOST": "me-dashboard.hf.space"}
+
+
+def test_a_space_with_oauth_gets_an_auth_table_for_hugging_face(tmp_path, monkeypatch, capsys):
+    for name, value in SPACE.items():
+        monkeypatch.setenv(name, value)
+    secrets_file = tmp_path / "home" / ".streamlit" / "secrets.toml"
+    assert access_main([str(secrets_file)]) == 0
+    with secrets_file.open("rb") as handle:
+        auth = tomllib.load(handle)["auth"]
+    assert auth == {
+        "redirect_uri": "https://me-dashboard.hf.space/oauth2callback",
+        "cookie_secret": auth["cookie_secret"],
+        "client_id": "abc-123",
+        "client_secret": "s3cret",
+        "server_metadata_url": "https://huggingface.co/.well-known/openid-configuration",
+    }
+    assert len(auth["cookie_secret"]) >= 32 and secrets_file.stat().st_mode & 0o777 == 0o600
+    assert "s3cret" not in capsys.readouterr().out
+
+
+def test_outside_a_space_nothing_is_written(tmp_path, monkeypatch):
+    for name in SPACE:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OAUTH_CLIENT_ID", "abc-123")  # one variable alone is not a Space with OAuth
+    assert access_main([str(tmp_path / "secrets.toml")]) == 0
+    assert not (tmp_path / "secrets.toml").exists()

@@ -3,11 +3,10 @@ actions as an admin, the reason they are missing as anyone else, and them there 
 from __future__ import annotations
 
 import importlib.util
-import json
-from pathlib import Path
 
 import pytest
 
+from core.access import auth_toml
 from tests.conftest import running_app
 from tests.helpers import screenshot, wait_for_app_idle
 from tests.oidc_provider import OidcProvider, ProviderUser, auth_section
@@ -17,12 +16,6 @@ pytestmark = pytest.mark.browser
 ADMIN = ProviderUser("ada@example.org", "Ada Admin")
 NOT_ADMIN = ProviderUser("bob@example.org", "Bob User")
 ACTION_BUTTONS = ("Unload…", "Unload all…", "Empty cache", "Reset peak")
-
-
-def write_secrets(path: Path, section: dict[str, str]) -> Path:
-    """A secrets.toml with only an [auth] table (TOML basic strings are JSON strings for these values)."""
-    path.write_text("[auth]\n" + "".join(f"{name} = {json.dumps(value)}\n" for name, value in section.items()))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +31,8 @@ def login_app_url(tmp_path_factory, standin_dir, provider):
     if importlib.util.find_spec("authlib") is None:
         pytest.fail("st.login needs Authlib, pinned in requirements.txt: pip install -r requirements.txt")
     folder = tmp_path_factory.mktemp("login-app")
-    secrets = write_secrets(folder / "secrets.toml", auth_section(provider.metadata_url, "http://127.0.0.1:{port}/oauth2callback"))
+    secrets = folder / "secrets.toml"
+    secrets.write_text(auth_toml(auth_section(provider.metadata_url, "http://127.0.0.1:{port}/oauth2callback")))
     with running_app(
         folder / "streamlit.log", STREAMLIT_SECRETS_FILES=str(secrets), DASH_ADMINS=ADMIN.email,
         DASH_STANDIN_DIR=str(standin_dir), DASH_STANDIN_FALLBACK="1",
