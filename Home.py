@@ -8,6 +8,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app_pages.common import TASK_PAGES
+from app_pages.identity import sidebar_login
 from core.app_state import get_settings
 from core.config import SettingsError
 
@@ -28,4 +29,5 @@ navigation = st.navigation(
     ]
 )
 st.sidebar.caption("Models are shared by every session of this app; the VRAM monitor shows what they hold.")
+sidebar_login()
 navigation.run()

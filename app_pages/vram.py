@@ -6,6 +6,7 @@ import time
 import pandas as pd
 import streamlit as st
 
+from app_pages.identity import session_access
 from core import compiled, gpu
 from core.app_state import get_gpu_monitor, get_history, get_manager
 from core.formatting import human_bytes
@@ -182,6 +183,11 @@ if compiles:
 
 # --- actions -------------------------------------------------------------------------------------------------------
 st.subheader("Actions")
+access = session_access()
+if not access.is_admin:
+    # Every action below changes what every session has (or sees): they are not drawn, so they cannot be clicked.
+    st.caption(f"Only admins can unload models, empty torch's cache or reset its peak statistics, since these change them for every session: {access.remedy}.")
+    st.stop()
 PENDING, RESULT = "vram:pending", "vram:result"
 titles = {row.key: row.title for row in status}
 

@@ -37,6 +37,8 @@ _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([a-z]+)$")
 _GITHUB_REPO = re.compile(r"^[A-Za-z0-9](?:[\w.-]{0,98}[A-Za-z0-9])?/[A-Za-z0-9](?:[\w.-]{0,98}[A-Za-z0-9])?$")
 # torchvision's own repo: the only torch.hub code the dashboard needs (ResNet50 and the other ImageNet classifiers).
 DEFAULT_TORCH_HUB_ALLOW = ("pytorch/vision",)
+# An e-mail address as DASH_ADMINS lists it: something@somewhere, no spaces or commas.
+_EMAIL = re.compile(r"^[^@\s,]+@[^@\s,]+$")
 # Where the models run: in this process ("local"), or as Ray Serve deployments on a cluster ("ray", core/serving.py).
 BACKENDS = ("local", "ray")
 T = TypeVar("T")
@@ -105,6 +107,15 @@ def parse_repo_list(text: str, variable: str = "DASH_TORCH_HUB_ALLOW") -> tuple[
     if bad:
         raise SettingsError(f"{variable} must be GitHub repos as owner/name, separated by commas, not {', '.join(map(repr, bad))}")
     return repos or DEFAULT_TORCH_HUB_ALLOW
+
+
+def parse_admins(text: str, variable: str = "DASH_ADMINS") -> tuple[str, ...]:
+    """'a@x.org, B@y.org' -> ('a@x.org', 'b@y.org'): lower-cased, as e-mail providers treat addresses."""
+    admins = tuple(dict.fromkeys(part.strip().lower() for part in text.split(",") if part.strip()))
+    bad = [address for address in admins if not _EMAIL.match(address)]
+    if bad:
+        raise SettingsError(f"{variable} must be e-mail addresses separated by commas (a@example.org,b@example.org), not {', '.join(map(repr, bad))}")
+    return admins
 
 
 def _read_token(environ: dict[str, str], secrets_file: Path) -> str | None:
@@ -184,6 +195,9 @@ class Settings:
     # Replicas, resources and batching per deployment, from the TOML file named by DASH_RAY_DEPLOYMENTS
     # (deploy/ray-cluster.example.toml); kinds or model keys missing from it keep core.serving_config's defaults.
     ray_deployments: Path | None = None
+    # E-mail addresses (lower case) whose logged-in sessions may unload models and empty the cache for everyone
+    # (core.access); with login off only a localhost-bound app has an admin, whoever uses it.
+    admins: tuple[str, ...] = ()
     # Kept out of repr so that printing the settings never shows it.
     hf_token: str | None = field(default=None, repr=False)
 
@@ -224,6 +238,7 @@ class Settings:
         if backend not in BACKENDS:
             errors.append(f"DASH_BACKEND must be {' or '.join(BACKENDS)}, not {backend!r}")
         ray_deployments = checked(_ray_deployments, env.get("DASH_RAY_DEPLOYMENTS", ""))
+        admins = checked(parse_admins, env.get("DASH_ADMINS", ""))
         if errors:
             raise SettingsError("\n".join(errors))
         standin_dir = env.get("DASH_STANDIN_DIR", "").strip()
@@ -246,6 +261,7 @@ class Settings:
             backend=backend,
             ray_address=env.get("DASH_RAY_ADDRESS", "").strip() or None,
             ray_deployments=ray_deployments,
+            admins=admins,
             hf_token=_read_token(env, secrets_file),
         )
 
@@ -287,6 +303,7 @@ def describe(settings: Settings) -> str:
         f"torch.compile:    {f'on CUDA, in the background, cache {settings.compile_cache_dir}' if settings.compile else 'off (DASH_COMPILE)'}",
         f"CPU bf16:         {'hot dog and sentiment, where the CPU has it natively' if settings.cpu_bf16 else 'off (DASH_CPU_BF16)'}",
         f"backend:          {_describe_backend(settings)}",
+        f"admins:           {', '.join(settings.admins) or 'none listed (DASH_ADMINS); with login off, whoever uses a localhost-bound app'}",
         f"HF token:         {'set' if settings.hf_token else 'not set'}",
     ))
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from streamlit import config as streamlit_config
 from streamlit.testing.v1 import AppTest
 
 from core import app_state
@@ -16,15 +17,34 @@ from core.history import HistorySampler, take_sample
 from core.manager import ModelManager
 from core.memory import MemoryPolicy
 from core.registry import MODELS
+from tests.oidc_provider import UNREACHED_AUTH_SECRETS
 
 HOME = str(Path(__file__).resolve().parent.parent / "Home.py")
 GIB = 2**30
 
 
+ADMIN, USER = "admin@example.org", "someone@example.org"
+ACTION_KEYS = ("vram:unload", "vram:unload_all", "vram:empty_cache", "vram:reset_peak")
+
+
 @pytest.fixture()
-def monitor_page(app_env, monkeypatch, settings):
-    """Open the page with `nvml` behind the monitor and a manager whose models are small Linear layers."""
-    def open_page(nvml, manager: ModelManager | None = None, samples: int = 2) -> AppTest:
+def server_address():
+    """Set Streamlit's server.address for the test (the app's bind address, which decides who is admin without
+    login); localhost unless the test sets another."""
+    def bind(address: str | None) -> None:
+        streamlit_config.set_option("server.address", address)
+
+    previous = streamlit_config.get_option("server.address")
+    bind("127.0.0.1")
+    yield bind
+    bind(previous)
+
+
+@pytest.fixture()
+def monitor_page(app_env, monkeypatch, settings, server_address):
+    """Open the page with `nvml` behind the monitor and a manager whose models are small Linear layers; bound to
+    localhost with login off unless the test says otherwise, so the session is an admin."""
+    def open_page(nvml, manager: ModelManager | None = None, samples: int = 2, user: dict | None = None, secrets: dict | None = None) -> AppTest:
         monitor = GpuMonitor(nvml, ttl_s=0)
         sampler = HistorySampler(partial(take_sample, monitor), interval_s=60)  # filled here, never by its thread
         for _ in range(samples):
@@ -33,7 +53,10 @@ def monitor_page(app_env, monkeypatch, settings):
         monkeypatch.setattr(app_state, "get_gpu_monitor", lambda: monitor)
         monkeypatch.setattr(app_state, "get_history", lambda: sampler)
         monkeypatch.setattr(app_state, "get_manager", lambda: chosen)
-        at = AppTest.from_file(HOME, default_timeout=60).run()
+        at = AppTest.from_file(HOME, default_timeout=60)
+        at.user = user or {}
+        at.secrets.update(secrets or {})
+        at.run()
         at.switch_page("app_pages/vram.py").run()
         assert not at.exception, at.exception
         assert at.title[0].value == "📊 VRAM monitor"
@@ -192,3 +215,50 @@ def test_background_compiles_are_listed_with_their_state(monitor_page, monkeypat
     caption = next(c.value for c in at.caption if c.value.startswith("Background compiles"))
     assert "UNet2DConditionModel 2×4×64×64 + scalar + 2×77×768: ready in 71 s" in caption
     assert "ResNet 64×3×224×224: compiling" in caption
+
+
+def action_buttons(at: AppTest) -> list[str]:
+    return [key for key in ACTION_KEYS if any(button.key == key for button in at.button)]
+
+
+def admin_caption(at: AppTest) -> str:
+    return next((c.value for c in at.caption if c.value.startswith("Only admins can")), "")
+
+
+def test_on_localhost_without_login_the_actions_are_there(monitor_page):
+    at = monitor_page(FakeNvml())
+    assert action_buttons(at) == list(ACTION_KEYS) and not admin_caption(at)
+
+
+def test_listening_on_every_interface_without_login_nobody_gets_the_actions(monitor_page, server_address):
+    server_address("0.0.0.0")
+    at = monitor_page(FakeNvml())
+    assert action_buttons(at) == []
+    assert "listens on 0.0.0.0 without login, so nobody is an admin" in admin_caption(at)
+    assert "DASH_ADMINS" in admin_caption(at) and "bind it to 127.0.0.1" in admin_caption(at)
+
+
+def test_with_login_an_admin_gets_the_actions_and_unloads(monitor_page, monkeypatch, settings, server_address):
+    server_address("0.0.0.0")
+    monkeypatch.setenv("DASH_ADMINS", "Admin@Example.org")
+    manager = ModelManager(settings, loader=lambda *args: torch.nn.Linear(512, 512))
+    manager.get(MODELS["sentiment"])
+    at = monitor_page(FakeNvml(), manager, user={"is_logged_in": True, "email": ADMIN, "email_verified": True}, secrets=UNREACHED_AUTH_SECRETS)
+    assert action_buttons(at) == list(ACTION_KEYS)
+    at.button(key="vram:unload").click().run()
+    at.button(key="vram:confirm").click().run()
+    assert memory_of(manager, "sentiment") is None
+
+
+@pytest.mark.parametrize(("user", "remedy"), [
+    ({"is_logged_in": False}, "log in (sidebar) with an address listed in DASH_ADMINS"),
+    ({"is_logged_in": True, "email": USER}, f"you are logged in as {USER}, which is not in DASH_ADMINS"),
+    ({"is_logged_in": True, "email": ADMIN, "email_verified": False}, f"your provider has not verified {ADMIN}"),
+    ({"is_logged_in": True, "name": "hf-user"}, "your login carries no e-mail address"),
+])
+def test_with_login_everyone_else_sees_why_the_actions_are_missing(monitor_page, monkeypatch, server_address, user, remedy):
+    server_address("127.0.0.1")  # localhost makes nobody admin once login is on
+    monkeypatch.setenv("DASH_ADMINS", ADMIN)
+    at = monitor_page(FakeNvml(), user=user, secrets=UNREACHED_AUTH_SECRETS)
+    assert action_buttons(at) == []
+    assert remedy in admin_caption(at)
