@@ -81,6 +81,13 @@ def test_search_finds_the_query_anywhere_in_the_prompt_in_any_case(tmp_path: Pat
         assert history.count(ALICE, "t") == 3 and history.count(ALICE, "") == 3 and history.count(ALICE, "horse") == 0
 
 
+def test_a_store_made_without_full_text_is_indexed_when_opened_with_it(tmp_path: Path):
+    with ImageHistory(tmp_path, LARGE_BYTES, full_text=False) as plain:
+        image_id = plain.add(ALICE, fake_png(), record("a lighthouse at dawn"))
+    with ImageHistory(tmp_path, LARGE_BYTES, full_text=True) as indexed:
+        assert [entry.id for entry in indexed.list(ALICE, "house at")] == [image_id]
+
+
 HOSTILE_PROMPTS = {
     "percent": "100% cotton",
     "underscore": "snake_case prompt",
