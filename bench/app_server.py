@@ -40,8 +40,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def app_server(log_path: Path, **environ: str) -> Iterator[AppServer]:
-    """Start the app with `environ` added to this process's environment; stop it when the block ends.
+def app_server(log_path: Path, script: str = "Home.py", **environ: str) -> Iterator[AppServer]:
+    """Start the app (or another `script` of the project) with `environ` added to this process's environment; stop it
+    when the block ends.
 
     Output goes to `log_path`. Raises RuntimeError when the health endpoint does not answer within START_TIMEOUT_S.
     """
@@ -49,7 +50,7 @@ def app_server(log_path: Path, **environ: str) -> Iterator[AppServer]:
     env = {**os.environ, **environ}
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "Home.py", "--server.port", str(port), "--server.address", "127.0.0.1"],
+            [sys.executable, "-m", "streamlit", "run", script, "--server.port", str(port), "--server.address", "127.0.0.1"],
             cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
         url = f"http://127.0.0.1:{port}"
@@ -72,7 +73,7 @@ def app_server(log_path: Path, **environ: str) -> Iterator[AppServer]:
 
 
 @contextmanager
-def running_app(log_path: Path, **environ: str) -> Iterator[str]:
+def running_app(log_path: Path, script: str = "Home.py", **environ: str) -> Iterator[str]:
     """The app's URL, for callers that need only that (the browser tests)."""
-    with app_server(log_path, **environ) as server:
+    with app_server(log_path, script, **environ) as server:
         yield server.url
