@@ -63,10 +63,10 @@ def test_a_prompt_with_a_markdown_image_is_shown_as_typed_and_fetched_by_nobody(
     page.get_by_role("button", name="Generate").click()
     page.get_by_text("This session's images (1), newest first").wait_for(timeout=WAIT_MS)
     wait_for_app_idle(page)
-    caption = page.locator("[data-testid='stCaptionContainer']").filter(has_text="“")
-    assert f"“{prompt}”" in caption.first.inner_text()
     screenshot(page, "output-safety-generate")
     assert tracker.requests == []
+    caption = page.locator("[data-testid='stCaptionContainer']").filter(has_text="“")
+    assert f"“{prompt}”" in caption.first.inner_text()
 
 
 def test_sentiment_texts_and_a_typed_model_with_markdown_images_are_fetched_by_nobody(app_url, page, tracker):
@@ -83,6 +83,6 @@ def test_sentiment_texts_and_a_typed_model_with_markdown_images_are_fetched_by_n
     submit(page, "Text-classification model: a Hub repo id (owner/name) or a local folder in Hub layout", model)
     error = page.locator("[data-testid='stAlertContentError']").first
     error.wait_for(timeout=WAIT_MS)
-    assert f"model '{model}' is neither a Hub repo id" in error.inner_text()
     screenshot(page, "output-safety-sentiment")
     assert tracker.requests == []
+    assert f"model '{model}' is neither a Hub repo id" in error.inner_text()
