@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app_pages.common import TASK_PAGES
+from app_pages.common import TASK_PAGES, literal
 from app_pages.identity import sidebar_login
 from core.app_state import get_settings
 from core.config import SettingsError
@@ -17,7 +17,7 @@ st.set_page_config(page_title="Model dashboard", page_icon="🧪", layout="wide"
 try:
     settings = get_settings()
 except SettingsError as error:
-    st.error(f"The dashboard's settings are invalid, so it did not start:\n\n{error}\n\n**What to do:** fix these environment variables (see README, Configuration) and restart.")
+    st.error(f"The dashboard's settings are invalid, so it did not start:\n\n{literal(error)}\n\n**What to do:** fix these environment variables (see README, Configuration) and restart.")
     st.stop()
 
 navigation = st.navigation(

@@ -1,6 +1,7 @@
 """UI pieces every page shares: loading a model with a clear failure message and the stand-in offer."""
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,10 +25,28 @@ TASK_PAGES = (
 )
 
 STANDIN_NOTE = "{title}: stand-in model with random weights. Its outputs are meaningless and only show that the page works."
+# In the name of every file a stand-in model's results are downloaded as; the files' contents say so too.
+STANDIN_FILE_SUFFIX = "-standin-random-weights"
+
+# What Streamlit's Markdown (every st.markdown, caption, alert, label and image caption) reads as syntax anywhere in a
+# line: emphasis, code, links and images, HTML, $ math, ~ strikethrough, | tables, & entities, and a colon that opens
+# a :color[...] / :material/...: directive or an emoji shortcode.
+_INLINE_SYNTAX = re.compile(r"([\\`*_\[\]<>$~|&]|:(?=[\w/\[]))")
+# And what it reads as syntax only at the start of a line: headings, list items ("- ", "+ ", "1. ", "1) "), setext
+# underlines ("==="). Escaping a dot or parenthesis after a number that is no list changes nothing shown.
+_LINE_START_SYNTAX = re.compile(r"^(\s*\d*)([-#+=.)])", re.MULTILINE)
+
+
+def literal(text: object) -> str:
+    """`text` (a prompt, a file name, a model id, a message quoting one) escaped so that a Markdown element shows it
+    exactly as written: `**bold**` stays two stars, `![x](http://...)` is no image the browser fetches."""
+    escaped = _INLINE_SYNTAX.sub(r"\\\1", str(text))
+    return _LINE_START_SYNTAX.sub(r"\1\\\2", escaped)
 
 
 def show_error(error: DashboardError) -> None:
-    st.error(f"{error}\n\n**What to do:** {error.remedy}")
+    """The error and its remedy; both may quote what the user typed, so both are shown literally."""
+    st.error(f"{literal(error)}\n\n**What to do:** {literal(error.remedy)}")
 
 
 def _standin_key(spec: ModelSpec) -> str:
@@ -45,7 +64,7 @@ def require_model(spec: ModelSpec) -> LoadedModel:
     """The loaded model, or a message (with the stand-in offer when the real one cannot be had) and a stop."""
     allow_standin = st.session_state.get(_standin_key(spec), False)
     try:
-        with st.spinner(f"Loading {spec.title}…"):
+        with st.spinner(f"Loading {literal(spec.title)}…"):
             model = get_manager().get(spec, allow_standin=allow_standin)
     except DashboardError as error:
         show_error(error)
@@ -58,7 +77,7 @@ def require_model(spec: ModelSpec) -> LoadedModel:
             )
         st.stop()
     if model.is_standin:
-        st.warning(STANDIN_NOTE.format(title=spec.title), icon="⚠️")
+        st.warning(STANDIN_NOTE.format(title=literal(spec.title)), icon="⚠️")
     return model
 
 
@@ -98,5 +117,5 @@ def image_inputs(key: str, default_sample: str | None = None) -> list[DecodedIma
 def show_scores(scores: tuple[LabelScore, ...]) -> None:
     """Every label as a bar with its probability, highest first; the winner in bold."""
     for rank, item in enumerate(scores):
-        text = f"**{item.label}: {item.score:.1%}**" if rank == 0 else f"{item.label}: {item.score:.1%}"
+        text = f"**{literal(item.label)}: {item.score:.1%}**" if rank == 0 else f"{literal(item.label)}: {item.score:.1%}"
         st.progress(min(max(item.score, 0.0), 1.0), text=text)

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import streamlit as st
 from PIL import Image
 
-from app_pages.common import require_model, show_error
+from app_pages.common import STANDIN_FILE_SUFFIX, literal, require_model, show_error
 from core import generation, lora, model_card, pnginfo, unconditional
 from core.app_state import get_manager, get_settings
 from core.errors import BadInputError, DashboardError
-from core.formatting import human_bytes
+from core.formatting import human_bytes, precision_label
 from core.generation import GenerationResult, GenerationSettings, MemoryMode, Mode, Precision, SourceImages
 from core.images import decode_image, mask_overlay, shape_mask
 from core.jobs import Job, JobState
@@ -184,9 +184,9 @@ def start_unconditional_run(spec: ModelSpec, allow_standin: bool) -> None:
 
 def pngs_of(result: GenerationResult | UnconditionalResult) -> tuple[bytes, ...]:
     if isinstance(result, UnconditionalResult):
-        return tuple(pnginfo.png_with_parameters(image.image, pnginfo.unconditional_parameters_text(result.settings.steps, image.seed, result.model_name))
-                     for image in result.images)
-    return tuple(pnginfo.png_bytes(image.image, result.settings_for(i), result.model_name) for i, image in enumerate(result.images))
+        return tuple(pnginfo.png_with_parameters(image.image, pnginfo.unconditional_parameters_text(
+            result.settings.steps, image.seed, result.model_name, is_standin=result.is_standin)) for image in result.images)
+    return tuple(pnginfo.png_bytes(image.image, result.settings_for(i), result.model_name, is_standin=result.is_standin) for i, image in enumerate(result.images))
 
 
 def finish_run(run: Run) -> None:
@@ -222,7 +222,7 @@ def run_progress() -> None:
     if run.job.finished:
         st.rerun()
     snapshot = run.job.snapshot()
-    st.progress(snapshot.fraction, text=capitalised(snapshot.detail))
+    st.progress(snapshot.fraction, text=literal(capitalised(snapshot.detail)))
     if snapshot.preview is not None:
         st.image(snapshot.preview, caption="Preview of the current step (a rough decode for Stable Diffusion)", width=run.preview_width)
     st.button("Cancel", key=key("cancel"), on_click=run.job.cancel, icon="⏹️")
@@ -233,8 +233,13 @@ def settings_line(settings: GenerationSettings) -> str:
         f"{settings.mode} · {settings.steps} steps · {settings.scheduler} · CFG {settings.guidance_scale:g} · {settings.width}×{settings.height} · "
         f"seed {settings.seed} · {settings.precision} · memory mode {settings.memory_mode}"
         + (f" · strength {settings.strength:g}" if settings.mode is not Mode.TEXT_TO_IMAGE else "")
-        + "".join(f" · LoRA {name} ×{weight:g}" for name, weight in settings.loras)
+        + "".join(f" · LoRA {literal(name)} ×{weight:g}" for name, weight in settings.loras)
     )
+
+
+def png_file_name(entry: GalleryEntry, what: str) -> str:
+    """run003-seed42.png: a stand-in's images say so in the name, as their settings text does."""
+    return f"run{entry.number:03d}-{what}{STANDIN_FILE_SUFFIX if entry.result.is_standin else ''}.png"
 
 
 def zip_of(gallery: list[GalleryEntry]) -> Callable[[], bytes]:
@@ -243,7 +248,7 @@ def zip_of(gallery: list[GalleryEntry]) -> Callable[[], bytes]:
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:  # PNGs are compressed already
             for entry in gallery:
                 for image, png in zip(entry.result.images, entry.pngs, strict=True):
-                    archive.writestr(f"run{entry.number:03d}-seed{image.seed}.png", png)
+                    archive.writestr(png_file_name(entry, f"seed{image.seed}"), png)
         return buffer.getvalue()
 
     return build
@@ -252,22 +257,22 @@ def zip_of(gallery: list[GalleryEntry]) -> Callable[[], bytes]:
 def show_entry(entry: GalleryEntry) -> None:
     result = entry.result
     with st.container(border=True):
-        st.markdown(f"**Run {entry.number}** · {result.model_title} · {images_phrase(len(result.images))} in {result.seconds:.1f} s ({result.steps_per_s:.2f} it/s · steps: {result.unet_path})")
+        st.markdown(f"**Run {entry.number}** · {literal(result.model_title)} · {images_phrase(len(result.images))} in {result.seconds:.1f} s ({result.steps_per_s:.2f} it/s · steps: {result.unet_path})")
         if isinstance(result, UnconditionalResult):
             described = f"unconditional · {result.settings.steps} steps · seeds {result.settings.seed} to {result.images[-1].seed}"
         else:
-            described = (f"“{result.settings.prompt}”" + (f" · not: “{result.settings.negative_prompt}”" if result.settings.negative_prompt else "")
+            described = (f"“{literal(result.settings.prompt)}”" + (f" · not: “{literal(result.settings.negative_prompt)}”" if result.settings.negative_prompt else "")
                          + f"  \n{settings_line(result.settings)}")
         st.caption(
-            described + f" · {result.device} ({result.dtype})"
+            described + f" · {result.device} ({precision_label(result.dtype)})"
             + (f" · peak {human_bytes(result.peak_memory_bytes)}" if result.peak_memory_bytes else "")
             + (" · stand-in model: these images are meaningless noise." if result.is_standin else "")
         )
         if isinstance(result, UnconditionalResult):  # small samples: one grid, each image in the zip
             st.image(result.grid, width=min(384, 4 * result.grid.width), output_format="PNG")
             # The grid PNG is encoded when the button is clicked, not on every rerun of the page.
-            text = pnginfo.unconditional_parameters_text(result.settings.steps, result.settings.seed, result.model_name)
-            st.download_button("Grid PNG", lambda: pnginfo.png_with_parameters(result.grid, text), file_name=f"run{entry.number:03d}-grid.png", mime="image/png",
+            text = pnginfo.unconditional_parameters_text(result.settings.steps, result.settings.seed, result.model_name, is_standin=result.is_standin)
+            st.download_button("Grid PNG", lambda: pnginfo.png_with_parameters(result.grid, text), file_name=png_file_name(entry, "grid"), mime="image/png",
                                key=key(f"grid:{entry.number}"), icon="⬇️", on_click="ignore")
             return
         columns = st.columns(min(len(result.images), 4))
@@ -275,7 +280,7 @@ def show_entry(entry: GalleryEntry) -> None:
             with columns[i % len(columns)]:
                 st.image(image.image, caption=f"Seed {image.seed}" + (" · blacked out by the safety checker" if image.blacked_out else ""), width="content", output_format="PNG")
                 buttons = st.container(horizontal=True)
-                buttons.download_button("PNG", png, file_name=f"run{entry.number:03d}-seed{image.seed}.png", mime="image/png",
+                buttons.download_button("PNG", png, file_name=png_file_name(entry, f"seed{image.seed}"), mime="image/png",
                                         key=key(f"png:{entry.number}:{i}"), icon="⬇️", on_click="ignore")
                 buttons.button("Reuse", key=key(f"reuse:{entry.number}:{i}"), on_click=fill_form, args=(result.settings_for(i), result.model_name),
                                icon="♻️", help="Fill the form with this image's settings and seed")
@@ -368,7 +373,7 @@ def lora_section() -> tuple[LoraChoice, ...]:
             show_error(st.session_state[LORA_ERROR_KEY])
         for adapter in adapters:
             name_column, weight_column, remove_column = st.columns([3, 1, 1], vertical_alignment="bottom")
-            name_column.markdown(f"**{adapter.name}**  \n{adapter.source} · {human_bytes(adapter.size_bytes)}")
+            name_column.markdown(f"**{literal(adapter.name)}**  \n{literal(adapter.source)} · {human_bytes(adapter.size_bytes)}")
             weight_column.number_input("Weight", -lora.MAX_WEIGHT, lora.MAX_WEIGHT, step=0.1, key=key(f"lora_weight:{adapter.name}"))
             remove_column.button("Remove", key=key(f"lora_remove:{adapter.name}"), on_click=remove_lora, args=(adapter.name,), icon="🗑️")
     return tuple(LoraChoice(adapter, float(st.session_state[key(f"lora_weight:{adapter.name}")])) for adapter in adapters)
@@ -417,7 +422,7 @@ def stable_diffusion_form(mode: Mode, run: Run | None) -> None:
     spec, model = chosen_model(generation.SD_MODEL_KEYS, "Another SD 1.x model (repo id or folder)", generation.model_spec_for)
     device = model.device
     st.caption(
-        f"**{model.spec.title}** on {device} ({str(model.dtype).removeprefix('torch.')}) from {model.source.label}; safety checker "
+        f"**{literal(model.spec.title)}** on {device} ({precision_label(model.dtype)}) from {literal(model.source.label)}; safety checker "
         + ("on (this model's config has one)." if model.obj.safety_checker is not None else "off (this model's config has none).")
     )
     if device.type == "cpu" and not model.is_standin:
@@ -425,7 +430,7 @@ def stable_diffusion_form(mode: Mode, run: Run | None) -> None:
     phrase = trigger_phrase_of(model)
     if phrase:
         phrase_column, add_column = st.columns([4, 1], vertical_alignment="center")
-        phrase_column.info(f"This DreamBooth model learned its concept as **{phrase}**: put that in the prompt.", icon="🔑")
+        phrase_column.info(f"This DreamBooth model learned its concept as **{literal(phrase)}**: put that in the prompt.", icon="🔑")
         add_column.button("Add to prompt", key=key("add_phrase"), on_click=add_to_prompt, args=(phrase,))
 
     source = None
@@ -441,7 +446,7 @@ def stable_diffusion_form(mode: Mode, run: Run | None) -> None:
     st.text_area("Negative prompt", key=key("negative"), height=68, placeholder="blurry, low quality")
     prompt_length = generation.prompt_length(model.obj, st.session_state[key("prompt")])
     if prompt_length.truncated:
-        st.warning(f"The prompt is {prompt_length.tokens} tokens and the model reads the first {prompt_length.limit}: “{prompt_length.ignored_text}” will be ignored.")
+        st.warning(f"The prompt is {prompt_length.tokens} tokens and the model reads the first {prompt_length.limit}: “{literal(prompt_length.ignored_text)}” will be ignored.")
     else:
         st.caption(f"Prompt: {prompt_length.tokens} of {prompt_length.limit} tokens")
     steps_column, guidance_column, images_column = st.columns(3)
@@ -458,7 +463,7 @@ def stable_diffusion_form(mode: Mode, run: Run | None) -> None:
     scheduler_column.selectbox("Scheduler", generation.available_schedulers(), key=key("scheduler"))
     precision_column.selectbox(
         "Precision", generation.precisions_for(device), key=key("precision"),
-        format_func=lambda p: f"auto ({str(model.dtype).removeprefix('torch.')})" if p is Precision.AUTO else str(p),
+        format_func=lambda p: f"auto ({precision_label(model.dtype)})" if p is Precision.AUTO else str(p),
     )
     memory_column.selectbox("Memory mode", generation.memory_modes_for(device), key=key("memory_mode"))
     loras = lora_section()
@@ -474,7 +479,7 @@ def stable_diffusion_form(mode: Mode, run: Run | None) -> None:
 
 def unconditional_form(run: Run | None) -> None:
     spec, model = chosen_model(unconditional.DDPM_MODEL_KEYS, "Another DDPM model (repo id or folder)", unconditional.model_spec_for, prefix="ddpm_")
-    st.caption(f"**{model.spec.title}** on {model.device} ({str(model.dtype).removeprefix('torch.')}) from {model.source.label}. "
+    st.caption(f"**{literal(model.spec.title)}** on {model.device} ({precision_label(model.dtype)}) from {literal(model.source.label)}. "
                "No prompt: the model draws samples like its training images.")
     images_column, steps_column = st.columns(2)
     images_column.number_input("Images", 1, unconditional.MAX_IMAGES, key=key("ddpm_images"))
@@ -492,7 +497,7 @@ def show_outcome() -> None:
     elif outcome is not None:
         st.success(f"{images_phrase(len(outcome.images))} in {outcome.seconds:.1f} s · seed {outcome.settings.seed}", icon="✅")
         for note in getattr(outcome, "notes", ()):
-            st.warning(note)
+            st.warning(literal(note))
 
 
 def show_latest(entry: GalleryEntry) -> None:

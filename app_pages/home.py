@@ -7,7 +7,7 @@ import streamlit as st
 from app_pages.common import TASK_PAGES
 from core.app_state import get_manager, get_settings
 from core.devices import machine_info
-from core.formatting import human_bytes
+from core.formatting import human_bytes, precision_label
 
 st.title("🧪 Model dashboard")
 st.write(
@@ -23,7 +23,7 @@ columns[1].metric("CUDA (torch build)", machine.cuda_version or "none")
 columns[2].metric("torch", machine.torch_version)
 columns[3].metric("CPU cores", machine.cpu_count)
 if not machine.cuda_available:
-    st.info("No CUDA GPU found: models run on the CPU in fp32. Image generation works but is slow.")
+    st.info("No CUDA GPU found: models run on the CPU, each in the precision the table below gives once it is loaded. Image generation works but is slow.")
 
 st.subheader("Models")
 rows = [
@@ -31,6 +31,7 @@ rows = [
         "Model": row.title,
         "State": row.state.value + (" (stand-in, random weights)" if row.is_standin else ""),
         "Device": row.device or "—",
+        "Precision": precision_label(row.dtype) if row.dtype else "—",
         "Memory": human_bytes(row.memory_bytes) if row.memory_bytes is not None else f"~{human_bytes(row.estimate_bytes)} (estimate)",
         "Load time": f"{row.load_s:.1f} s" if row.load_s is not None else "—",
         "Note": row.error or "",

@@ -7,15 +7,17 @@ import io
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import image_inputs, model_in_use, require_model, show_error, show_scores
+from app_pages.common import STANDIN_FILE_SUFFIX, image_inputs, literal, model_in_use, require_model, show_error, show_scores
+from core import tables
 from core.classify import classify_images
 from core.errors import DashboardError
+from core.formatting import precision_label
 from core.images import DecodedImage
 from core.registry import MODELS
 
 
 def verdict(label: str) -> str:
-    return "🌭 Hot dog!" if label.replace("_", " ").lower() == "hot dog" else f"🚫 {label.capitalize()}"
+    return "🌭 Hot dog!" if label.replace("_", " ").lower() == "hot dog" else f"🚫 {literal(label.capitalize())}"
 
 
 def thumbnail_url(decoded: DecodedImage) -> str:
@@ -42,7 +44,7 @@ except DashboardError as error:
     show_error(error)
     st.stop()
 
-st.caption(f"{len(run.results)} image(s) in {run.seconds * 1000:.0f} ms on {run.device} ({run.dtype}), one batched call.")
+st.caption(f"{len(run.results)} image(s) in {run.seconds * 1000:.0f} ms on {run.device} ({precision_label(run.dtype)}), one batched call.")
 
 if len(run.results) > 1:
     st.subheader("All images")
@@ -58,11 +60,14 @@ if len(run.results) > 1:
         hide_index=True, key="hotdog:table",
     )
     # "ignore": downloading must not rerun the page (and the model) for results it already has.
-    st.download_button("Download results (CSV)", table.to_csv(index=False), "hotdog-results.csv", "text/csv", key="hotdog:csv", on_click="ignore")
+    st.download_button(
+        "Download results (CSV)", tables.to_csv_bytes(table), f"hotdog-results{STANDIN_FILE_SUFFIX if run.is_standin else ''}.csv", "text/csv",
+        key="hotdog:csv", on_click="ignore",
+    )
 
 for decoded, result in zip(images, run.results, strict=True):
     image_column, score_column = st.columns([3, 2], gap="large")
-    image_column.image(decoded.image, caption=decoded.caption)
+    image_column.image(decoded.image, caption=literal(decoded.caption))
     with score_column:
         st.subheader(verdict(result.top.label))
         show_scores(result.scores)

@@ -7,11 +7,12 @@ from typing import TypeVar
 
 import streamlit as st
 
-from app_pages.common import image_inputs, model_in_use, require_model, show_error, show_scores
+from app_pages.common import image_inputs, literal, model_in_use, require_model, show_error, show_scores
 from core import imagenet
 from core.app_state import get_settings
 from core.classify import classify_images
 from core.errors import DashboardError
+from core.formatting import precision_label
 from core.images import DecodedImage
 from core.manager import LoadedModel
 from core.registry import MODELS
@@ -62,12 +63,12 @@ top_tab, saliency_tab, compare_tab = st.tabs(TABS, key="imagenet:view", on_chang
 
 if top_tab.open:
     with top_tab:
-        st.caption(f"{len(images)} image(s) in {run.seconds * 1000:.0f} ms on {run.device} ({run.dtype}), {run.model_title}.")
+        st.caption(f"{len(images)} image(s) in {run.seconds * 1000:.0f} ms on {run.device} ({precision_label(run.dtype)}), {run.model_title}.")
         for decoded, result in zip(images, run.results, strict=True):
             image_column, score_column = st.columns([3, 2], gap="large")
-            image_column.image(decoded.image, caption=decoded.caption)
+            image_column.image(decoded.image, caption=literal(decoded.caption))
             with score_column:
-                st.subheader(result.top.label)
+                st.subheader(literal(result.top.label))
                 show_scores(result.scores)
 
 if saliency_tab.open:
@@ -82,12 +83,12 @@ if saliency_tab.open:
             show_error(error)
         else:
             if saliency.is_empty:
-                st.info(f"No region of this image raised the score of “{saliency.class_label}”, so the heat map is empty.")
+                st.info(f"No region of this image raised the score of “{literal(saliency.class_label)}”, so the heat map is empty.")
             crop_column, cam_column = st.columns(2)
             crop_column.image(imagenet.model_view(model, images[choice]), caption="What the model sees (resize, centre crop)", width="stretch")
             cam_column.image(
                 saliency.overlay, width="stretch",
-                caption=f"Grad-CAM on `{saliency.layer}` for “{saliency.class_label}”: red marks what raised its score",
+                caption=f"Grad-CAM on `{saliency.layer}` for “{literal(saliency.class_label)}”: red marks what raised its score",
             )
 
 if compare_tab.open:
@@ -102,6 +103,6 @@ if compare_tab.open:
             st.caption("Each model's time is for all the images in one batched call, as it was first computed.")
             for decoded, mine, theirs in zip(images, run.results, hotdog_run.results, strict=True):
                 image_column, left, right = st.columns([1, 2, 2], vertical_alignment="center")
-                image_column.image(decoded.image, caption=decoded.name, width=140)
+                image_column.image(decoded.image, caption=literal(decoded.name), width=140)
                 left.metric(run.model_title, mine.top.label, f"{mine.top.score:.1%} · {run.seconds * 1000:.0f} ms", delta_color="off", delta_arrow="off")
                 right.metric(hotdog_run.model_title, theirs.top.label, f"{theirs.top.score:.1%} · {hotdog_run.seconds * 1000:.0f} ms", delta_color="off", delta_arrow="off")

@@ -14,10 +14,11 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import require_model, show_error, show_scores
+from app_pages.common import STANDIN_FILE_SUFFIX, literal, require_model, show_error, show_scores
 from core import sentiment, tables
 from core.app_state import get_manager, get_settings
 from core.errors import DashboardError
+from core.formatting import precision_label
 from core.jobs import Job, JobState
 from core.manager import LoadedModel
 from core.registry import MODELS
@@ -97,8 +98,8 @@ except DashboardError as error:
 model = require_model(spec)
 limit = sentiment.max_tokens(model.obj)
 st.caption(
-    f"**{model.spec.title}** on {model.device} ({str(model.dtype).removeprefix('torch.')}); labels "
-    f"{', '.join(sentiment.labels_of(model.obj.model))}. It reads at most {limit} tokens of a text: longer texts are "
+    f"**{literal(model.spec.title)}** on {model.device} ({precision_label(model.dtype)}); labels "
+    f"{literal(', '.join(sentiment.labels_of(model.obj.model)))}. It reads at most {limit} tokens of a text: longer texts are "
     "scored on their first tokens and marked as cut."
 )
 
@@ -139,7 +140,7 @@ def one_text(model: LoadedModel) -> None:
         show_error(result)
         return
     colour = {"positive": "green", "negative": "red", "other": "blue"}[tone(result.top.label)]
-    st.markdown(f"### :{colour}[{result.top.label.replace('[', '(').replace(']', ')')}] · {result.top.score:.1%}")
+    st.markdown(f"### :{colour}[{literal(result.top.label)}] · {result.top.score:.1%}")
     show_scores(result.scores)
     if result.truncated:
         st.warning(
@@ -160,7 +161,7 @@ def one_text(model: LoadedModel) -> None:
         return
     st.html(highlighted(attributions))
     st.caption(
-        f"Green words pushed the model toward **{attributions.label}**, red ones away from it; hover a word for its score "
+        f"Green words pushed the model toward **{literal(attributions.label)}**, red ones away from it; hover a word for its score "
         f"(the strongest is ±1). {attributions.method.capitalize()} on the word embeddings, from a text of [PAD] tokens."
         + standin_suffix(model.is_standin)
     )
@@ -194,7 +195,7 @@ def many_lines(model: LoadedModel) -> None:
     )
     truncated = int(scores.truncated.sum())
     st.caption(
-        f"{len(scores):,} lines in {scores.seconds * 1000:,.0f} ms on {scores.device} ({scores.dtype})."
+        f"{len(scores):,} lines in {scores.seconds * 1000:,.0f} ms on {scores.device} ({precision_label(scores.dtype)})."
         + (f" {truncated:,} longer than {scores.max_tokens} tokens were cut (column `truncated`)." if truncated else "")
         + standin_suffix(scores.is_standin)
     )
@@ -220,7 +221,7 @@ def load_table() -> tables.Table | None:
         return None
     delimiter = tables.DELIMITERS.get(table.delimiter, "none (one column)")
     guessed = " (guessed: pick another above if the text looks wrong)" if table.encoding_guessed else ""
-    st.caption(f"**{table.name}**: {len(table.frame):,} rows, {len(table.frame.columns)} columns, delimiter {delimiter}, encoding {table.encoding}{guessed}.")
+    st.caption(f"**{literal(table.name)}**: {len(table.frame):,} rows, {len(table.frame.columns)} columns, delimiter {delimiter}, encoding {table.encoding}{guessed}.")
     st.dataframe(table.frame.head(5), hide_index=True)
     return table
 
@@ -261,17 +262,17 @@ def run_progress() -> None:
         st.rerun()
     snapshot = run.job.snapshot()
     rate = f" · {snapshot.rate_per_s:,.0f} rows/s, about {snapshot.eta_s:,.0f} s left" if snapshot.rate_per_s and snapshot.eta_s is not None else ""
-    st.progress(snapshot.fraction, text=f"Classifying {run.table.name}: {snapshot.detail}{rate}")
+    st.progress(snapshot.fraction, text=f"Classifying {literal(run.table.name)}: {literal(snapshot.detail)}{rate}")
     st.button("Stop", key="sentiment:stop", on_click=run.job.cancel, icon="⏹️")
 
 
 def show_result(result: CsvResult) -> None:
     scores = result.scores
-    st.subheader(f"Results: {result.name}, column “{result.column}”")
+    st.subheader(f"Results: {literal(result.name)}, column “{literal(result.column)}”")
     truncated = int(scores.truncated.sum())
     st.caption(
-        f"{len(scores):,} texts in {scores.seconds:,.1f} s ({scores.texts_per_s:,.0f} texts/s) on {scores.device} ({scores.dtype}) "
-        f"with {scores.model_title}."
+        f"{len(scores):,} texts in {scores.seconds:,.1f} s ({scores.texts_per_s:,.0f} texts/s) on {scores.device} ({precision_label(scores.dtype)}) "
+        f"with {literal(scores.model_title)}."
         + (f" {truncated:,} texts longer than {scores.max_tokens} tokens were scored on their first {scores.max_tokens} (column `truncated`)." if truncated else "")
         + (f" {plural(result.blank_rows, 'row')} with an empty cell: no result." if result.blank_rows else "")
         + standin_suffix(scores.is_standin)
@@ -297,7 +298,7 @@ def show_result(result: CsvResult) -> None:
     stem = result.name.rsplit(".", 1)[0]
     st.download_button(
         "Download results (CSV)", data=lambda: tables.to_csv_bytes(result.frame),  # made on click: no copy held per session
-        file_name=f"{stem}-sentiment{'-standin-random-weights' if scores.is_standin else ''}.csv", mime="text/csv",
+        file_name=f"{stem}-sentiment{STANDIN_FILE_SUFFIX if scores.is_standin else ''}.csv", mime="text/csv",
         key="sentiment:download", on_click="ignore", icon="⬇️",
     )
 

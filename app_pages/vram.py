@@ -6,10 +6,11 @@ import time
 import pandas as pd
 import streamlit as st
 
+from app_pages.common import literal
 from app_pages.identity import session_access
 from core import compiled, gpu
 from core.app_state import get_gpu_monitor, get_history, get_manager
-from core.formatting import human_bytes
+from core.formatting import human_bytes, precision_label
 from core.history import Sample
 from core.memory import Freed, measure_freed
 
@@ -98,7 +99,7 @@ def live_panel() -> None:
     else:
         st.info(
             f"**No GPU on this machine** ({report.unavailable_reason or 'NVML found no NVIDIA GPU'}). "
-            "Models run on the CPU in fp32 and live in system RAM; here is the RAM and this app's own memory."
+            "Models run on the CPU (the table below gives each loaded model's precision) and live in system RAM; here is the RAM and this app's own memory."
         )
     show_host()
     st.subheader("Last minutes")
@@ -159,7 +160,7 @@ st.dataframe(
             "Model": row.title,
             "State": row.state.value + (" (stand-in)" if row.is_standin else ""),
             "Device": row.device or "—",
-            "dtype": row.dtype or "—",
+            "Precision": precision_label(row.dtype) if row.dtype else "—",
             "Memory": human_bytes(row.memory_bytes) if row.memory_bytes is not None
             else f"~{human_bytes(row.estimate_bytes)} ({'measured' if row.estimate_measured else 'estimate'})",
             "Last used": _ago(row.last_used),
@@ -172,7 +173,7 @@ st.dataframe(
 evictions = manager.evictions()
 if evictions:
     st.caption("Recent evictions: " + "; ".join(
-        f"{e.title} ({human_bytes(e.size_bytes)}, GPU {e.gpu_index} → {e.to.value}) for {e.for_key}, {_ago(e.at)}" for e in evictions[-5:]
+        f"{literal(e.title)} ({human_bytes(e.size_bytes)}, GPU {e.gpu_index} → {e.to.value}) for {literal(e.for_key)}, {_ago(e.at)}" for e in evictions[-5:]
     ))
 
 compiles = compiled.records()
@@ -208,7 +209,7 @@ def describe_freed(what: str, freed: Freed) -> str:
 def confirm_and_run() -> None:
     action, key = st.session_state.pop(PENDING)
     if action == "unload":
-        st.session_state[RESULT] = describe_freed(f"Unloaded {titles[key]}", measure_freed(lambda: manager.unload(key)))
+        st.session_state[RESULT] = describe_freed(f"Unloaded {literal(titles[key])}", measure_freed(lambda: manager.unload(key)))
     else:
         st.session_state[RESULT] = describe_freed("Unloaded every model", measure_freed(manager.unload_all))
 
@@ -244,7 +245,7 @@ peak_column.button("Reset peak", key="vram:reset_peak", on_click=reset_peak)
 pending = st.session_state.get(PENDING)
 if pending:
     action, key = pending
-    target = titles[key] if action == "unload" else "every model"
+    target = literal(titles[key]) if action == "unload" else "every model"
     st.warning(
         f"Unload {target}? Every session of this app shares the models: whoever uses one next waits for it to load again, "
         "and a run in progress keeps its model until it finishes."

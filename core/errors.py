@@ -14,12 +14,22 @@ class DashboardError(Exception):
 
 
 class ModelUnavailableError(DashboardError):
-    """The model's weights cannot be had: offline, unknown repo id, missing or broken files."""
+    """The model's weights cannot be had: offline, unknown repo id, missing or broken files.
+
+    `typed_by_user`: the model is one the user typed (a repo id or folder), so checking what they typed is a remedy;
+    for a listed model the user typed nothing, and only the operator or the stand-in can help.
+    """
 
     remedy = (
-        "Check the repo id, or point DASH_MODELS_ROOT at a folder that holds the model in Hub layout, "
-        "or use the stand-in model (random weights) to try the page."
+        "Use the stand-in model (random weights) to try the page; an operator can fill the model cache "
+        "(python -m core.cache_fill) or point DASH_MODELS_ROOT at a folder that holds the model in Hub layout."
     )
+    typed_remedy = (
+        "Check the repo id (owner/name) or folder you typed, or use the stand-in model (random weights) to try the page."
+    )
+
+    def __init__(self, message: str, remedy: str | None = None, *, typed_by_user: bool = False) -> None:
+        super().__init__(message, self.typed_remedy if remedy is None and typed_by_user else remedy)
 
 
 class GatedModelError(ModelUnavailableError):

@@ -40,7 +40,7 @@ def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> Decode
         raise BadInputError(f"{name} claims more pixels than this app decodes (limit {max_pixels:,}): {exc}", remedy=_TOO_BIG_REMEDY) from exc
     except Exception as exc:  # each PIL format plugin raises its own types on malformed bytes
         raise BadInputError(
-            f"{name} is not an image this app can read ({type(exc).__name__}).", remedy="Upload a JPEG, PNG, GIF, BMP, TIFF or WebP file."
+            f"{name} is not an image this app can read: its bytes are damaged, cut short or of another format.", remedy="Upload a JPEG, PNG, GIF, BMP, TIFF or WebP file."
         ) from exc
     width, height = image.size
     if width * height > max_pixels:

@@ -100,10 +100,10 @@ class Job(Generic[Result]):
             state = JobState.CANCELLED
         except DashboardError as exc:
             state, error = JobState.FAILED, exc
-        except Exception as exc:  # a page must get a message, never a dead thread: keep the trace in the log
+        except Exception:  # a page must get a message, never a dead thread: keep the trace in the log
             log.exception("job %s failed", self.name)
-            # Only the type reaches the page: a library's message can quote paths, internals or a secret.
-            state, error = JobState.FAILED, DashboardError(f"{self.name} failed unexpectedly ({type(exc).__name__}).", remedy="Try again; if it keeps failing, the server log has the details.")
+            # Nothing of the exception reaches the page: a library's message can quote paths, internals or a secret.
+            state, error = JobState.FAILED, DashboardError(f"{self.name} failed unexpectedly.", remedy="Try again; if it keeps failing, the server log has the details.")
         with self._lock:
             self._state, self.result, self._error = state, result, error
             self._ended = time.perf_counter()

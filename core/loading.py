@@ -48,6 +48,11 @@ def env_var_for(spec: ModelSpec) -> str:
     return "DASH_MODEL_" + base_key.upper().replace("-", "_")
 
 
+def typed_by_user(spec: ModelSpec) -> bool:
+    """A model the user typed (a repo id or folder: `core.registry.custom_spec`), not one of the app's own."""
+    return "@" in spec.key
+
+
 def resolve_source(spec: ModelSpec, settings: Settings, environ: dict[str, str] | None = None) -> ModelSource:
     """The operator's `DASH_MODEL_<KEY>` folder, a typed folder, `<models_root>/<repo id>`, or else the Hub.
 
@@ -55,13 +60,13 @@ def resolve_source(spec: ModelSpec, settings: Settings, environ: dict[str, str] 
     followed (`core.registry.folder_in_models_root`): BadInputError otherwise. The operator's folders are used as set.
     """
     env = os.environ if environ is None else environ
-    if "@" not in spec.key and env.get(env_var_for(spec)):
+    if not typed_by_user(spec) and env.get(env_var_for(spec)):
         return ModelSource(str(Path(env[env_var_for(spec)]).expanduser()), is_local=True)
     if Path(spec.repo_id).is_absolute():
         return ModelSource(str(folder_in_models_root(spec.repo_id, settings.models_root, "model")), is_local=True)
     if settings.models_root is not None:
         repo = spec.repo_id.split(":", 1)[0]
-        if "@" in spec.key:
+        if typed_by_user(spec):
             folder = repo_folder_in_models_root(repo, settings.models_root, "model")
         else:
             folder = settings.models_root / repo if (settings.models_root / repo).is_dir() else None
@@ -74,7 +79,7 @@ def load(spec: ModelSpec, source: ModelSource, device: torch.device, dtype: torc
     """Load `spec` from `source` onto `device`; raises ModelUnavailableError / GatedModelError, or
     TorchHubRepoNotAllowedError for a torch.hub repo the operator has not allowed."""
     if source.is_local and not Path(source.location).is_dir():
-        raise ModelUnavailableError(f"{spec.title}: the local folder {source.location} does not exist.")
+        raise ModelUnavailableError(f"{spec.title}: the local folder {source.location} does not exist.", typed_by_user=typed_by_user(spec))
     try:
         if spec.family is Family.TRANSFORMERS:
             return _load_transformers(spec, source, device, dtype, settings)
@@ -227,22 +232,24 @@ def classify_load_error(spec: ModelSpec, source: ModelSource, exc: BaseException
     """
     from huggingface_hub import errors as hub_errors
 
-    where = source.label
+    where, typed = source.label, typed_by_user(spec)
     for cause in _exception_chain(exc):
         if isinstance(cause, hub_errors.GatedRepoError):
             return GatedModelError(f"{spec.title}: {spec.repo_id} is a gated repo and needs an accepted licence and a token.")
         if isinstance(cause, hub_errors.RepositoryNotFoundError):
             return ModelUnavailableError(
                 f"{spec.title}: no repo {spec.repo_id} on the Hub (or it is private and needs a token).",
-                remedy="Check the spelling of the repo id (owner/name), or set HF_TOKEN for a private repo.",
+                remedy="Check the spelling of the repo id (owner/name), or set HF_TOKEN for a private repo." if typed else None,
             )
         if isinstance(cause, hub_errors.RevisionNotFoundError):
-            return ModelUnavailableError(f"{spec.title}: {spec.repo_id} has no revision {spec.revision!r}.")
+            return ModelUnavailableError(f"{spec.title}: {spec.repo_id} has no revision {spec.revision!r}.", typed_by_user=typed)
         if isinstance(cause, (hub_errors.OfflineModeIsEnabled, hub_errors.LocalEntryNotFoundError)):
-            return ModelUnavailableError(f"{spec.title}: the Hub cannot be reached and {spec.repo_id} is not in the local cache.")
+            return ModelUnavailableError(f"{spec.title}: the Hub cannot be reached and {spec.repo_id} is not in the local cache.", typed_by_user=typed)
         if isinstance(cause, _network_errors()):
-            return ModelUnavailableError(f"{spec.title}: the Hub, GitHub or download.pytorch.org could not be reached ({type(cause).__name__}).")
-    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return ModelUnavailableError(
+                f"{spec.title}: the Hub, GitHub or download.pytorch.org could not be reached (the connection failed or timed out).", typed_by_user=typed,
+            )
+    message = str(exc).splitlines()[0] if str(exc) else "the library gave no reason (the server log has the details)"
     if token:
         message = message.replace(token, "[token hidden]")
-    return ModelUnavailableError(f"{spec.title}: could not load from {where}: {message[:300]}")
+    return ModelUnavailableError(f"{spec.title}: could not load from {where}: {message[:300]}", typed_by_user=typed)

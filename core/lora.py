@@ -49,7 +49,7 @@ def read_upload(file_name: str, data: bytes) -> LoraAdapter:
     try:
         state_dict = load(data)
     except Exception as exc:  # safetensors raises its own error types for every kind of broken header
-        raise BadInputError(f"`{file_name}` is not a readable safetensors file ({type(exc).__name__}).", remedy=_SAFETENSORS_ONLY) from exc
+        raise BadInputError(f"`{file_name}` is not a readable safetensors file: its header or tensors are damaged.", remedy=_SAFETENSORS_ONLY) from exc
     return _adapter(Path(file_name).stem, file_name, state_dict)
 
 
@@ -77,7 +77,7 @@ def _from_folder(folder: Path, source: str) -> LoraAdapter:
     try:
         state_dict = load_file(candidates[0])
     except Exception as exc:  # safetensors raises its own error types for every kind of broken header
-        raise BadInputError(f"`{candidates[0].name}` in {source} is not a readable safetensors file ({type(exc).__name__}).", remedy=_SAFETENSORS_ONLY) from exc
+        raise BadInputError(f"`{candidates[0].name}` in {source} is not a readable safetensors file: its header or tensors are damaged.", remedy=_SAFETENSORS_ONLY) from exc
     return _adapter(Path(source).name or folder.name, source, state_dict)
 
 
@@ -118,7 +118,7 @@ def apply(pipe: Any, choices: tuple[LoraChoice, ...]) -> None:
         except Exception as exc:  # peft / diffusers report shape and key mismatches in several ways
             remove(pipe)
             raise BadInputError(
-                f"LoRA {choice.adapter.name!r} does not fit this model: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}",
+                f"LoRA {choice.adapter.name!r} does not fit this model: {str(exc).splitlines()[0][:200] if str(exc) else 'its tensors do not match the model'}",
                 remedy=_OTHER_BASE,
             ) from exc
         if not any(name in adapters for adapters in pipe.get_list_adapters().values()):

@@ -27,6 +27,8 @@ from core.images import MAX_PIXELS
 PARAMETERS_KEY = "parameters"
 NEGATIVE_PREFIX = "Negative prompt:"
 SOFTWARE = "model-dashboard"
+# Written into the settings of an image a stand-in model (random weights) made, so the file itself says it is noise.
+STANDIN_KEY, STANDIN_VALUE = "Stand-in", "random weights"
 # Far more than any prompt and settings line (AUTOMATIC1111's run to a few thousand characters); a PNG's text chunk
 # may hold 64 MiB, which the form, the tokenizer and the browser should never see.
 MAX_TEXT_CHARS = 64 * 1024
@@ -58,8 +60,9 @@ def _number(value: float) -> str:
     return repr(float(value)).removesuffix(".0")
 
 
-def parameters_text(settings: GenerationSettings, model: str) -> str:
-    """The `parameters` text for one image: `settings.seed` must be that image's seed."""
+def parameters_text(settings: GenerationSettings, model: str, *, is_standin: bool) -> str:
+    """The `parameters` text for one image: `settings.seed` must be that image's seed; `is_standin` when a stand-in
+    model (random weights) made it."""
     pairs = {
         "Steps": settings.steps,
         "Sampler": _sampler_name(settings.scheduler),
@@ -76,7 +79,7 @@ def parameters_text(settings: GenerationSettings, model: str) -> str:
         pairs["Denoising strength"] = _number(settings.strength)  # AUTOMATIC1111's name for img2img strength
     if settings.loras:  # adapters are the session's files: recorded by name, never re-loaded from here
         pairs["LoRA"] = ", ".join(f"{name}:{_number(weight)}" for name, weight in settings.loras)
-    pairs["Version"] = SOFTWARE
+    pairs |= _standin_pair(is_standin) | {"Version": SOFTWARE}
     lines = [settings.prompt]
     if settings.negative_prompt:
         lines.append(f"{NEGATIVE_PREFIX} {settings.negative_prompt}")
@@ -84,13 +87,18 @@ def parameters_text(settings: GenerationSettings, model: str) -> str:
     return "\n".join(lines)
 
 
-def png_bytes(image: Image.Image, settings: GenerationSettings, model: str) -> bytes:
-    return png_with_parameters(image, parameters_text(settings, model))
+def png_bytes(image: Image.Image, settings: GenerationSettings, model: str, *, is_standin: bool) -> bytes:
+    return png_with_parameters(image, parameters_text(settings, model, is_standin=is_standin))
 
 
-def unconditional_parameters_text(steps: int, seed: int, model: str) -> str:
+def unconditional_parameters_text(steps: int, seed: int, model: str, *, is_standin: bool) -> str:
     """The `parameters` text of an image from an unconditional (DDPM) model: no prompt, no sampler choice."""
-    return ", ".join(f"{key}: {_quote(str(value))}" for key, value in {"Steps": steps, "Seed": seed, "Model": model, "Version": SOFTWARE}.items())
+    pairs = {"Steps": steps, "Seed": seed, "Model": model} | _standin_pair(is_standin) | {"Version": SOFTWARE}
+    return ", ".join(f"{key}: {_quote(str(value))}" for key, value in pairs.items())
+
+
+def _standin_pair(is_standin: bool) -> dict[str, str]:
+    return {STANDIN_KEY: STANDIN_VALUE} if is_standin else {}
 
 
 def png_with_parameters(image: Image.Image, text: str) -> bytes:
@@ -125,8 +133,8 @@ def read_parameters(data: bytes, name: str = "the file", max_pixels: int = MAX_P
         raise
     except Image.DecompressionBombError as error:
         raise BadInputError(f"{name} claims more pixels than this app decodes: {error}", remedy=_REMEDY) from None
-    except Exception as error:  # as in core.images: each PIL plugin raises its own types on malformed bytes
-        raise BadInputError(f"{name} is not a readable image ({type(error).__name__}).", remedy=_REMEDY) from None
+    except Exception:  # as in core.images: each PIL plugin raises its own types on malformed bytes
+        raise BadInputError(f"{name} is not a readable image: its bytes are damaged, cut short or of another format.", remedy=_REMEDY) from None
     if not text:
         raise BadInputError(f"{name} carries no generation settings (no `parameters` text in the PNG).", remedy=_REMEDY)
     return text

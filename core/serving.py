@@ -260,10 +260,10 @@ def _run_to_outcome(work: Callable[[], Any], what: str) -> Outcome:
         return Outcome(cancelled=True)
     except DashboardError as error:
         return Outcome(error=error)
-    except Exception as error:  # the caller must get an answer, never a hung stream: the trace stays in the replica log
+    except Exception:  # the caller must get an answer, never a hung stream: the trace stays in the replica log
         log.exception("%s failed on a replica", what)
         return Outcome(error=DashboardError(
-            f"{what} failed unexpectedly on a Ray Serve replica ({type(error).__name__}).",
+            f"{what} failed unexpectedly on a Ray Serve replica.",
             remedy="Try again; if it keeps failing, the replica's log (Ray dashboard) has the details.",
         ))
 

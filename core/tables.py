@@ -9,6 +9,7 @@ import codecs
 import csv
 import io
 import itertools
+import re
 from dataclasses import dataclass
 
 import charset_normalizer
@@ -27,6 +28,9 @@ SNIFF_ROWS = 50
 _ONE_COLUMN = "\x1f"
 # How much more "chaos" (charset_normalizer's mess score, 0..1) than the best guess still counts as a tie.
 NEAR_TIE_CHAOS = 0.2
+# A spreadsheet reads a cell starting with one of these as a formula (OWASP, CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 
@@ -202,6 +206,25 @@ def _free_name(name: str, taken: pd.Index) -> str:
     return candidate
 
 
+def spreadsheet_safe(cell: object) -> object:
+    """A text cell that Excel and LibreOffice show as text, never run as a formula (OWASP's CSV-injection rule).
+
+    Text starting with `=`, `+`, `-`, `@`, a tab or a carriage return gets a leading `'`. Text that is a plain
+    decimal number ("-0.5", "+3", "1e-3") stays as it is: a spreadsheet reads it as that number and nothing else, and
+    a user's column of numbers must come back as numbers. Cells that are not text (scores, counts) are left alone.
+    """
+    if isinstance(cell, str) and cell.startswith(FORMULA_STARTS) and not _PLAIN_NUMBER.fullmatch(cell):
+        return "'" + cell
+    return cell
+
+
 def to_csv_bytes(frame: pd.DataFrame) -> bytes:
-    """UTF-8 CSV with a header, no index: what the download button serves."""
-    return frame.to_csv(index=False).encode("utf-8")
+    """UTF-8 CSV with a header, no index: what a download button serves, safe to open in a spreadsheet.
+
+    Every text cell and column name goes through `spreadsheet_safe`. Lines end in CRLF (RFC 4180), so that the csv
+    writer quotes a cell holding a bare carriage return as it does one holding a newline: unquoted, a reader (pandas,
+    Excel) would end the row there and shift the rest of it into a new one.
+    """
+    safe = frame.map(spreadsheet_safe)
+    safe.columns = [spreadsheet_safe(column) for column in frame.columns]
+    return safe.to_csv(index=False, lineterminator="\r\n").encode("utf-8")

@@ -417,7 +417,7 @@ def parsed_or_refused(text: str):
     # Written again and read back, it is the same (AUTOMATIC1111's layout cannot hold a prompt starting "Negative prompt:").
     if not settings.prompt.startswith(pnginfo.NEGATIVE_PREFIX):
         written = round_trip_settings(settings)
-        again = pnginfo.parse_parameters(pnginfo.parameters_text(written, parsed.model or ""))
+        again = pnginfo.parse_parameters(pnginfo.parameters_text(written, parsed.model or "", is_standin=False))
         assert again.settings == written and again.model == (parsed.model or "")
     return parsed
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from app_pages.common import literal
 from core import generation, pnginfo
 from core.generation import GenerationSettings
 from core.jobs import JobState
@@ -89,7 +90,7 @@ def test_bad_settings_get_a_message_and_no_run(app_env, form, message):
     at = open_page(**form)
     at.button(key=key("start")).click().run()
     assert key("run") not in at.session_state
-    assert any(message in error.value for error in at.error)
+    assert any(literal(message) in error.value for error in at.error)
 
 
 def test_a_long_prompt_is_flagged_before_the_run(app_env):
@@ -121,7 +122,7 @@ def test_cancel_while_waiting_drops_the_run_and_says_so(app_env, monkeypatch):
 def test_dropping_a_png_fills_the_form_with_its_settings(app_env):
     settings = GenerationSettings(prompt="from a png", negative_prompt="no text", steps=7, guidance_scale=5.5, width=72, height=96,
                                   seed=123456, scheduler="Euler a")
-    png = pnginfo.png_bytes(generation.latent_preview(__import__("torch").zeros(1, 4, 8, 8)), settings, "CompVis/stable-diffusion-v1-4")
+    png = pnginfo.png_bytes(generation.latent_preview(__import__("torch").zeros(1, 4, 8, 8)), settings, "CompVis/stable-diffusion-v1-4", is_standin=False)
     at = AppTest.from_file(HOME, default_timeout=WAIT_S).run()
     at.switch_page("app_pages/generate.py").run()
     at.file_uploader(key=key("png")).upload("earlier.png", png, "image/png").run()

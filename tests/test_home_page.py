@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from app_pages.common import literal
 from core.app_state import get_manager, get_settings
 from core.errors import ModelUnavailableError
 from core.registry import MODELS
@@ -62,6 +63,6 @@ def test_invalid_settings_stop_the_app_with_every_error(app_env, monkeypatch):
         at = AppTest.from_file(HOME, default_timeout=60).run()
         assert not at.exception
         message = at.error[0].value
-        assert "DASH_DEVICE" in message and "DASH_PAGES" in message and "did not start" in message
+        assert literal("DASH_DEVICE") in message and literal("DASH_PAGES") in message and "did not start" in message
     finally:
         get_settings.clear()

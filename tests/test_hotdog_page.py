@@ -51,7 +51,7 @@ def test_sample_shows_verdict_a_bar_per_config_label_and_the_standin_warning(app
     assert texts[0].startswith("**") and not any(text.startswith("**") for text in texts[1:])  # the winner in bold
     assert at.subheader[0].value == ("🌭 Hot dog!" if winner == "hot dog" else f"🚫 {winner.capitalize()}")
     assert "random weights" in at.warning[0].value
-    assert any("1 image(s) in" in caption.value and "float32" in caption.value for caption in at.caption)
+    assert any("1 image(s) in" in caption.value and "(fp32)" in caption.value for caption in at.caption)
 
 
 def test_camera_photo_is_classified(app_env):

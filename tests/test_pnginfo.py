@@ -22,7 +22,7 @@ def image() -> Image.Image:
 
 
 def test_the_text_has_automatic1111s_layout():
-    text = pnginfo.parameters_text(FULL, "stable-diffusion-v1-5/stable-diffusion-v1-5")
+    text = pnginfo.parameters_text(FULL, "stable-diffusion-v1-5/stable-diffusion-v1-5", is_standin=False)
     prompt, negative, params = text.split("\n")
     assert prompt == FULL.prompt and negative == f"Negative prompt: {FULL.negative_prompt}"
     assert params.startswith("Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 3000000000, Size: 768x512, ")
@@ -31,13 +31,13 @@ def test_the_text_has_automatic1111s_layout():
 
 def test_pndm_is_written_as_automatic1111s_plms_and_read_back():
     settings = GenerationSettings(seed=1, scheduler="PNDM")
-    text = pnginfo.parameters_text(settings, "m/n")
+    text = pnginfo.parameters_text(settings, "m/n", is_standin=False)
     assert "Sampler: PLMS" in text
     assert pnginfo.parse_parameters(text).settings.scheduler == "PNDM"
 
 
 def test_png_round_trip_gives_the_same_settings():
-    data = pnginfo.png_bytes(image(), FULL, "someone/model")
+    data = pnginfo.png_bytes(image(), FULL, "someone/model", is_standin=False)
     parsed = pnginfo.parse_parameters(pnginfo.read_parameters(data))
     assert parsed.settings == FULL and parsed.model == "someone/model"
     with Image.open(io.BytesIO(data)) as reopened:
@@ -55,7 +55,7 @@ def test_any_settings_survive_the_round_trip(prompt, negative, steps, guidance, 
     if prompt.startswith("Negative prompt:"):
         prompt = "x" + prompt  # the layout cannot tell such a prompt from a negative prompt (nor can AUTOMATIC1111)
     original = GenerationSettings(prompt=prompt, negative_prompt=negative, steps=steps, guidance_scale=guidance, seed=seed, scheduler=scheduler, width=width)
-    assert pnginfo.parse_parameters(pnginfo.parameters_text(original, "a/b")).settings == original
+    assert pnginfo.parse_parameters(pnginfo.parameters_text(original, "a/b", is_standin=False)).settings == original
 
 
 def test_reads_automatic1111s_own_text():
@@ -86,7 +86,7 @@ def test_an_unknown_sampler_is_refused_by_name():
 def test_no_token_ever_reaches_the_png(monkeypatch):
     secret = "hf_SeCrEtToKeN1234567890"
     monkeypatch.setenv("HF_TOKEN", secret)
-    data = pnginfo.png_bytes(image(), FULL, "someone/model")
+    data = pnginfo.png_bytes(image(), FULL, "someone/model", is_standin=False)
     assert secret.encode() not in data and b"HF_TOKEN" not in data
 
 

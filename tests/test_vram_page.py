@@ -142,7 +142,7 @@ def test_models_table_shows_measured_memory_and_last_use(monitor_page, settings)
     at = monitor_page(FakeNvml(), manager)
     models = table(at, "Last used")
     row = models[models["Model"] == MODELS["sentiment"].title].iloc[0]
-    assert row["State"] == "ready" and row["Device"] == "cpu" and row["dtype"] == "float32"
+    assert row["State"] == "ready" and row["Device"] == "cpu" and row["Precision"] == "fp32"
     assert row["Memory"] == "1.0 MiB" and row["Last used"].endswith("s ago") and row["Running now"] == 0
     other = models[models["Model"] == MODELS["hotdog"].title].iloc[0]
     assert other["Memory"].endswith("(estimate)") and other["Last used"] == "never"
