@@ -38,5 +38,8 @@ USER user
 EXPOSE 8501
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8501/_stcore/health', timeout=4)"]
+# A Space with `hf_oauth: true` gets its login ([auth] in the user's secrets.toml) written from the Space's OAuth
+# variables before Streamlit reads its secrets; the entry point then becomes the CMD (exec), elsewhere it only execs.
+ENTRYPOINT ["python", "-m", "core.access", "/home/user/.streamlit/secrets.toml", "--"]
 # As `make run` starts it, with the project's .streamlit/config.toml, listening beyond the container.
 CMD ["streamlit", "run", "Home.py", "--server.port", "8501", "--server.address", "0.0.0.0"]

@@ -105,20 +105,25 @@ def auth_toml(section: Mapping[str, str]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m core.access SECRETS_FILE`: on a Space with OAuth on, write its [auth] table there (private to the
-    app's user); elsewhere write nothing. Run it before `streamlit run`, with SECRETS_FILE among `secrets.files`."""
-    if len(argv) != 1:
-        print("usage: python -m core.access SECRETS_FILE   (for example ~/.streamlit/secrets.toml)", file=sys.stderr)
+    """`python -m core.access SECRETS_FILE [-- COMMAND ...]`: on a Space with OAuth on, write its [auth] table there
+    (private to the app's user); elsewhere write nothing. Then, given a command, become it (exec: the image's
+    entry point, so that streamlit keeps the process and its signals)."""
+    secrets_file, command = (argv[0], argv[2:]) if len(argv) >= 2 and argv[1] == "--" else (argv[0] if argv else None, [])
+    if secrets_file is None or (len(argv) != 1 and not command):
+        print("usage: python -m core.access SECRETS_FILE [-- COMMAND ...]   (for example ~/.streamlit/secrets.toml)", file=sys.stderr)
         return 2
     section = space_auth_section(os.environ, secrets.token_urlsafe(32))
     if section is None:
         print(f"Not a Space with OAuth on ({', '.join(SPACE_OAUTH_VARIABLES)} not all set): login stays as configured.")
-        return 0
-    path = Path(argv[0]).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=0o600)
-    path.write_text(auth_toml(section))
-    print(f"Login through {section['server_metadata_url']} written to {path}.")
+    else:
+        path = Path(secrets_file).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(auth_toml(section))
+        print(f"Login through {section['server_metadata_url']} written to {path}.")
+    if command:
+        sys.stdout.flush()
+        os.execvp(command[0], command)
     return 0
 
 

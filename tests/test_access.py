@@ -131,3 +131,18 @@ def test_outside_a_space_nothing_is_written(tmp_path, monkeypatch):
     monkeypatch.setenv("OAUTH_CLIENT_ID", "abc-123")  # one variable alone is not a Space with OAuth
     assert access_main([str(tmp_path / "secrets.toml")]) == 0
     assert not (tmp_path / "secrets.toml").exists()
+
+
+def test_the_image_entry_point_writes_the_login_then_becomes_streamlit(tmp_path, monkeypatch):
+    for name, value in SPACE.items():
+        monkeypatch.setenv(name, value)
+    became: list[list[str]] = []
+    monkeypatch.setattr("os.execvp", lambda file, args: became.append([file, *args]))
+    secrets_file = tmp_path / "secrets.toml"
+    assert access_main([str(secrets_file), "--", "streamlit", "run", "Home.py"]) == 0
+    assert became == [["streamlit", "streamlit", "run", "Home.py"]]
+    assert "[auth]" in secrets_file.read_text()
+
+
+def test_the_entry_point_without_a_command_after_the_separator_is_refused(tmp_path):
+    assert access_main([str(tmp_path / "secrets.toml"), "--"]) == 2

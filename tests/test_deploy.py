@@ -85,6 +85,12 @@ def test_image_starts_the_app_as_the_readme_and_make_run_do():
     assert "--server.address 0.0.0.0" in README
 
 
+def test_the_entry_point_writes_a_spaces_login_then_execs_the_command():
+    entry = json.loads(instruction("ENTRYPOINT")[-1])  # exec form, ending in "--": CMD's words become the command
+    assert entry[:3] == ["python", "-m", "core.access"] and entry[-1] == "--"
+    assert entry[3].endswith("/.streamlit/secrets.toml")  # a file Streamlit reads its secrets from by default
+
+
 def test_image_runs_as_a_non_root_user_with_the_cache_in_a_writable_volume():
     kinds = [kind for kind, _ in dockerfile()]
     user = instruction("USER")[-1]
