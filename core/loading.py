@@ -1,8 +1,9 @@
 """Turning a ModelSpec into a live object through each library's public loading API.
 
 Where a model comes from, in order: a per-model folder (`DASH_MODEL_<KEY>`), a typed folder or `<models_root>/<repo_id>`
-(what a user typed only inside the root), then the Hub (or GitHub for torch.hub, from an allowed repo only). Every
-failure comes out as a typed exception: `core.errors`, or `TorchHubRepoNotAllowedError` below.
+(what a user typed only inside the root), then the Hub (or GitHub for torch.hub, from an allowed repo only). While
+the Hub does not answer (`core.reachability`), Hub models load from the local cache only, and torch.hub ones from
+torchvision's copy. Every failure comes out as a typed exception: `core.errors`, or `TorchHubRepoNotAllowedError` below.
 """
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 
+from core import reachability
 from core.config import Settings
 from core.errors import DashboardError, GatedModelError, ModelUnavailableError
 from core.registry import Family, ModelSpec, folder_in_models_root, repo_folder_in_models_root
@@ -26,6 +29,14 @@ class TorchHubRepoNotAllowedError(DashboardError):
     """A spec names a torch.hub repo that `DASH_TORCH_HUB_ALLOW` does not list; none of its code has run."""
 
     remedy = "If the repo's code is trusted to run in the app, an operator adds it (owner/name) to DASH_TORCH_HUB_ALLOW."
+
+
+GITHUB = "https://github.com"  # where torch.hub fetches a repo's code
+OFFLINE_REMEDY = (
+    "Fill the caches on a machine with network (`python -m core.cache_fill`, README \"Offline\") and copy them here, "
+    "or point DASH_MODELS_ROOT at a folder that holds the model; on a server without network set HF_HUB_OFFLINE=1. "
+    "Or use the stand-in model (random weights) to try the page."
+)
 
 
 @dataclass(frozen=True)
@@ -95,12 +106,39 @@ def load(spec: ModelSpec, source: ModelSource, device: torch.device, dtype: torc
 def _load_transformers(spec: ModelSpec, source: ModelSource, device: torch.device, dtype: torch.dtype, settings: Settings) -> Any:
     from transformers import pipeline
 
-    hub_args = {} if source.is_local else {"revision": spec.revision, "token": settings.hf_token}
-    pipe = pipeline(spec.task, model=source.location, device=device, dtype=dtype, **hub_args)
+    location, hub_args = _pretrained_source(spec, source, settings)
+    pipe = pipeline(spec.task, model=location, device=device, dtype=dtype, **hub_args)
     # Inference only: no parameter gradients, so attributions that backpropagate to the inputs never
     # accumulate .grad tensors on a model every session shares.
     pipe.model.eval().requires_grad_(False)
     return pipe
+
+
+# The file every load of a family reads first: where it lies in the Hub cache, so does the rest of the snapshot.
+_FIRST_FILE = {Family.TRANSFORMERS: "config.json", Family.DIFFUSERS: "model_index.json"}
+
+
+def _pretrained_source(spec: ModelSpec, source: ModelSource, settings: Settings) -> tuple[str, dict[str, Any]]:
+    """What from_pretrained gets: a folder as it is; a Hub repo with its revision and token; or, while the Hub does not
+    answer (`core.reachability`), the repo's snapshot folder in the local cache, so that no library asks the Hub
+    (transformers' pipeline looks for an adapter file there even with local_files_only, through the client's retries).
+    """
+    if source.is_local:
+        return source.location, {}
+    if reachability.hub_reachable():
+        return source.location, {"revision": spec.revision, "token": settings.hf_token}
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec.repo_id, _FIRST_FILE[spec.family], revision=spec.revision)
+    if not isinstance(cached, str):  # None, or the cache's note that the file does not exist
+        raise _not_in_cache(spec)
+    return str(Path(cached).parent), {}
+
+
+def _not_in_cache(spec: ModelSpec) -> ModelUnavailableError:
+    return ModelUnavailableError(
+        f"{spec.title}: the Hub cannot be reached from this server and {spec.repo_id} is not in the local cache.", remedy=OFFLINE_REMEDY
+    )
 
 
 def check_torch_hub_repo(spec: ModelSpec, settings: Settings) -> None:
@@ -115,14 +153,14 @@ def _load_torch_hub(spec: ModelSpec, source: ModelSource, device: torch.device, 
     check_torch_hub_repo(spec, settings)
     # 2. The weights enum member the entry point gets: its checkpoint loads weights-only unless full pickle is allowed.
     weights = _hub_weights(spec, settings.allow_pickle)
-    # 3. The model, built by the repo's own entry point with those weights.
+    # 3. Its checkpoint is in TORCH_HOME or can be downloaded: torch.hub's download has no time-out to end a hang.
+    _check_checkpoint_within_reach(spec, weights)
+    # 4. The model, built by the repo's own entry point with those weights, or by torchvision's copy of it.
     if source.is_local:
         model = torch.hub.load(source.location, spec.hub_entry, source="local", weights=weights)
     else:
-        try:
-            model = torch.hub.load(spec.repo_id, spec.hub_entry, weights=weights, trust_repo=True)
-        except (urllib.error.URLError, OSError):
-            # GitHub unreachable or rate-limited: the same network and weights enum ship inside torchvision.
+        model = _load_from_github(spec, weights) if reachability.SERVERS.reachable(GITHUB) else None
+        if model is None:  # GitHub unreachable or rate-limited: the same network and weights enum ship inside torchvision
             import torchvision
 
             model = torchvision.models.get_model(spec.hub_entry, weights=weights)
@@ -135,6 +173,27 @@ def _load_torch_hub(spec: ModelSpec, source: ModelSource, device: torch.device, 
         torch.backends.cudnn.benchmark = True
     # NHWC convolutions, in cuDNN and in oneDNN on the CPU (ResNet50 on 2 cores: 16 images 390 ms instead of 640-760 ms)
     return model.to(memory_format=torch.channels_last)
+
+
+def _load_from_github(spec: ModelSpec, weights: Any) -> torch.nn.Module | None:
+    try:
+        return torch.hub.load(spec.repo_id, spec.hub_entry, weights=weights, trust_repo=True)
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def _check_checkpoint_within_reach(spec: ModelSpec, weights: Any) -> None:
+    """ModelUnavailableError at once when the checkpoint is neither in torch.hub's folder nor downloadable now."""
+    if weights is None:
+        return
+    # Where torch.hub.load_state_dict_from_url keeps a download: <hub dir>/checkpoints/<the URL's file name>.
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlsplit(weights.url).path).name
+    if not cached.is_file() and not reachability.SERVERS.reachable(weights.url):
+        raise ModelUnavailableError(
+            f"{spec.title}: {urlsplit(weights.url).netloc} cannot be reached from this server and the checkpoint "
+            f"{cached.name} is not in {cached.parent}.",
+            remedy=OFFLINE_REMEDY,
+        )
 
 
 def fold_batch_norms(model: torch.nn.Module) -> int:
@@ -194,8 +253,8 @@ def _load_diffusers(spec: ModelSpec, source: ModelSource, device: torch.device, 
     import diffusers
 
     pipeline_class = getattr(diffusers, spec.pipeline_class or "DiffusionPipeline")
-    hub_args = {} if source.is_local else {"revision": spec.revision, "token": settings.hf_token}
-    pipe = pipeline_class.from_pretrained(source.location, dtype=dtype, **hub_args)
+    location, hub_args = _pretrained_source(spec, source, settings)
+    pipe = pipeline_class.from_pretrained(location, dtype=dtype, **hub_args)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
     if device.type == "cuda" and isinstance(getattr(pipe, "unet", None), torch.nn.Module):
@@ -244,7 +303,7 @@ def classify_load_error(spec: ModelSpec, source: ModelSource, exc: BaseException
         if isinstance(cause, hub_errors.RevisionNotFoundError):
             return ModelUnavailableError(f"{spec.title}: {spec.repo_id} has no revision {spec.revision!r}.", typed_by_user=typed)
         if isinstance(cause, (hub_errors.OfflineModeIsEnabled, hub_errors.LocalEntryNotFoundError)):
-            return ModelUnavailableError(f"{spec.title}: the Hub cannot be reached and {spec.repo_id} is not in the local cache.", typed_by_user=typed)
+            return _not_in_cache(spec)
         if isinstance(cause, _network_errors()):
             return ModelUnavailableError(
                 f"{spec.title}: the Hub, GitHub or download.pytorch.org could not be reached (the connection failed or timed out).", typed_by_user=typed,

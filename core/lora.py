@@ -86,9 +86,11 @@ def _from_hub(repo_id: str, settings: Settings) -> LoraAdapter:
     from safetensors.torch import load_file
 
     from core.loading import ModelSource, classify_load_error
+    from core.reachability import hub_reachable
 
     try:
-        path = hf_hub_download(repo_id, LORA_FILE, token=settings.hf_token)
+        # Only the cache while the Hub does not answer: the client's own retries take 23 s to give up.
+        path = hf_hub_download(repo_id, LORA_FILE, token=settings.hf_token, local_files_only=not hub_reachable())
     except Exception as exc:  # the Hub client's zoo of errors, classified once as for models
         spec = custom_spec("sd15", repo_id)
         raise classify_load_error(spec, ModelSource(repo_id, is_local=False), exc, token=settings.hf_token) from exc

@@ -33,6 +33,9 @@ from core.registry import MODELS, ModelSpec
 
 log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
+# How long a real model that could not be had is not asked for again where a stand-in is allowed: a session that chose
+# the stand-in gets it at once (after "Unload all" too) instead of waiting on the Hub for the same answer.
+UNAVAILABLE_REMEMBERED_S = 300.0
 
 
 class ModelState(StrEnum):
@@ -213,6 +216,7 @@ class ModelManager(CountsUses):
         self._pending: dict[str, Resident] = {}  # loads in progress, held at their estimate
         self._use_counter = itertools.count(1)
         self._evictions: deque[Eviction] = deque(maxlen=50)
+        self._unavailable_at: dict[str, float] = {}  # key -> time.monotonic() its real model last failed to load
 
     def _entry(self, spec: ModelSpec) -> ModelEntry:
         with self._lock:
@@ -366,13 +370,25 @@ class ModelManager(CountsUses):
         return True
 
     def _load_real_or_standin(self, spec: ModelSpec, allow_standin: bool, device: torch.device) -> LoadedModel:
-        try:
-            return self._load_from(spec, loading.resolve_source(spec, self.settings), device)
-        except ModelUnavailableError:
-            if not allow_standin:
-                raise
+        if not (allow_standin and self._unavailable_lately(spec)):
+            try:
+                model = self._load_from(spec, loading.resolve_source(spec, self.settings), device)
+            except ModelUnavailableError:
+                with self._lock:
+                    self._unavailable_at[spec.key] = time.monotonic()
+                if not allow_standin:
+                    raise
+            else:
+                with self._lock:
+                    self._unavailable_at.pop(spec.key, None)
+                return model
         folder = standins.ensure_built(spec, self.settings.standin_dir)
         return self._load_from(spec, loading.ModelSource(str(folder), is_local=True, is_standin=True), device)
+
+    def _unavailable_lately(self, spec: ModelSpec) -> bool:
+        with self._lock:
+            failed_at = self._unavailable_at.get(spec.key)
+        return failed_at is not None and time.monotonic() - failed_at < UNAVAILABLE_REMEMBERED_S
 
     def _load_from(self, spec: ModelSpec, source: loading.ModelSource, device: torch.device) -> LoadedModel:
         started = time.perf_counter()

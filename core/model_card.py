@@ -11,6 +11,7 @@ from pathlib import Path
 
 from core.config import Settings
 from core.loading import ModelSource
+from core.reachability import hub_reachable
 from core.registry import ModelSpec
 
 CARD_FILE = "README.md"
@@ -28,13 +29,15 @@ def trigger_phrase(card: str) -> str | None:
 
 
 def read_card(spec: ModelSpec, source: ModelSource, settings: Settings) -> str:
-    """The model card's text: from the model's folder, or from the Hub (or its cache); empty when there is none."""
+    """The model card's text: from the model's folder, or from the Hub (only its cache while the Hub does not answer);
+    empty when there is none."""
     if source.is_local:
         path = Path(source.location) / CARD_FILE
         return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(spec.repo_id, CARD_FILE, revision=spec.revision, token=settings.hf_token)).read_text(encoding="utf-8", errors="replace")
+        path = hf_hub_download(spec.repo_id, CARD_FILE, revision=spec.revision, token=settings.hf_token, local_files_only=not hub_reachable())
+        return Path(path).read_text(encoding="utf-8", errors="replace")
     except Exception:  # a card is optional: offline, no README or any Hub error means "no card", never a failed page
         return ""

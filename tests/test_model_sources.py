@@ -12,7 +12,7 @@ import torch
 import torchvision
 from streamlit.testing.v1 import AppTest
 
-from core import generation, imagenet, loading, lora, sentiment, unconditional
+from core import generation, imagenet, loading, lora, reachability, sentiment, unconditional
 from core.config import Settings
 from core.errors import BadInputError, ModelUnavailableError
 from core.manager import ModelManager
@@ -186,8 +186,10 @@ def test_the_operators_own_folders_stay_as_set(layout):
 
 @pytest.fixture()
 def hub_calls(monkeypatch) -> list[tuple[tuple, dict]]:
-    """Every torch.hub.load call; each builds the entry with torchvision's own builder (no GitHub, no hubconf)."""
+    """Every torch.hub.load call, GitHub counted as reachable; each builds the entry with torchvision's own builder
+    (no GitHub, no hubconf)."""
     calls: list[tuple[tuple, dict]] = []
+    monkeypatch.setattr(reachability.SERVERS, "reachable", lambda url: url == loading.GITHUB)
 
     def load(repo_or_dir, entry, *args, **kwargs):
         calls.append(((repo_or_dir, entry, *args), kwargs))
