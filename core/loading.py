@@ -136,8 +136,10 @@ def _pretrained_source(spec: ModelSpec, source: ModelSource, settings: Settings)
 
 
 def _not_in_cache(spec: ModelSpec) -> ModelUnavailableError:
+    # A typed id may be a typo that no cache could hold: that remedy first, then what helps offline.
+    typed = "Check the repo id (owner/name) or folder you typed. " if typed_by_user(spec) else ""
     return ModelUnavailableError(
-        f"{spec.title}: the Hub cannot be reached from this server and {spec.repo_id} is not in the local cache.", remedy=OFFLINE_REMEDY
+        f"{spec.title}: the Hub cannot be reached from this server and {spec.repo_id} is not in the local cache.", remedy=typed + OFFLINE_REMEDY
     )
 
 
