@@ -28,9 +28,9 @@ from core.images import MAX_PIXELS
 from core.jobs import JobCancelled
 from core.lora import MAX_WEIGHT, LoraChoice
 
-# 16 values an axis and 64 cells in all: a 64-cell sweep of 512x512 SD 1.x images at 25 steps takes about 2 minutes
-# on an H100 (0.9 s an image, docs/PERFORMANCE.md) and 8x8 cells still show each image at a useful size on a screen;
-# 16 values leave room for a long single axis (16x1, 16x4). The grid must also stay within MAX_PIXELS, the limit the
+# 16 values an axis and 64 cells in all: 64 SD 1.x images of 512x512 at 25 steps take 13 s on an H100 with CUDA graphs
+# and about 90 s eager, as LoRA runs are (0.20 and about 1.4 s an image, docs/PERFORMANCE.md), and 8x8 cells still
+# show each image at a useful size on a screen; 16 values leave room for one long axis (16x1, 16x4). The grid must also stay within MAX_PIXELS, the limit the
 # app itself reads images at, so a saved grid can be dropped back on the page (checked by plan_sweep).
 MAX_VALUES_PER_AXIS = 16
 MAX_CELLS = 64
