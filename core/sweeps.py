@@ -111,7 +111,7 @@ def parse_axis(kind: AxisKind, text: str, adapter: str = "", name: str = "X") ->
         if values and not values[0]:
             raise BadInputError(f"`{argument}` starts with an empty value, and the first value of Prompt S/R is the text searched for.", remedy=_remedy(kind))
     if not values:
-        raise BadInputError(f"`{argument}` {text!r} holds no value.", remedy=_remedy(kind))
+        raise BadInputError(f"`{argument}` {_quoted(text)} holds no value.", remedy=_remedy(kind))
     _check_count(len(values), argument, text)
     repeated = next((value for i, value in enumerate(values) if value in values[:i]), None)
     if repeated is not None:  # the same settings twice is a cell's run for an identical picture
@@ -147,11 +147,12 @@ def _expand(item: str, whole: bool, check: Callable[[AxisValue], None], argument
         return _whole_number(text, argument) if whole else float(text)
 
     if re.fullmatch(number, item):
-        check(read(item))
-        return [read(item)]
+        value = read(item)
+        check(value)
+        return [value]
     found = re.fullmatch(rf"({number})\s*-\s*({number})\s*(?:\(\s*({number})\s*\)|\[\s*(\d+)\s*\])?", item)
     if found is None:
-        raise BadInputError(f"`{argument}` {item!r} is not a {'whole ' if whole else ''}number or a range of them.", remedy=remedy)
+        raise BadInputError(f"`{argument}` {_quoted(item)} is not a {'whole ' if whole else ''}number or a range of them.", remedy=remedy)
     start, end = read(found.group(1)), read(found.group(2))
     check(start)
     check(end)
@@ -160,12 +161,12 @@ def _expand(item: str, whole: bool, check: Callable[[AxisValue], None], argument
         count = _whole_number(count_text, argument)
         _check_count(so_far + count, argument, item)
         if count < 1:
-            raise BadInputError(f"`{argument}` {item!r} asks for {count} values.", remedy=remedy)
+            raise BadInputError(f"`{argument}` {_quoted(item)} asks for {count} values.", remedy=remedy)
         points = [start + (end - start) * i / (count - 1) for i in range(count)] if count > 1 else [start]
     else:
         step = read(step_text) if step_text is not None else (1 if end >= start else -1)
         if step == 0 or (end - start) * step < 0:
-            raise BadInputError(f"`{argument}` {item!r}: a step of {shown(step)} never gets from {shown(start)} to {shown(end)}.", remedy=remedy)
+            raise BadInputError(f"`{argument}` {_quoted(item)}: a step of {shown(step)} never gets from {shown(start)} to {shown(end)}.", remedy=remedy)
         count = math.floor((end - start) / step + 1e-9) + 1  # the end is included when a step lands on it
         _check_count(so_far + count, argument, item)
         points = [start + step * i for i in range(count)]
@@ -182,9 +183,8 @@ def _whole_number(text: str, argument: str) -> int:
 
 def _check_count(count: int, argument: str, text: str) -> None:
     if count > MAX_VALUES_PER_AXIS:
-        shown_text = text if len(text) <= 60 else text[:60] + "…"
         raise BadInputError(
-            f"`{argument}` {shown_text!r} gives {count:,} or more values; an axis takes at most {MAX_VALUES_PER_AXIS}.",
+            f"`{argument}` {_quoted(text)} gives {count:,} or more values; an axis takes at most {MAX_VALUES_PER_AXIS}.",
             remedy="Use fewer values, or a larger step or a smaller count in the range.",
         )
 
@@ -194,10 +194,15 @@ def _scheduler(text: str, argument: str) -> str:
     for name, choice in SCHEDULERS.items():
         if text.casefold() in (name.casefold(), choice.a1111_name.casefold()):
             if name not in available_schedulers():
-                raise BadInputError(f"`{argument}` {text!r} needs the Python package {choice.needs}, which is not installed.",
+                raise BadInputError(f"`{argument}` {_quoted(text)} needs the Python package {choice.needs}, which is not installed.",
                                     remedy="Choose another scheduler, or ask the operator to install it.")
             return name
-    raise BadInputError(f"`{argument}` {text!r} is not a scheduler: use {', '.join(available_schedulers())}.")
+    raise BadInputError(f"`{argument}` {_quoted(text)} is not a scheduler: use {', '.join(available_schedulers())}.")
+
+
+def _quoted(text: str) -> str:
+    """A value as a message quotes it, cut short when a paste made it long."""
+    return repr(text if len(text) <= 60 else text[:60] + "…")
 
 
 def _remedy(kind: AxisKind) -> str:
@@ -216,7 +221,7 @@ class SweepCell:
     loras: tuple[LoraChoice, ...]  # the adapters the cell runs with
 
     def label(self, plan: SweepPlan) -> str:
-        """"CFG scale: 7, Seed: 2": what sets this cell apart, for progress messages."""
+        """What sets this cell apart, for progress messages: "CFG scale: 7, Seed: 2"."""
         labels = [plan.x.label(plan.x.values[self.column])]
         if plan.y is not None:
             labels.append(plan.y.label(plan.y.values[self.row]))
@@ -300,7 +305,7 @@ def _check_axis_fits(axis: Axis, name: str, base: GenerationSettings, loras: tup
         search = str(axis.values[0])
         if search not in base.prompt and search not in base.negative_prompt:
             raise BadInputError(
-                f"`{name} values`: the search text {search!r} (the first value) is in neither the prompt nor the negative prompt.",
+                f"`{name} values`: the search text {_quoted(search)} (the first value) is in neither the prompt nor the negative prompt.",
                 remedy="Prompt S/R's first value is the text to look for; each value, the first too, replaces it in turn.",
             )
     if axis.kind is AxisKind.LORA_WEIGHT and axis.adapter not in (choice.adapter.name for choice in loras):

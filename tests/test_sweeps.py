@@ -88,6 +88,7 @@ def test_values_are_read_as_automatic1111_reads_them(kind, text, values):
         (AxisKind.PROMPT_SR, ", red", "`X values` starts with an empty value"),
         (AxisKind.LORA_WEIGHT, "0.5, 1", "The X axis sets a LoRA weight but names no adapter."),
         (AxisKind.SEED, "1, " * 6000, "`X values` is 18,000 characters long"),
+        (AxisKind.STEPS, "9" * 30 + "x" * 70, f"`X values` '{'9' * 30 + 'x' * 30}…' is not a whole number"),  # a paste is quoted cut
     ],
 )
 def test_bad_values_are_refused_quoting_the_axis_and_the_value(kind, text, message):
