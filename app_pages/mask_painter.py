@@ -75,7 +75,7 @@ export default function ({ data, parentElement, setStateValue }) {
         context.lineCap = context.lineJoin = "round";
         const [first, ...rest] = stroke.points;
         context.beginPath();
-        if (rest.length === 0) {  // a click is a dot
+        if (rest.every(([x, y]) => x === first[0] && y === first[1])) {  // a click is a dot (a line of length 0 draws nothing)
             context.arc(first[0], first[1], stroke.width / 2, 0, 2 * Math.PI);
             context.fill();
             return;

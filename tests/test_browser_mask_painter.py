@@ -17,10 +17,11 @@ EDGE_PX = 2  # antialiased stroke edges are cut at half coverage: a pixel either
 
 
 def distance_to_segment(shape: tuple[int, int], start: np.ndarray, end: np.ndarray) -> np.ndarray:
-    """Each pixel centre's distance to the segment from `start` to `end` (x, y in pixels)."""
+    """Each pixel centre's distance to the segment from `start` to `end` (x, y in pixels; a point when they are equal)."""
     rows, columns = np.indices(shape)
     points = np.stack([columns + 0.5, rows + 0.5], axis=-1)
-    along = np.clip(((points - start) @ (end - start)) / np.dot(end - start, end - start), 0, 1)
+    length_squared = np.dot(end - start, end - start)
+    along = np.clip(((points - start) @ (end - start)) / length_squared, 0, 1) if length_squared else np.zeros(shape)
     return np.linalg.norm(points - (start + along[..., None] * (end - start)), axis=-1)
 
 
@@ -103,5 +104,13 @@ def test_strokes_reach_python_as_the_mask_and_erase_undo_clear_change_it(browser
             assert painter.stats == "mask stats: none" and not cleared.any()
             screenshot(tab, "mask-painter-cleared")
             assert np.array_equal(painter.click("[data-action=undo]"), erased)  # a clear can be undone
+
+            tab.locator("[data-tool=paint]").click()
+            tab.locator("input[name=brush]").fill("48")
+            dotted = painter.stroke((400, 300), (400, 300))  # a click paints a dot of the brush's size
+            big_radius = 48 * 640 / 512 / 2
+            from_dot = distance_to_segment(dotted.shape, painter.mask_pixels((400, 300)), painter.mask_pixels((400, 300)))
+            assert (dotted[from_dot <= big_radius - EDGE_PX] == 255).all()
+            assert (dotted[(from_dot >= big_radius + EDGE_PX) & (erased == 0)] == 0).all()
         finally:
             context.close()
