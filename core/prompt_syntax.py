@@ -128,14 +128,14 @@ def _lora_tag(tag: str, arguments: list[str]) -> LoraTag:
             f"The LoRA tag `{tag}` is not `<lora:name>` or `<lora:name:weight>`.",
             remedy="Write one name and at most one weight, for example `<lora:my-style:0.8>`.",
         )
-    return LoraTag(name, _number(weights[0], tag) if weights else 1.0)
+    return LoraTag(name, _number(weights[0], f"`{tag}`") if weights else 1.0)
 
 
 def _number(text: str, where: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise BadInputError(f"The weight {text!r} in `{where}` is not a number.", remedy="Write a weight like 1.2 or 0.8.") from None
+        raise BadInputError(f"The weight {text!r} in {where} is not a number.", remedy="Write a weight like 1.2 or 0.8.") from None
 
 
 def parse_attention(text: str) -> tuple[Fragment | Break, ...]:
@@ -161,7 +161,7 @@ def parse_attention(text: str) -> tuple[Fragment | Break, ...]:
         elif token == "[":
             square_opened.append(len(parts))
         elif weight is not None and round_opened:
-            multiply_from(round_opened.pop(), _number(weight, f"({weight})"))
+            multiply_from(round_opened.pop(), _number(weight, f"the emphasis `{token}`"))
         elif token == ")" and round_opened:
             multiply_from(round_opened.pop(), EMPHASIS)
         elif token == "]" and square_opened:

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 
-from core import pnginfo, standins
-from core.generation import GenerationSettings
+from core import generation, pnginfo, standins
+from core.generation import GenerationSettings, Mode
 from core.prompt_embeddings import encode_prompts
 from core.prompt_syntax import LoraTag
 from core.registry import MODELS
@@ -72,18 +73,23 @@ def test_break_encodes_each_part_alone(pipe):
     assert torch.equal(embeddings, torch.cat([encode(pipe, "a cat").prompt_embeds, encode(pipe, "a dog").prompt_embeds], dim=1))
 
 
-def test_the_pipeline_makes_an_image_from_a_long_prompt_and_reads_all_of_it(pipe):
-    def image(prompt: str) -> np.ndarray:
-        embeddings = encode(pipe, prompt, "blurry")
-        output = pipe(
+@pytest.mark.parametrize("mode", list(Mode))
+def test_each_modes_pipeline_makes_images_from_a_long_prompt_and_reads_all_of_it(pipe, mode):
+    run_pipe = generation.run_pipeline(pipe, mode, "DDIM")  # as core.generation builds a run's pipeline
+    source = {} if mode is Mode.TEXT_TO_IMAGE else {"image": Image.new("RGB", (64, 64), (90, 140, 200)), "strength": 1.0}
+    if mode is Mode.INPAINT:
+        source["mask_image"] = Image.new("L", (64, 64), 255)
+
+    def images(prompt: str) -> np.ndarray:
+        embeddings = encode(run_pipe, prompt, "blurry")
+        output = run_pipe(
             prompt_embeds=embeddings.prompt_embeds, negative_prompt_embeds=embeddings.negative_prompt_embeds, num_images_per_prompt=2,
-            height=64, width=64, num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(7), output_type="np",
+            height=64, width=64, num_inference_steps=1, generator=torch.Generator("cpu").manual_seed(7), output_type="np", **source,
         )
         assert output.images.shape == (2, 64, 64, 3)
         return output.images
 
-    long_prompt = "a " * 75 + "b " * 125
-    assert not np.array_equal(image(long_prompt), image("a " * 75))  # the tokens past 75 change the picture
+    assert not np.array_equal(images("a " * 75 + "b " * 125), images("a " * 75))  # the tokens past 75 change the picture
 
 
 def test_lora_tags_come_back_and_their_text_is_not_encoded(pipe):
