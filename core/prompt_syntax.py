@@ -15,7 +15,7 @@ share it with a caller that pads at the same time (see core.generation's `_count
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from core.errors import BadInputError
@@ -24,6 +24,7 @@ EMPHASIS = 1.1  # (word) multiplies its weight by this, [word] divides it, neste
 CHUNK_TOKENS = 75  # prompt tokens in one CLIP window of 77 (with the start and end tokens)
 COMMA_BACKTRACK_TOKENS = 20  # A1111's default "comma_padding_backtrack": a chunk ends after a comma this close to its end
 MAX_CHUNKS = 10  # 750 tokens: far past any real prompt; a pasted book would make every UNet step attend to all of it
+MAX_PROMPT_CHARS = 10_000  # far past 750 tokens of text; bounds the parser's work on brackets nested thousands deep
 LORA_TAG_NAMES = ("lora", "lyco")  # A1111's LoRA extension answers to both
 
 # One token of A1111's emphasis grammar each match, in its order of precedence.
@@ -101,11 +102,14 @@ class PromptUsage:
 
 
 def parse_prompt(prompt: str, read_tags: bool = True) -> ParsedPrompt:
-    """The prompt's weighted fragments, BREAKs and LoRA tags. BadInputError for a weight or LoRA tag that is no number.
+    """The prompt's weighted fragments, BREAKs and LoRA tags. BadInputError for a weight or LoRA tag that is no number,
+    and for a prompt longer than MAX_PROMPT_CHARS.
 
     `read_tags=False` for a negative prompt: A1111 reads extra-network tags from the prompt only, and a negative
     prompt's `<...>` is text like any other.
     """
+    if len(prompt) > MAX_PROMPT_CHARS:  # before any regular expression runs over it
+        raise BadInputError(f"The prompt is {len(prompt):,} characters long; this app reads at most {MAX_PROMPT_CHARS:,}.", remedy="Shorten the prompt.")
     loras: list[LoraTag] = []
     ignored: list[str] = []
 
@@ -143,23 +147,26 @@ def parse_attention(text: str) -> tuple[Fragment | Break, ...]:
     are the characters themselves. A bracket never closed applies to the end of the prompt; a closing bracket
     never opened is plain text. Unlike A1111, a BREAK inside brackets still breaks (A1111 weights it into text).
     """
-    parts: list[Fragment | Break] = []
-    round_opened: list[int] = []  # where in `parts` each open bracket started
+    # Parallel lists, a None text for a BREAK: every closing bracket multiplies all weights from its opening on, and
+    # plain floats keep that fast where a hostile prompt nests thousands of brackets.
+    texts: list[str | None] = []
+    weights: list[float] = []
+    round_opened: list[int] = []  # where in `texts` each open bracket started
     square_opened: list[int] = []
 
     def multiply_from(start: int, factor: float) -> None:
-        for i in range(start, len(parts)):
-            if isinstance(parts[i], Fragment):
-                parts[i] = replace(parts[i], weight=parts[i].weight * factor)
+        for i in range(start, len(weights)):
+            weights[i] *= factor
 
     for match in _ATTENTION_TOKEN.finditer(text):
         token, weight = match.group(), match.group(1)
         if token.startswith("\\"):
-            parts.append(Fragment(token[1:], 1.0))
+            texts.append(token[1:])
+            weights.append(1.0)
         elif token == "(":
-            round_opened.append(len(parts))
+            round_opened.append(len(texts))
         elif token == "[":
-            square_opened.append(len(parts))
+            square_opened.append(len(texts))
         elif weight is not None and round_opened:
             multiply_from(round_opened.pop(), _number(weight, f"the emphasis `{token}`"))
         elif token == ")" and round_opened:
@@ -169,26 +176,29 @@ def parse_attention(text: str) -> tuple[Fragment | Break, ...]:
         else:
             for i, piece in enumerate(_BREAK.split(token)):
                 if i:
-                    parts.append(Break())
-                parts.append(Fragment(piece, 1.0))
+                    texts.append(None)
+                    weights.append(1.0)
+                texts.append(piece)
+                weights.append(1.0)
     for start in round_opened:
         multiply_from(start, EMPHASIS)
     for start in square_opened:
         multiply_from(start, 1 / EMPHASIS)
-    return _merged(parts)
+    return _merged(texts, weights)
 
 
-def _merged(parts: list[Fragment | Break]) -> tuple[Fragment | Break, ...]:
-    """Adjacent fragments of one weight as one (tokenized together, as A1111 does), empty ones left out."""
+def _merged(texts: list[str | None], weights: list[float]) -> tuple[Fragment | Break, ...]:
+    """Fragments and BREAKs, adjacent fragments of one weight as one (tokenized together, as A1111 does), empty ones
+    left out."""
     merged: list[Fragment | Break] = []
-    for part in parts:
-        if isinstance(part, Fragment) and not part.text:
-            continue
+    for text, weight in zip(texts, weights, strict=True):
         previous = merged[-1] if merged else None
-        if isinstance(part, Fragment) and isinstance(previous, Fragment) and previous.weight == part.weight:
-            merged[-1] = Fragment(previous.text + part.text, part.weight)
-        else:
-            merged.append(part)
+        if text is None:
+            merged.append(Break())
+        elif isinstance(previous, Fragment) and previous.weight == weight:
+            merged[-1] = Fragment(previous.text + text, weight)
+        elif text:
+            merged.append(Fragment(text, weight))
     return tuple(merged)
 
 

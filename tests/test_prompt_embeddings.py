@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from core import generation, pnginfo, standins
+from core import cuda_graphs, generation, pnginfo, standins
 from core.generation import GenerationSettings, Mode
 from core.prompt_embeddings import encode_prompts
 from core.prompt_syntax import LoraTag
@@ -113,3 +113,25 @@ def test_a_prompt_read_back_from_png_metadata_gives_the_same_embeddings(pipe):
     assert before.prompt_embeds.shape[1] == 3 * WINDOW  # BREAK, then 80 more tokens than fit one window
     assert torch.equal(before.prompt_embeds, after.prompt_embeds) and torch.equal(before.negative_prompt_embeds, after.negative_prompt_embeds)
     assert after.loras == (LoraTag("film-grain", 0.6),)
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_one_text_encoder_graph_serves_every_chunk_exactly(standin_dir):
+    cuda = torch.device("cuda")
+    folder = standins.ensure_built(MODELS["sd15"], standin_dir)
+    gpu_pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, torch_dtype=torch.float16).to(cuda)
+    tokenizer, text_encoder = gpu_pipe.tokenizer, gpu_pipe.text_encoder
+
+    def both(embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        return embeddings.prompt_embeds, embeddings.negative_prompt_embeds
+
+    long_prompt, negative = "a (red:1.5) car, " + "b " * 100, "[blurry]"
+    eager = both(encode_prompts(tokenizer, text_encoder, long_prompt, negative, cuda, torch.float16))
+    diffusers_plain = gpu_pipe.encode_prompt("a red car", cuda, 1, True, negative_prompt="blurry")
+    with cuda_graphs.graphed_text_encoder(text_encoder):  # as core.generation's run holds it
+        graphed = [both(encode_prompts(tokenizer, text_encoder, long_prompt, negative, cuda, torch.float16)) for _ in range(2)]
+        plain = both(encode_prompts(tokenizer, text_encoder, "a red car", "blurry", cuda, torch.float16))
+    assert eager[0].shape == (1, 3 * WINDOW, text_encoder.config.hidden_size) and eager[0].dtype == torch.float16
+    assert all(torch.equal(want, got) for run in graphed for want, got in zip(eager, run, strict=True))
+    assert all(torch.equal(want, got) for want, got in zip(diffusers_plain, plain, strict=True))
+    assert len(cuda_graphs._graphs[text_encoder].graphs) == 1  # every chunk of either prompt: the one (1, 77) graph

@@ -14,6 +14,7 @@ from core.errors import BadInputError
 from core.prompt_syntax import (
     CHUNK_TOKENS,
     MAX_CHUNKS,
+    MAX_PROMPT_CHARS,
     Break,
     Fragment,
     LoraTag,
@@ -171,6 +172,16 @@ def test_a_prompt_past_the_chunk_limit_is_refused(tokenizer):
     tokenize_prompt(tokenizer, "a " * CHUNK_TOKENS * MAX_CHUNKS)
     with pytest.raises(BadInputError, match=f"{CHUNK_TOKENS * MAX_CHUNKS + 1} tokens in {MAX_CHUNKS + 1} chunks"):
         tokenize_prompt(tokenizer, "a " * (CHUNK_TOKENS * MAX_CHUNKS + 1))
+
+
+def test_a_prompt_past_the_character_limit_is_refused_before_parsing():
+    # Brackets nested thousands deep make the parser's work grow with the square of the length (each closing bracket
+    # reweighs everything after its opening), as do thousands of unclosed `<a:` for the tag pattern.
+    deepest = parse_attention("(a" * (MAX_PROMPT_CHARS // 4) + ")" * (MAX_PROMPT_CHARS // 4))
+    assert len(deepest) == MAX_PROMPT_CHARS // 4 and deepest[-1].weight == pytest.approx(1.1 ** (MAX_PROMPT_CHARS // 4))
+    for hostile in ("(a" * (MAX_PROMPT_CHARS // 2) + "(", "<a:" * (MAX_PROMPT_CHARS // 3 + 1)):
+        with pytest.raises(BadInputError, match=f"{len(hostile):,} characters long; this app reads at most {MAX_PROMPT_CHARS:,}"):
+            parse_prompt(hostile)
 
 
 def test_the_parser_needs_no_torch():
