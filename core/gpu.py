@@ -5,7 +5,7 @@ card that does not report its power, a lost GPU or a machine without NVML never 
 once; a snapshot is cached for about a second, so many sessions and the history sampler share one set of calls.
 Values are bytes, percent, degrees, watts and MHz in typed dataclasses; `core.formatting` makes them human.
 
-The NVML library is passed in: `pynvml` (nvidia-ml-py) in the app, `FakeNvml` (same functions) in tests.
+The NVML library is passed in: `pynvml` (nvidia-ml-py) in the app, `tests/fake_nvml.FakeNvml` (same functions) in tests.
 Nothing here creates a CUDA context: torch figures are read only once this process has initialised CUDA.
 """
 from __future__ import annotations
@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import Any
 
 import psutil
 import torch
@@ -268,116 +268,3 @@ class HostMemory:
 def host_memory() -> HostMemory:
     memory = psutil.virtual_memory()
     return HostMemory(memory.total, memory.available, psutil.Process().memory_info().rss)
-
-
-# --- a fake NVML with pynvml's interface, for tests and demos without a GPU --------------------------------------
-
-
-class FakeNvmlError(Exception):
-    """What every FakeNvml call raises when told to fail, as pynvml raises NVMLError."""
-
-
-class _Memory(NamedTuple):
-    total: int
-    free: int
-    used: int
-
-
-class _Utilization(NamedTuple):
-    gpu: int
-    memory: int
-
-
-class _Process(NamedTuple):
-    pid: int
-    usedGpuMemory: int | None  # pynvml's field name
-
-
-@dataclass(frozen=True)
-class FakeGpu:
-    name: str = "NVIDIA Fake T4"
-    total_bytes: int = 16 * 2**30
-    used_bytes: int = 2 * 2**30
-    utilization_pct: int = 37
-    temperature_c: int = 51
-    power_mw: int = 42_000
-    power_limit_mw: int = 70_000
-    processes: tuple[tuple[int, int | None], ...] = ()  # (pid, used bytes)
-
-
-@dataclass
-class FakeNvml:
-    """pynvml's functions (same names) over fixed cards. `init_error` fails nvmlInit; `failing` fails every other call."""
-
-    gpus: Sequence[FakeGpu] = ()
-    init_error: str | None = None
-    failing: bool = False
-    calls: list[str] = field(default_factory=list)
-
-    NVMLError = FakeNvmlError
-    NVML_TEMPERATURE_GPU = 0
-    NVML_CLOCK_SM = 1
-    NVML_CLOCK_MEM = 2
-    nvmlMemory_v2 = 2
-
-    def _call(self, name: str) -> None:
-        self.calls.append(name)
-        if self.failing:
-            raise FakeNvmlError(f"{name}: GPU is lost")
-
-    def nvmlInit(self) -> None:
-        self.calls.append("nvmlInit")
-        if self.init_error:
-            raise FakeNvmlError(self.init_error)
-
-    def nvmlSystemGetDriverVersion(self) -> str:
-        self._call("nvmlSystemGetDriverVersion")
-        return "580.00"
-
-    def nvmlDeviceGetCount(self) -> int:
-        self._call("nvmlDeviceGetCount")
-        return len(self.gpus)
-
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> FakeGpu:
-        self._call("nvmlDeviceGetHandleByIndex")
-        return self.gpus[index]
-
-    def nvmlDeviceGetName(self, gpu: FakeGpu) -> str:
-        self._call("nvmlDeviceGetName")
-        return gpu.name
-
-    def nvmlDeviceGetUUID(self, gpu: FakeGpu) -> str:
-        self._call("nvmlDeviceGetUUID")
-        return f"GPU-fake-{list(self.gpus).index(gpu)}"
-
-    def nvmlDeviceGetMemoryInfo(self, gpu: FakeGpu, version: int | None = None) -> _Memory:
-        self._call("nvmlDeviceGetMemoryInfo")
-        return _Memory(gpu.total_bytes, gpu.total_bytes - gpu.used_bytes, gpu.used_bytes)
-
-    def nvmlDeviceGetUtilizationRates(self, gpu: FakeGpu) -> _Utilization:
-        self._call("nvmlDeviceGetUtilizationRates")
-        return _Utilization(gpu.utilization_pct, gpu.utilization_pct // 2)
-
-    def nvmlDeviceGetTemperature(self, gpu: FakeGpu, sensor: int) -> int:
-        self._call("nvmlDeviceGetTemperature")
-        return gpu.temperature_c
-
-    def nvmlDeviceGetPowerUsage(self, gpu: FakeGpu) -> int:
-        self._call("nvmlDeviceGetPowerUsage")
-        return gpu.power_mw
-
-    def nvmlDeviceGetEnforcedPowerLimit(self, gpu: FakeGpu) -> int:
-        self._call("nvmlDeviceGetEnforcedPowerLimit")
-        return gpu.power_limit_mw
-
-    def nvmlDeviceGetClockInfo(self, gpu: FakeGpu, clock: int) -> int:
-        self._call("nvmlDeviceGetClockInfo")
-        return 1590 if clock == self.NVML_CLOCK_SM else 5000
-
-    def nvmlDeviceGetMaxClockInfo(self, gpu: FakeGpu, clock: int) -> int:
-        self._call("nvmlDeviceGetMaxClockInfo")
-        return 1590 if clock == self.NVML_CLOCK_SM else 5001
-
-    def nvmlDeviceGetComputeRunningProcesses(self, gpu: FakeGpu) -> list[_Process]:
-        self._call("nvmlDeviceGetComputeRunningProcesses")
-        return [_Process(pid, used) for pid, used in gpu.processes]

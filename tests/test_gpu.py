@@ -7,9 +7,10 @@ import subprocess
 
 import pytest
 import torch
+from fake_nvml import FakeGpu, FakeNvml
 
 from core import gpu
-from core.gpu import FakeGpu, FakeNvml, GpuMonitor
+from core.gpu import GpuMonitor
 
 MIB = 2**20
 GIB = 2**30

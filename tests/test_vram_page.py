@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_nvml import FakeGpu, FakeNvml
 from streamlit import config as streamlit_config
 from streamlit.testing.v1 import AppTest
 
 from core import app_state
 from core.config import VramBudget
-from core.gpu import FakeGpu, FakeNvml, GpuMonitor
+from core.gpu import GpuMonitor
 from core.history import HistorySampler, take_sample
 from core.manager import ModelManager
 from core.memory import MemoryPolicy
