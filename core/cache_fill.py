@@ -20,8 +20,8 @@ from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 from core import loading
-from core.config import Settings, SettingsError
-from core.errors import GatedModelError
+from core.config import Settings
+from core.errors import GatedModelError, SettingsError
 from core.formatting import human_bytes
 from core.registry import MODELS, Family, ModelSpec
 

@@ -11,10 +11,13 @@ import os
 import re
 import sys
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
+
+from core.errors import SettingsError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SECRETS_FILE = PROJECT_ROOT / ".streamlit" / "secrets.toml"
@@ -44,8 +47,14 @@ BACKENDS = ("local", "ray")
 T = TypeVar("T")
 
 
-class SettingsError(ValueError):
-    """One or more settings are invalid; the message has one line per variable, with its value."""
+class EvictTo(StrEnum):
+    """Where the least recently used idle model goes when a new one does not fit on its GPU (DASH_EVICT_TO)."""
+
+    UNLOAD = "unload"  # the default: memory goes back everywhere; a session still running keeps its own reference
+    CPU = "cpu"  # parked in RAM; the next use moves it back, much faster than loading from disk
+
+
+MODEL_FOLDER_PREFIX = "DASH_MODEL_"  # DASH_MODEL_<KEY>=/folder: one model's local copy (keys: core.registry)
 
 
 @dataclass(frozen=True)
@@ -118,7 +127,8 @@ def parse_admins(text: str, variable: str = "DASH_ADMINS") -> tuple[str, ...]:
     return admins
 
 
-def _read_token(environ: dict[str, str], secrets_file: Path) -> str | None:
+def read_token(environ: Mapping[str, str], secrets_file: Path = SECRETS_FILE) -> str | None:
+    """HF_TOKEN (or HUGGING_FACE_HUB_TOKEN) from the environment, else from `secrets.toml`; None when neither has one."""
     token = environ.get("HF_TOKEN") or environ.get("HUGGING_FACE_HUB_TOKEN")
     if token:
         return token
@@ -198,8 +208,16 @@ class Settings:
     # E-mail addresses (lower case) whose logged-in sessions may unload models and empty the cache for everyone
     # (core.access); with login off only a localhost-bound app has an admin, whoever uses it.
     admins: tuple[str, ...] = ()
+    # What happens to the least recently used idle model when a new one does not fit: unloaded, or parked in RAM.
+    evict_to: EvictTo = EvictTo.UNLOAD
+    # The operator's folder per model (DASH_MODEL_<KEY>), upper-case key -> folder; it wins over every other source.
+    model_folders: tuple[tuple[str, Path], ...] = ()
     # Kept out of repr so that printing the settings never shows it.
     hf_token: str | None = field(default=None, repr=False)
+
+    def model_folder(self, key: str) -> Path | None:
+        """The operator's folder (DASH_MODEL_<KEY>) for the model whose registry key is `key`, if one is set."""
+        return dict(self.model_folders).get(key.upper().replace("-", "_"))
 
     @classmethod
     def from_env(
@@ -239,6 +257,9 @@ class Settings:
             errors.append(f"DASH_BACKEND must be {' or '.join(BACKENDS)}, not {backend!r}")
         ray_deployments = checked(_ray_deployments, env.get("DASH_RAY_DEPLOYMENTS", ""))
         admins = checked(parse_admins, env.get("DASH_ADMINS", ""))
+        evict_to = env.get("DASH_EVICT_TO", "").strip().lower() or EvictTo.UNLOAD.value
+        if evict_to not in {e.value for e in EvictTo}:
+            errors.append(f"DASH_EVICT_TO must be unload or cpu, not {evict_to!r}")
         if errors:
             raise SettingsError("\n".join(errors))
         standin_dir = env.get("DASH_STANDIN_DIR", "").strip()
@@ -262,7 +283,12 @@ class Settings:
             ray_address=env.get("DASH_RAY_ADDRESS", "").strip() or None,
             ray_deployments=ray_deployments,
             admins=admins,
-            hf_token=_read_token(env, secrets_file),
+            evict_to=EvictTo(evict_to),
+            model_folders=tuple(sorted(
+                (name.removeprefix(MODEL_FOLDER_PREFIX), Path(value.strip()).expanduser())
+                for name, value in env.items() if name.startswith(MODEL_FOLDER_PREFIX) and value.strip()
+            )),
+            hf_token=read_token(env, secrets_file),
         )
 
 

@@ -51,3 +51,7 @@ class BadInputError(DashboardError):
     """The user's input cannot be used; the message names the input and its value."""
 
     remedy = "Correct the input and try again."
+
+
+class SettingsError(ValueError):
+    """One or more settings are invalid; the message has one line per variable, with its value."""

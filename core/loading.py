@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import functools
 import importlib
-import os
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from urllib.parse import urlsplit
 import torch
 
 from core import reachability
-from core.config import Settings
+from core.config import MODEL_FOLDER_PREFIX, Settings
 from core.errors import DashboardError, GatedModelError, ModelUnavailableError
 from core.registry import Family, ModelSpec, folder_in_models_root, repo_folder_in_models_root
 
@@ -55,8 +54,8 @@ class ModelSource:
 
 
 def env_var_for(spec: ModelSpec) -> str:
-    base_key = spec.key.split("@", 1)[0]
-    return "DASH_MODEL_" + base_key.upper().replace("-", "_")
+    """The variable that names the operator's folder for `spec` (read into `Settings.model_folders`)."""
+    return MODEL_FOLDER_PREFIX + spec.key.split("@", 1)[0].upper().replace("-", "_")
 
 
 def typed_by_user(spec: ModelSpec) -> bool:
@@ -64,15 +63,15 @@ def typed_by_user(spec: ModelSpec) -> bool:
     return "@" in spec.key
 
 
-def resolve_source(spec: ModelSpec, settings: Settings, environ: dict[str, str] | None = None) -> ModelSource:
+def resolve_source(spec: ModelSpec, settings: Settings) -> ModelSource:
     """The operator's `DASH_MODEL_<KEY>` folder, a typed folder, `<models_root>/<repo id>`, or else the Hub.
 
     A folder or repo id a user typed (a custom spec) is checked again here to lie inside the models root, symlinks
     followed (`core.registry.folder_in_models_root`): BadInputError otherwise. The operator's folders are used as set.
     """
-    env = os.environ if environ is None else environ
-    if not typed_by_user(spec) and env.get(env_var_for(spec)):
-        return ModelSource(str(Path(env[env_var_for(spec)]).expanduser()), is_local=True)
+    operator_folder = None if typed_by_user(spec) else settings.model_folder(spec.key)
+    if operator_folder is not None:
+        return ModelSource(str(operator_folder), is_local=True)
     if Path(spec.repo_id).is_absolute():
         return ModelSource(str(folder_in_models_root(spec.repo_id, settings.models_root, "model")), is_local=True)
     if settings.models_root is not None:

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from core import compiled, cuda_graphs, loading, standins
-from core.config import Settings
+from core.config import EvictTo, Settings
 from core.devices import pick_device, pick_dtype
 from core.errors import DashboardError, ModelUnavailableError
-from core.memory import DoesNotFitError, EvictTo, MemoryPolicy, Placement, Resident, move_model, plan_placement
+from core.memory import DoesNotFitError, MemoryPolicy, Placement, Resident, move_model, plan_placement
 from core.registry import MODELS, ModelSpec
 
 log = logging.getLogger(__name__)

@@ -9,15 +9,13 @@ Plain arithmetic over what the manager reports (no torch calls), so every rule i
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import torch
 
-from core.config import Settings, SettingsError, VramBudget
+from core.config import EvictTo, Settings, VramBudget
 from core.errors import GpuOutOfMemoryError
 from core.formatting import human_bytes
 from core.gpu import allocator_stats, host_memory
@@ -28,23 +26,14 @@ MARGIN_FRACTION = 0.10
 MIN_MARGIN_BYTES = 2 * 2**30
 
 
-class EvictTo(StrEnum):
-    UNLOAD = "unload"  # the default: memory goes back everywhere; a session still running keeps its own reference
-    CPU = "cpu"  # parked in RAM; the next use moves it back, much faster than loading from disk
-
-
 @dataclass(frozen=True)
 class MemoryPolicy:
     budget: VramBudget | None = None  # None: the card less the margin
     evict_to: EvictTo = EvictTo.UNLOAD
 
     @classmethod
-    def from_settings(cls, settings: Settings, environ: Mapping[str, str] | None = None) -> MemoryPolicy:
-        env = os.environ if environ is None else environ
-        text = env.get("DASH_EVICT_TO", "").strip().lower() or EvictTo.UNLOAD.value
-        if text not in {e.value for e in EvictTo}:
-            raise SettingsError(f"DASH_EVICT_TO must be unload or cpu, not {text!r}")
-        return cls(budget=settings.vram_budget, evict_to=EvictTo(text))
+    def from_settings(cls, settings: Settings) -> MemoryPolicy:
+        return cls(budget=settings.vram_budget, evict_to=settings.evict_to)
 
     def budget_bytes(self, card_total_bytes: int) -> int:
         """What the models may hold on a card of `card_total_bytes`."""

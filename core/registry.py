@@ -5,9 +5,12 @@ import re
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from core.config import Settings
 from core.errors import BadInputError
+
+if TYPE_CHECKING:  # only a type here: core.config reads the options file that names these models
+    from core.config import Settings
 
 
 class Family(StrEnum):

@@ -40,7 +40,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError, RequestCancelledError
 
 from core import compiled, loading
-from core.config import PROJECT_ROOT, Settings
+from core.config import PROJECT_ROOT, Settings, read_token
 from core.errors import DashboardError, ModelUnavailableError
 from core.gpu import SNAPSHOT_TTL_S, GpuMonitor, GpuProcess, GpuReport, GpuSnapshot, allocator_stats, load_nvml
 from core.jobs import JobCancelled, JobContext
@@ -274,7 +274,7 @@ class ModelServer:
 
     def __init__(self, spec: ModelSpec, settings: Settings, allow_standin: bool, loader: Loader | None = None) -> None:
         # The token is never shipped with the settings: each node reads its own HF_TOKEN.
-        settings = replace(settings, hf_token=os.environ.get("HF_TOKEN") or None)
+        settings = replace(settings, hf_token=read_token(os.environ))
         self._spec = spec
         self._manager = ModelManager(settings, loader or loading.load)
         self._model: LoadedModel | None = None

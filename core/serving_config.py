@@ -17,7 +17,7 @@ import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from core.config import SettingsError
+from core.errors import SettingsError
 from core.registry import MODELS, ModelSpec
 
 # Kinds of deployment, by the task of the model they serve.

@@ -9,7 +9,8 @@ from streamlit.testing.v1 import AppTest
 
 from core.access import Login, decide_access, is_loopback
 from core.access import main as access_main
-from core.config import Settings, SettingsError, describe, parse_admins
+from core.config import Settings, describe, parse_admins
+from core.errors import SettingsError
 from tests.oidc_provider import UNREACHED_AUTH_SECRETS
 
 HOME = str(Path(__file__).resolve().parent.parent / "Home.py")

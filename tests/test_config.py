@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from core.config import PAGE_KEYS, PROJECT_ROOT, STREAMLIT_CONFIG_FILE, Settings, SettingsError, VramBudget, parse_vram_budget
+from core.config import PAGE_KEYS, PROJECT_ROOT, STREAMLIT_CONFIG_FILE, Settings, VramBudget, parse_vram_budget
+from core.errors import SettingsError
 
 
 def test_defaults_without_environment(tmp_path: Path):

@@ -64,10 +64,10 @@ def test_source_order_env_folder_then_models_root_then_hub(tmp_path: Path):
     root = tmp_path / "models"
     (root / spec.repo_id).mkdir(parents=True)
     settings = Settings(models_root=root)
-    assert loading.resolve_source(spec, Settings(), environ={}) == loading.ModelSource(spec.repo_id, is_local=False)
-    assert loading.resolve_source(spec, settings, environ={}).location == str(root / spec.repo_id)
+    assert loading.resolve_source(spec, Settings()) == loading.ModelSource(spec.repo_id, is_local=False)
+    assert loading.resolve_source(spec, settings).location == str(root / spec.repo_id)
     override = tmp_path / "mine"
-    chosen = loading.resolve_source(spec, settings, environ={"DASH_MODEL_HOTDOG": str(override)})
+    chosen = loading.resolve_source(spec, Settings.from_env({"DASH_MODELS_ROOT": str(root), "DASH_MODEL_HOTDOG": str(override)}))
     assert chosen == loading.ModelSource(str(override), is_local=True)
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from core import loading, standins
-from core.config import Settings, VramBudget
+from core.config import EvictTo, Settings, VramBudget
 from core.errors import ModelUnavailableError
 from core.manager import ModelManager, ModelState, module_bytes, release_memory
-from core.memory import DoesNotFitError, EvictTo, MemoryPolicy
+from core.memory import DoesNotFitError, MemoryPolicy
 from core.registry import MODELS
 
 HOTDOG = MODELS["hotdog"]

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from core.config import Settings, SettingsError, VramBudget
+from core.config import EvictTo, Settings, VramBudget
+from core.errors import SettingsError
 from core.memory import (
     DoesNotFitError,
-    EvictTo,
     MemoryPolicy,
     Resident,
     measure_freed,
@@ -40,11 +40,10 @@ def test_configured_budget_is_a_size_capped_at_the_card_or_a_share():
 
 
 def test_policy_from_settings_and_environment():
-    settings = Settings(vram_budget=VramBudget(fraction=0.8))
-    assert MemoryPolicy.from_settings(settings, {}) == MemoryPolicy(VramBudget(fraction=0.8), EvictTo.UNLOAD)
-    assert MemoryPolicy.from_settings(settings, {"DASH_EVICT_TO": " CPU "}).evict_to is EvictTo.CPU
+    assert MemoryPolicy.from_settings(Settings.from_env({"DASH_VRAM_BUDGET": "80%"})) == MemoryPolicy(VramBudget(fraction=0.8), EvictTo.UNLOAD)
+    assert MemoryPolicy.from_settings(Settings.from_env({"DASH_EVICT_TO": " CPU "})).evict_to is EvictTo.CPU
     with pytest.raises(SettingsError, match="DASH_EVICT_TO must be unload or cpu, not 'ram'"):
-        MemoryPolicy.from_settings(settings, {"DASH_EVICT_TO": "ram"})
+        Settings.from_env({"DASH_EVICT_TO": "ram"})
 
 
 def test_a_model_that_fits_evicts_nothing():

@@ -155,11 +155,11 @@ def test_a_typed_repo_id_whose_root_folder_leads_out_is_refused_not_loaded(layou
     (root / "someone" / "model").symlink_to(outside / "secret", target_is_directory=True)
     settings = Settings(models_root=root)
     with pytest.raises(BadInputError, match="is not a folder inside the models root"):
-        loading.resolve_source(custom_spec("sentiment", "someone/model"), settings, environ={})
+        loading.resolve_source(custom_spec("sentiment", "someone/model"), settings)
     with pytest.raises(BadInputError, match="is not a folder inside the models root"):
         lora.read_source("someone/model", settings)
     (root / "someone" / "inside").mkdir()
-    source = loading.resolve_source(custom_spec("sentiment", "someone/inside"), settings, environ={})
+    source = loading.resolve_source(custom_spec("sentiment", "someone/inside"), settings)
     assert source == loading.ModelSource(str((root / "someone" / "inside").resolve()), is_local=True)
 
 
@@ -175,11 +175,11 @@ def test_a_custom_spec_for_a_folder_outside_the_root_is_refused_again_at_load(la
 def test_the_operators_own_folders_stay_as_set(layout):
     root, outside = layout
     spec = MODELS["sentiment"]
-    chosen = loading.resolve_source(spec, Settings(models_root=root), environ={"DASH_MODEL_SENTIMENT": str(outside / "secret")})
+    chosen = loading.resolve_source(spec, Settings.from_env({"DASH_MODELS_ROOT": str(root), "DASH_MODEL_SENTIMENT": str(outside / "secret")}))
     assert chosen == loading.ModelSource(str(outside / "secret"), is_local=True)
     (root / "distilbert").mkdir()
     (root / spec.repo_id).symlink_to(outside / "secret", target_is_directory=True)  # the operator's link, for a listed model
-    assert loading.resolve_source(spec, Settings(models_root=root), environ={}).location == str(root / spec.repo_id)
+    assert loading.resolve_source(spec, Settings(models_root=root)).location == str(root / spec.repo_id)
 
 
 # torch.hub allow-list ------------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def finishes_within(limit_s: float, work: Callable[[], object]) -> tuple[object,
 @pytest.mark.parametrize("key", ["hotdog", "ddpm-cifar10"])  # transformers' pipeline, diffusers' from_pretrained
 def test_an_unreachable_hub_fails_a_model_within_seconds_with_the_remedy(settings, hub_black_hole, key):
     spec = MODELS[key]
-    source = loading.resolve_source(spec, settings, environ={})
+    source = loading.resolve_source(spec, settings)
     assert not source.is_local
     error, seconds = finishes_within(LIMIT_S, lambda: loading.load(spec, source, CPU, torch.float32, settings))
     assert isinstance(error, ModelUnavailableError), error
@@ -123,7 +123,7 @@ def test_a_cached_model_still_loads_while_the_hub_does_not_answer(settings, hub_
     spec = MODELS["sentiment"]
     folder = standins.ensure_built(spec, settings.standin_dir)
     _in_hub_cache(spec, folder)
-    source = loading.resolve_source(spec, settings, environ={})
+    source = loading.resolve_source(spec, settings)
     pipe, seconds = finishes_within(LIMIT_S, lambda: loading.load(spec, source, CPU, torch.float32, settings))
     assert not isinstance(pipe, Exception), pipe
     labels = json.loads((folder / "config.json").read_text())["id2label"]

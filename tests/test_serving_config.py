@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from core.config import PROJECT_ROOT, Settings, SettingsError, describe
+from core.config import PROJECT_ROOT, Settings, describe
+from core.errors import SettingsError
 from core.registry import MODELS
 from core.serving_config import DEFAULTS, load_deployment_options
 
