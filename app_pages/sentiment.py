@@ -96,10 +96,10 @@ except DashboardError as error:
     show_error(error)
     st.stop()
 model = require_model(spec)
-limit = sentiment.max_tokens(model.obj)
+limit = model.info.max_tokens
 st.caption(
     f"**{literal(model.spec.title)}** on {model.device} ({precision_label(model.dtype)}); labels "
-    f"{literal(', '.join(sentiment.labels_of(model.obj.model)))}. It reads at most {limit} tokens of a text: longer texts are "
+    f"{literal(', '.join(model.info.labels))}. It reads at most {limit} tokens of a text: longer texts are "
     "scored on their first tokens and marked as cut."
 )
 

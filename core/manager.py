@@ -29,6 +29,7 @@ from core.config import EvictTo, Settings
 from core.devices import pick_device, pick_dtype
 from core.errors import DashboardError, ModelUnavailableError
 from core.memory import DoesNotFitError, MemoryPolicy, Placement, Resident, move_model, plan_placement
+from core.model_info import ModelInfo, describe, module_bytes
 from core.registry import MODELS, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -59,12 +60,13 @@ class LoadedModel:
     """A live model: the object only core inference functions touch, and how it was loaded."""
 
     spec: ModelSpec
-    obj: Any
+    obj: Any  # only core/tasks and the local backend touch it
     device: torch.device
     dtype: torch.dtype
     source: loading.ModelSource
     memory_bytes: int
     load_s: float
+    info: ModelInfo  # what pages and pre-run checks read, on every backend
 
     @property
     def is_standin(self) -> bool:
@@ -140,28 +142,6 @@ class ModelEntry:
                 release(model)
             self.model, self.error, self.state = None, None, ModelState.NOT_LOADED
         return model.memory_bytes if model is not None else 0
-
-
-def module_bytes(obj: Any) -> int:
-    """Bytes held by the parameters and buffers of every torch module inside a model object."""
-    modules = list(_modules_of(obj))
-    seen: set[int] = set()
-    total = 0
-    for module in modules:
-        for tensor in [*module.parameters(), *module.buffers()]:
-            if id(tensor) not in seen:
-                seen.add(id(tensor))
-                total += tensor.numel() * tensor.element_size()
-    return total
-
-
-def _modules_of(obj: Any) -> Iterator[torch.nn.Module]:
-    if isinstance(obj, torch.nn.Module):
-        yield obj
-    elif hasattr(obj, "components"):  # diffusers pipeline
-        yield from (c for c in obj.components.values() if isinstance(c, torch.nn.Module))
-    elif isinstance(getattr(obj, "model", None), torch.nn.Module):  # transformers pipeline
-        yield obj.model
 
 
 Loader = Callable[[ModelSpec, loading.ModelSource, torch.device, torch.dtype, Settings], Any]
@@ -395,7 +375,7 @@ class ModelManager(CountsUses):
         dtype = self.dtype_for(spec)
         obj = self._loader(spec, source, device, dtype, self.settings)
         load_s = time.perf_counter() - started
-        return LoadedModel(spec, obj, device, dtype, source, module_bytes(obj), load_s)
+        return LoadedModel(spec, obj, device, dtype, source, module_bytes(obj), load_s, describe(obj, dtype))
 
     def dtype_for(self, spec: ModelSpec) -> torch.dtype:
         """The dtype `spec` loads in on this manager's device (core.devices.pick_dtype)."""

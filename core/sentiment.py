@@ -140,12 +140,6 @@ def model_spec(choice: str, settings: Settings) -> ModelSpec:
     return custom_spec("sentiment", value)
 
 
-def max_tokens(pipe: Any) -> int:
-    """The longest input the model takes: the tokenizer's limit, capped by the position embeddings."""
-    limits = [getattr(pipe.model.config, "max_position_embeddings", None), pipe.tokenizer.model_max_length]
-    return min(int(limit) for limit in limits if limit and limit < 1_000_000)
-
-
 def split_lines(block: str, max_lines: int = MAX_LINES) -> list[tuple[int, str]]:
     """(line number from 1, text) for every line of `block` that holds more than whitespace."""
     lines = [(number, line.strip()) for number, line in enumerate(block.splitlines(), start=1) if line.strip()]
@@ -234,11 +228,6 @@ def postprocess(logits: torch.Tensor) -> np.ndarray:
     return logits.float().softmax(dim=-1).cpu().numpy()
 
 
-def labels_of(model: torch.nn.Module) -> tuple[str, ...]:
-    id2label = model.config.id2label
-    return tuple(str(id2label[i]) for i in range(len(id2label)))
-
-
 # The public functions ------------------------------------------------------------------------------------------
 
 
@@ -257,10 +246,10 @@ def score_texts(model: LoadedModel, texts: Sequence[str], context: JobContext | 
         return model.obj.score_texts(texts, context)
     check_inputs(texts)
     pipe = model.obj
-    limit = max_tokens(pipe)
+    limit = model.info.max_tokens
     max_rows, max_batch_tokens = BATCH_LIMITS["cuda" if model.device.type == "cuda" else "cpu"]
     pad_id = pipe.tokenizer.pad_token_id or 0
-    probabilities = np.empty((len(texts), len(labels_of(pipe.model))), dtype=np.float32)
+    probabilities = np.empty((len(texts), len(model.info.labels)), dtype=np.float32)
     token_counts = np.empty(len(texts), dtype=np.int64)
     truncated = np.empty(len(texts), dtype=bool)
     started = time.perf_counter()
@@ -293,7 +282,7 @@ def score_texts(model: LoadedModel, texts: Sequence[str], context: JobContext | 
         release_memory()
         raise GpuOutOfMemoryError(f"The GPU ran out of memory classifying {len(texts):,} texts.") from exc
     return SentimentScores(
-        labels_of(pipe.model), probabilities, token_counts, truncated, limit, time.perf_counter() - started,
+        model.info.labels, probabilities, token_counts, truncated, limit, time.perf_counter() - started,
         str(model.device), str(model.dtype).removeprefix("torch."), model.spec.title, model.is_standin,
     )
 
@@ -356,8 +345,8 @@ def explain(
     if steps < 1:
         raise BadInputError(f"`steps` must be at least 1 but is {steps}.")
     pipe = model.obj
-    labels = labels_of(pipe.model)
-    limit = max_tokens(pipe)
+    labels = model.info.labels
+    limit = model.info.max_tokens
     encoding = pipe.tokenizer(text[:MAX_CHARS], verbose=False, return_offsets_mapping=True, return_special_tokens_mask=True)
     word_ids, offsets = cut(encoding.word_ids(), limit), cut(encoding["offset_mapping"], limit)
     input_ids = torch.tensor([cut(encoding["input_ids"], limit)], device=model.device)

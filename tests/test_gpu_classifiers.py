@@ -18,6 +18,7 @@ from core import classify, imagenet, loading
 from core.config import Settings
 from core.images import DecodedImage
 from core.manager import LoadedModel
+from core.model_info import describe
 from core.registry import MODELS, ModelSpec
 
 pytestmark = pytest.mark.gpu
@@ -37,7 +38,8 @@ def load_both(spec: ModelSpec, source: loading.ModelSource) -> tuple[LoadedModel
     settings, device = Settings(), torch.device("cuda")
     models = []
     for dtype in (torch.float32, torch.float16):
-        models.append(LoadedModel(spec, loading.load(spec, source, device, dtype, settings), device, dtype, source, 0, 0.0))
+        obj = loading.load(spec, source, device, dtype, settings)
+        models.append(LoadedModel(spec, obj, device, dtype, source, 0, 0.0, describe(obj, dtype)))
     return models[0], models[1]
 
 

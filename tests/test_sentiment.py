@@ -52,7 +52,7 @@ def test_batched_scores_match_the_pipeline_text_by_text(model, monkeypatch):
 
 
 def test_long_texts_are_cut_to_the_limit_on_purpose_and_reported(model):
-    tokenizer, limit = model.obj.tokenizer, sentiment.max_tokens(model.obj)
+    tokenizer, limit = model.obj.tokenizer, model.info.max_tokens
     assert limit == 512
     full = tokenizer(TEXTS[2], verbose=False)["input_ids"]
     encoded = sentiment.preprocess(tokenizer, TEXTS, limit)
@@ -194,7 +194,7 @@ def test_one_step_is_gradient_times_input_summed_per_word(model):
     ids = encoding["input_ids"]
     inputs = embeddings(ids).detach().requires_grad_(True)
     baseline = embeddings(torch.tensor([[ids[0, 0]] + [pipe.tokenizer.pad_token_id] * (ids.shape[1] - 2) + [ids[0, -1]]])).detach()
-    target = sentiment.labels_of(pipe.model).index(attributions.label)
+    target = model.info.labels.index(attributions.label)
     log_p = pipe.model(inputs_embeds=inputs).logits.log_softmax(-1)[0, target]
     (gradient,) = torch.autograd.grad(log_p, inputs)
     per_token = ((inputs - baseline) * gradient).sum(-1)[0].detach()
