@@ -120,8 +120,8 @@ class GpuQueue:
         ticket = _Ticket(owner, arrival if sequence is None else sequence, arrival, self._round)
         if owner is not None:
             own = [waiting for waiting in self._waiting if waiting.owner == owner]
-            holds_device = self._holder is not None and self._holder.owner == owner
-            ticket.round = max([self._round + holds_device, *(waiting.round + 1 for waiting in own)])
+            on_device = self._holder is not None and self._holder.owner == owner
+            ticket.round = max([self._round + 1 if on_device else self._round, *(waiting.round + 1 for waiting in own)])
             # The owner's rounds go to its tickets in the order it asked for them, not the order their threads came.
             rounds = sorted([ticket.round, *(waiting.round for waiting in own)])
             for mine, turn in zip(sorted([ticket, *own], key=lambda t: t.sequence), rounds, strict=True):
