@@ -41,3 +41,9 @@ class BadInputError(DashboardError):
     """The user's input cannot be used; the message names the input and its value."""
 
     remedy = "Correct the input and try again."
+
+
+class InsufficientMemoryError(BadInputError):
+    """A run's own memory estimate is more than its device has available: refused before it starts, with both figures."""
+
+    remedy = "Try a smaller size, fewer images per run, or a memory mode."
