@@ -11,6 +11,7 @@ import io
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import streamlit as st
 from PIL import Image
@@ -21,6 +22,7 @@ from core.app_state import get_manager, get_settings
 from core.errors import BadInputError, DashboardError
 from core.formatting import human_bytes, precision_label
 from core.generation import GenerationResult, GenerationSettings, MemoryMode, Mode, Precision, SourceImages
+from core.gpu_queue import queue_for
 from core.images import decode_image, mask_overlay, shape_mask
 from core.jobs import Job, JobState
 from core.lora import LoraAdapter, LoraChoice
@@ -28,12 +30,14 @@ from core.manager import LoadedModel
 from core.registry import MODELS, ModelSpec
 from core.unconditional import UnconditionalResult, UnconditionalSettings
 
+if TYPE_CHECKING:
+    import torch
+
 RUN_KEY, GALLERY_KEY, OUTCOME_KEY, PNG_ERROR_KEY = "generate:run", "generate:gallery", "generate:outcome", "generate:png_error"
 LORAS_KEY, LORA_ERROR_KEY = "generate:loras", "generate:lora_error"
 CUSTOM = "custom"
 UNCONDITIONAL = "unconditional (DDPM)"
 GALLERY_LIMIT = 24  # runs kept per session; older ones drop off the end
-DEFAULTS = GenerationSettings()
 DDPM_DEFAULTS = UnconditionalSettings()
 IMAGE_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
 
@@ -63,13 +67,15 @@ DDPM_INPUTS = ("ddpm_images", "ddpm_steps", "ddpm_model", "ddpm_custom")
 
 
 def form_defaults() -> None:
-    """The form's starting values, set once per session: widgets then read and write only session state."""
+    """The form's starting values, set once per session: widgets then read and write only session state. On a CPU
+    a smaller size and fewer steps (generation.defaults_for), so that the first run finishes in under a minute."""
+    defaults = generation.defaults_for(get_manager().device)
     values = {
-        "prompt": DEFAULTS.prompt, "negative": DEFAULTS.negative_prompt, "steps": DEFAULTS.steps,
-        "guidance": DEFAULTS.guidance_scale, "width": DEFAULTS.width, "height": DEFAULTS.height,
-        "num_images": DEFAULTS.num_images, "random_seed": True, "seed": 0, "scheduler": DEFAULTS.scheduler,
-        "precision": DEFAULTS.precision, "memory_mode": DEFAULTS.memory_mode, "mode": DEFAULTS.mode.value,
-        "strength": DEFAULTS.strength, "ddpm_images": DDPM_DEFAULTS.num_images, "ddpm_steps": DDPM_DEFAULTS.steps,
+        "prompt": defaults.prompt, "negative": defaults.negative_prompt, "steps": defaults.steps,
+        "guidance": defaults.guidance_scale, "width": defaults.width, "height": defaults.height,
+        "num_images": defaults.num_images, "random_seed": True, "seed": 0, "scheduler": defaults.scheduler,
+        "precision": defaults.precision, "memory_mode": defaults.memory_mode, "mode": defaults.mode.value,
+        "strength": defaults.strength, "ddpm_images": DDPM_DEFAULTS.num_images, "ddpm_steps": DDPM_DEFAULTS.steps,
     }
     for name, value in values.items():
         st.session_state.setdefault(key(name), value)
@@ -146,10 +152,13 @@ def session_gone() -> Callable[[], bool]:
     return lambda: not runtime.is_active_session(session_id)
 
 
-def start_run(spec: ModelSpec, allow_standin: bool, source: SourceImages | None, loras: tuple[LoraChoice, ...]) -> None:
+def start_run(spec: ModelSpec, model: LoadedModel, source: SourceImages | None, loras: tuple[LoraChoice, ...]) -> None:
+    allow_standin = model.is_standin
     try:
         settings = form_settings()
         generation.check_inputs(settings, get_manager().device, source)
+        if not model.is_remote:  # a served model's replica checks its own device's memory when the run starts
+            generation.check_memory(model.obj, settings, model.device)
         lora.check_choices(loras)
     except BadInputError as error:
         st.session_state[OUTCOME_KEY] = error
@@ -200,9 +209,21 @@ def finish_run(run: Run) -> None:
         del gallery[GALLERY_LIMIT:]
         st.session_state[OUTCOME_KEY] = result
     elif snapshot.state is JobState.CANCELLED:
-        st.session_state[OUTCOME_KEY] = "Cancelled: the unfinished images were dropped and the GPU is free."
+        st.session_state[OUTCOME_KEY] = cancelled_message(get_manager().device)
     else:
         st.session_state[OUTCOME_KEY] = snapshot.error
+
+
+def cancelled_message(device: torch.device) -> str:
+    """What a cancelled run left behind; the device is called free only when no other run holds or waits for it."""
+    others = len(queue_for(device))
+    if others == 0:
+        return f"Cancelled: the unfinished images were dropped and the {device_word(device)} is free."
+    return f"Cancelled: the unfinished images were dropped; the {device_word(device)} went to the next run ({others} running or waiting)."
+
+
+def device_word(device: torch.device) -> str:
+    return "GPU" if device.type == "cuda" else "CPU"
 
 
 def images_phrase(count: int) -> str:
@@ -414,6 +435,13 @@ def chosen_model(keys: tuple[str, ...], other: str, spec_for: Callable[..., Mode
     return spec, require_model(spec)
 
 
+def cpu_warning(is_standin: bool) -> str:
+    cpu = generation.CPU_DEFAULTS
+    what = "The stand-in model (random weights, tiny) runs on the CPU too" if is_standin else "This model runs on the CPU"
+    return (f"{what}: a 512×512 image takes minutes. The form starts at {cpu.width}×{cpu.height} in {cpu.steps} steps, "
+            "which finishes in under a minute; larger sizes and more steps take much longer.")
+
+
 def stable_diffusion_form(mode: Mode, run: Run | None) -> None:
     # Above the model: a PNG that names a model this app refuses must not hide the way to drop another one.
     st.file_uploader("Drop a PNG made by this app (or AUTOMATIC1111) to fill the form with its settings", type=["png"], key=key("png"), on_change=fill_from_png)
@@ -425,8 +453,8 @@ def stable_diffusion_form(mode: Mode, run: Run | None) -> None:
         f"**{literal(model.spec.title)}** on {device} ({precision_label(model.dtype)}) from {literal(model.source.label)}; safety checker "
         + ("on (this model's config has one)." if model.obj.safety_checker is not None else "off (this model's config has none).")
     )
-    if device.type == "cpu" and not model.is_standin:
-        st.warning("This model runs on the CPU: a 512×512 image takes minutes. Smaller sizes and fewer steps are faster.", icon="🐢")
+    if device.type == "cpu":
+        st.warning(cpu_warning(model.is_standin), icon="🐢")
     phrase = trigger_phrase_of(model)
     if phrase:
         phrase_column, add_column = st.columns([4, 1], vertical_alignment="center")
@@ -474,7 +502,7 @@ def stable_diffusion_form(mode: Mode, run: Run | None) -> None:
     except DashboardError:
         pass  # the settings are refused with a message when the user presses Generate
     st.button("Generate", type="primary", key=key("start"), icon="🎨", disabled=run is not None, on_click=start_run,
-              args=(spec, model.is_standin, source, loras))
+              args=(spec, model, source, loras))
 
 
 def unconditional_form(run: Run | None) -> None:

@@ -106,6 +106,10 @@ def set_enabled(enabled: bool) -> None:
     _enabled = enabled
 
 
+def is_enabled() -> bool:
+    return _enabled
+
+
 def _graphs_for(module: torch.nn.Module) -> _ModuleGraphs:
     """The module's graphs, emptied (with its compiles) when its weights are no longer where they were captured."""
     with _graphs_lock:

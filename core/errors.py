@@ -53,5 +53,11 @@ class BadInputError(DashboardError):
     remedy = "Correct the input and try again."
 
 
+class InsufficientMemoryError(BadInputError):
+    """A run's own memory estimate is more than its device has available: refused before it starts, with both figures."""
+
+    remedy = "Try a smaller size, fewer images per run, or a memory mode."
+
+
 class SettingsError(ValueError):
     """One or more settings are invalid; the message has one line per variable, with its value."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import itertools
 import logging
 import math
 import secrets
@@ -25,10 +26,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from core import cuda_graphs, lora
+from core import compiled, cuda_graphs, lora
 from core.checks import check_number
 from core.config import Settings
-from core.errors import BadInputError, GpuOutOfMemoryError
+from core.errors import BadInputError, GpuOutOfMemoryError, InsufficientMemoryError
+from core.formatting import human_bytes
+from core.gpu import host_memory
 from core.gpu_queue import SlotAbandoned, queue_for
 from core.jobs import JobCancelled, JobContext
 from core.lora import LoraChoice
@@ -139,6 +142,15 @@ class GenerationSettings:
 
     def with_seed(self) -> GenerationSettings:
         return self if self.seed is not None else replace(self, seed=random_seed())
+
+
+# On a CPU, SD 1.x's own 512x512 in 25 steps takes minutes, even with the stand-in model (83 s a step on this
+# project's 2-core CI machine): the form starts smaller there, so that pressing Generate finishes in under a minute.
+CPU_DEFAULTS = GenerationSettings(width=256, height=256, steps=10)
+
+
+def defaults_for(device: torch.device) -> GenerationSettings:
+    return CPU_DEFAULTS if device.type == "cpu" else GenerationSettings()
 
 
 def seeds_from(seed: int | None, count: int) -> tuple[int, ...]:
@@ -308,6 +320,42 @@ def estimate_memory(pipe: Any, settings: GenerationSettings, device: torch.devic
     return MemoryEstimate(int(weights), int(vae_bytes + unet_bytes))
 
 
+def memory_available_bytes(pipe: Any, device: torch.device) -> int:
+    """What a run on `device` can have: the device's free memory, plus what the pipeline's modules hold there already
+    (the estimate counts the weights, and they are loaded). Free on a GPU: the driver's figure plus torch's cached,
+    unused blocks (the budget of core.memory is for models: runs live in the margin it leaves); on the CPU: the RAM
+    psutil calls available."""
+    held_bytes = sum(
+        tensor.numel() * tensor.element_size()
+        for module in _torch_modules(pipe).values() for tensor in itertools.chain(module.parameters(), module.buffers())
+        if tensor.device.type == device.type and (device.index is None or tensor.device.index == device.index)
+    )
+    if device.type == "cuda":
+        cached_bytes = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached_bytes + held_bytes
+    return host_memory().available_bytes + held_bytes
+
+
+def memory_remedy(on_gpu: bool) -> str:
+    offload = ", model CPU offload for the least memory" if on_gpu else ""
+    return f"Try a smaller size, fewer images per run, or a memory mode (VAE slicing for batches, VAE tiling for large images{offload})."
+
+
+def check_memory(pipe: Any, settings: GenerationSettings, device: torch.device) -> None:
+    """Refuse a run whose own estimate is more than the device has available, before it starts: such a run would
+    fail out of memory on a GPU, and on the CPU push the whole server into swap."""
+    estimate = estimate_memory(pipe, settings, device)
+    available_bytes = memory_available_bytes(pipe, device)
+    if estimate.total_bytes > available_bytes:
+        memory = "GPU memory" if device.type == "cuda" else "RAM"
+        raise InsufficientMemoryError(
+            f"{settings.num_images} image(s) of {settings.width}x{settings.height} with memory mode {settings.memory_mode} need about "
+            f"{human_bytes(estimate.total_bytes)} of {memory} (weights {human_bytes(estimate.weights_bytes)}, working memory "
+            f"{human_bytes(estimate.activations_bytes)}), but only about {human_bytes(available_bytes)} is available on {device}.",
+            remedy=memory_remedy(device.type == "cuda"),
+        )
+
+
 def build_scheduler(pipe: Any, name: str) -> Any:
     """A fresh scheduler for one run, from the model's own scheduler config: switching costs no reload."""
     import diffusers
@@ -426,14 +474,28 @@ class StepReporter:
         self.steps = steps
         self.started = time.perf_counter()
         self.last_preview = -math.inf
+        self.first_step_begun = False
 
     def stop_requested(self) -> bool:
         return (self.context is not None and self.context.cancelled) or self.abandoned()
 
+    def check_stop(self) -> None:
+        """Raise JobCancelled on a stop: it leaves the denoising loop (or a model call) at once, and partial
+        results are never decoded."""
+        if self.stop_requested():
+            raise JobCancelled
+
+    def unet_called(self) -> None:
+        """At each UNet call: a stop ends the run here, and the first call says step 1 has begun (until then the
+        label still says what came before, "preparing the model", for the whole first step)."""
+        self.check_stop()
+        if self.context is not None and not self.first_step_begun:
+            self.first_step_begun = True
+            self.context.report(0, self.steps, f"step 1 of {self.steps}")
+
     def step(self, done: int, preview: Callable[[], Image.Image]) -> None:
         """Before or after step `done`: raise JobCancelled on a stop, else report (`preview` is called only when shown)."""
-        if self.stop_requested():
-            raise JobCancelled  # leaves the denoising loop at once: partial results are never decoded
+        self.check_stop()
         if self.context is None:
             return
         now = time.perf_counter()
@@ -448,6 +510,38 @@ class StepReporter:
         """diffusers' `callback_on_step_end`."""
         self.step(max(1, round((index + 1) * self.steps / pipe.num_timesteps)), lambda: latent_preview(tensors["latents"]))
         return tensors
+
+
+def hooks_inside_models_allowed(device: torch.device, graphed: bool) -> bool:
+    """Whether stop checks may go on the UNet's and VAE's inner modules: only where no CUDA graph capture or
+    torch.compile trace can meet them. A hook inside a captured region would run at capture only (and a raise there
+    would break the capture); the compile worker traces the shared modules in the background, whoever's run is on.
+    So: always on the CPU (neither applies there); on a GPU only with compile off and this run's UNet not graphed.
+    A graph replay is checked between calls, which on a GPU are milliseconds apart."""
+    return device.type != "cuda" or not (compiled.is_enabled() or (graphed and cuda_graphs.is_enabled()))
+
+
+@contextmanager
+def stops_within_model_calls(reporter: StepReporter, unet: torch.nn.Module, vae: torch.nn.Module | None, inside: bool) -> Iterator[None]:
+    """Within: a cancel or a session gone ends the run at the next module call of the UNet or the VAE, mid-step or
+    mid-decode, not at the end of a step that takes minutes on a CPU at 2048 pixels.
+
+    Forward pre-hooks on the shared modules, for the run holding the device's slot, removed when it ends. The UNet's
+    own hook sits outside any captured or compiled region (graphs and compiles call the class's forward, not the
+    module), so it is always on; the inner modules' hooks only where `inside` (see hooks_inside_models_allowed).
+    """
+    def check(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        reporter.check_stop()
+
+    handles = [unet.register_forward_pre_hook(lambda module, args: reporter.unet_called())]
+    if inside:
+        inner = [*unet.modules()][1:] + ([*vae.modules()] if vae is not None else [])
+        handles += [module.register_forward_pre_hook(check) for module in inner]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def report(context: JobContext | None, detail: str) -> None:
@@ -475,7 +569,7 @@ def out_of_memory_error(what: str) -> GpuOutOfMemoryError:
     release_memory()
     return GpuOutOfMemoryError(
         f"The GPU ran out of memory making {what}; what the run held is released.",
-        remedy="Try a smaller size, fewer images per run, or a memory mode (VAE slicing for batches, VAE tiling for large images, model CPU offload for the least memory).",
+        remedy=memory_remedy(on_gpu=True),
     )
 
 
@@ -514,6 +608,7 @@ def generate(
     pipe, device = model.obj, model.device
     # 1. Check inputs
     check_inputs(settings, device, source)
+    check_memory(pipe, settings, device)
     lora.check_choices(loras)
     settings = replace(settings.with_seed(), loras=tuple((choice.adapter.name, choice.weight) for choice in loras))
     source, resize_notes = prepare_source(source, settings)
@@ -610,6 +705,7 @@ def _run(
             cuda_graphs.graphed_unet(pipe.unet, allowed=fast) as unet_calls,
             cuda_graphs.graphed_text_encoder(pipe.text_encoder, allowed=fast),
             cuda_graphs.compiled_vae_decode(pipe.vae, allowed=fast),
+            stops_within_model_calls(reporter, pipe.unet, pipe.vae, inside=hooks_inside_models_allowed(device, graphed=fast)),
         ):
             output = run_pipe(
                 prompt=settings.prompt, negative_prompt=settings.negative_prompt or None,

@@ -26,6 +26,7 @@ from core.generation import (
     random_seed,
     report,
     seeds_from,
+    stops_within_model_calls,
 )
 from core.jobs import JobContext
 from core.manager import LoadedModel
@@ -130,7 +131,8 @@ def _run(model: LoadedModel, settings: UnconditionalSettings, context: JobContex
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         reporter.started = time.perf_counter()
-        with torch.inference_mode():
+        # The DDPM UNet is never graphed nor compiled: stop checks can go inside it, whatever the device.
+        with torch.inference_mode(), stops_within_model_calls(reporter, unet, None, inside=True):
             for index, timestep in enumerate(scheduler.timesteps):
                 reporter.step(index, lambda samples=samples: image_grid(to_pil(samples)))
                 noise_prediction = unet(samples, timestep).sample

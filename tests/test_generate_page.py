@@ -281,3 +281,53 @@ def test_unconditional_ddpm_makes_a_grid_into_the_gallery(app_env):
     assert "4 images in" in at.success[0].value
     at.radio(key=key("mode")).set_value("text to image").run()
     assert at.text_area(key=key("prompt")).value == "kept"  # switching modes loses nothing
+
+
+def test_a_run_too_large_for_the_memory_is_refused_with_the_figures_and_never_starts(app_env):
+    at = open_page(prompt="too large", seed=5, width=2048, height=2048, num_images=8)
+    at.button(key=key("start")).click().run()
+    assert key("run") not in at.session_state  # no job started
+    assert len(at.error) == 1
+    message = at.error[0].value
+    assert "8 image(s) of 2048x2048" in message and "need about" in message and "GiB" in message and "available" in message
+    assert "smaller size" in message and "fewer images per run" in message and "memory mode" in message
+
+
+def test_on_the_cpu_the_form_starts_small_and_says_why_even_for_the_stand_in(app_env):
+    at = AppTest.from_file(HOME, default_timeout=WAIT_S).run()
+    at.switch_page("app_pages/generate.py").run()
+    cpu = generation.CPU_DEFAULTS
+    assert (at.number_input(key=key("width")).value, at.number_input(key=key("steps")).value) == (cpu.width, cpu.steps)
+    assert any("stand-in" in warning.value and "runs on the CPU" in warning.value and f"{cpu.width}×{cpu.height}" in warning.value for warning in at.warning)
+
+
+def test_a_cancel_calls_the_device_free_only_when_no_other_run_holds_it(app_env):
+    from core.gpu_queue import queue_for
+
+    holding, release = threading.Event(), threading.Event()
+
+    def other_session_run() -> None:
+        with queue_for("cpu").slot():
+            holding.set()
+            release.wait(WAIT_S)
+
+    other = threading.Thread(target=other_session_run)
+    other.start()
+    try:
+        assert holding.wait(WAIT_S)
+        at = open_page(prompt="behind another run", seed=4)
+        at.button(key=key("start")).click().run()
+        job = at.session_state[key("run")].job
+        at.button(key=key("cancel")).click().run()
+        assert job.wait(WAIT_S) and job.snapshot().state is JobState.CANCELLED
+        at.run()
+        cancelled = [info.value for info in at.info if "Cancelled" in info.value]
+        assert cancelled and "free" not in cancelled[0] and "went to the next run" in cancelled[0]
+    finally:
+        release.set()
+        other.join(WAIT_S)
+    at.button(key=key("start")).click().run()  # the device free again: a new run says so when cancelled
+    job = at.session_state[key("run")].job
+    at.button(key=key("cancel")).click().run()
+    assert job.wait(WAIT_S)
+    assert any("is free" in info.value for info in at.run().info)

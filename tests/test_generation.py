@@ -12,10 +12,12 @@ from PIL import Image
 
 from core import generation
 from core.config import Settings
-from core.errors import BadInputError, GpuOutOfMemoryError
+from core.errors import BadInputError, GpuOutOfMemoryError, InsufficientMemoryError
+from core.formatting import human_bytes
 from core.generation import GenerationSettings, MemoryMode, Mode, Precision, SourceImages
 from core.gpu_queue import queue_for
 from core.jobs import Job, JobState
+from core.manager import module_bytes
 from core.registry import MODELS
 from helpers import DeviceHolder
 
@@ -98,11 +100,10 @@ def test_every_runs_scheduler_keeps_its_timesteps_on_the_cpu_whatever_device_is_
 
 
 def test_cancel_mid_run_drops_the_partial_result_and_frees_the_device(sd):
-    ready, calls = threading.Event(), []
+    ready = threading.Event()
 
-    def cancel_at_third_step() -> bool:  # the user presses Cancel while step 3 runs
-        calls.append(1)
-        if len(calls) == 3:
+    def cancel_at_third_step() -> bool:  # the user presses Cancel once step 3 is reported, while step 4 runs
+        if job.snapshot().done == 3:
             job.cancel()
         return False
 
@@ -394,3 +395,22 @@ def test_counting_a_prompt_never_changes_how_a_running_run_encodes_its_prompts(s
             thread.join()
         sys.setswitchinterval(interval)
     assert lengths == {77} and counted and set(counted) == {expected}
+
+
+def test_a_run_estimated_over_the_available_memory_is_refused_before_it_starts_with_the_figures(sd, monkeypatch):
+    from core.gpu import HostMemory
+
+    monkeypatch.setattr(generation, "host_memory", lambda: HostMemory(24 * 2**30, 2**30, 0))  # 1 GiB of RAM left
+    monkeypatch.setattr(generation, "device_slot", lambda *args: pytest.fail("the refused run reached the queue"))
+    large = replace(SMALL, width=1024, height=1024, num_images=2)
+    estimate = generation.estimate_memory(sd.obj, large, CPU)
+    with pytest.raises(InsufficientMemoryError) as refused:
+        generation.generate(sd, large)
+    message = str(refused.value)
+    assert "2 image(s) of 1024x1024" in message and human_bytes(estimate.total_bytes) in message
+    assert "RAM" in message and "available" in message
+    # What is free plus the weights the loaded model already holds (the estimate counts them)
+    assert human_bytes(2**30 + module_bytes(sd.obj)) in message
+    assert "smaller size" in refused.value.remedy and "VAE tiling" in refused.value.remedy
+    assert generation.estimate_memory(sd.obj, SMALL, CPU).total_bytes < 2**30
+    generation.check_memory(sd.obj, SMALL, CPU)  # a run that fits is not refused
