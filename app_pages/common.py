@@ -9,11 +9,11 @@ from pathlib import Path
 import streamlit as st
 
 from core.app_state import get_manager
-from core.classify import LabelScore
 from core.errors import BadInputError, DashboardError, ModelUnavailableError
-from core.images import DecodedImage, decode_image
-from core.manager import LoadedModel
-from core.registry import ModelSpec
+from core.models.manager import LoadedModel
+from core.models.registry import ModelSpec
+from core.tasks.classify import LabelScore
+from core.tasks.images import DecodedImage, decode_image
 
 # (file, title, icon, url path): Home.py builds the navigation from this, the Home page its links.
 TASK_PAGES = (

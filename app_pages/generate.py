@@ -1,7 +1,7 @@
 """Image generation on the shared GPU, one run at a time per GPU: Stable Diffusion text to image, image to image and
-inpaint (core.generation, with this session's LoRA adapters), and unconditional DDPM models (core.unconditional).
+inpaint (core.tasks.generation, with this session's LoRA adapters), and unconditional DDPM models (core.tasks.unconditional).
 
-A run is a core.jobs.Job kept in session state; a fragment polls it for progress, the preview and the place in the
+A run is a core.tasks.jobs.Job kept in session state; a fragment polls it for progress, the preview and the place in the
 GPU queue, and reruns the page once when it ends. Results go to this session's gallery, newest first, each image a
 PNG that carries its settings; dropping such a PNG on the page fills the form with them.
 """
@@ -17,18 +17,19 @@ import streamlit as st
 from PIL import Image
 
 from app_pages.common import STANDIN_FILE_SUFFIX, literal, require_model, show_error
-from core import generation, lora, model_card, pnginfo, unconditional
 from core.app_state import get_manager, get_settings
 from core.errors import BadInputError, DashboardError
 from core.formatting import human_bytes, precision_label
-from core.generation import GenerationResult, GenerationSettings, MemoryMode, Mode, Precision, SourceImages
-from core.gpu_queue import queue_for
-from core.images import decode_image, mask_overlay, shape_mask
-from core.jobs import Job, JobState
-from core.lora import LoraAdapter, LoraChoice
-from core.manager import LoadedModel
-from core.registry import MODELS, ModelSpec
-from core.unconditional import UnconditionalResult, UnconditionalSettings
+from core.gpu.queue import queue_for
+from core.models import model_card
+from core.models.manager import LoadedModel
+from core.models.registry import MODELS, ModelSpec
+from core.tasks import generation, lora, pnginfo, unconditional
+from core.tasks.generation import GenerationResult, GenerationSettings, MemoryMode, Mode, Precision, SourceImages
+from core.tasks.images import decode_image, mask_overlay, shape_mask
+from core.tasks.jobs import Job, JobState
+from core.tasks.lora import LoraAdapter, LoraChoice
+from core.tasks.unconditional import UnconditionalResult, UnconditionalSettings
 
 if TYPE_CHECKING:
     import torch

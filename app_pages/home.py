@@ -6,8 +6,8 @@ import streamlit as st
 
 from app_pages.common import TASK_PAGES
 from core.app_state import get_manager, get_settings
-from core.devices import machine_info
 from core.formatting import human_bytes, precision_label
+from core.models.devices import machine_info
 
 st.title("🧪 Model dashboard")
 st.write(

@@ -8,12 +8,12 @@ import pandas as pd
 import streamlit as st
 
 from app_pages.common import STANDIN_FILE_SUFFIX, image_inputs, literal, model_in_use, require_model, show_error, show_scores
-from core import tables
-from core.classify import classify_images
 from core.errors import DashboardError
 from core.formatting import precision_label
-from core.images import DecodedImage
-from core.registry import MODELS
+from core.models.registry import MODELS
+from core.tasks import tables
+from core.tasks.classify import classify_images
+from core.tasks.images import DecodedImage
 
 
 def verdict(label: str) -> str:

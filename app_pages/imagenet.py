@@ -8,14 +8,14 @@ from typing import TypeVar
 import streamlit as st
 
 from app_pages.common import image_inputs, literal, model_in_use, require_model, show_error, show_scores
-from core import imagenet
 from core.app_state import get_settings
-from core.classify import classify_images
 from core.errors import DashboardError
 from core.formatting import precision_label
-from core.images import DecodedImage
-from core.manager import LoadedModel
-from core.registry import MODELS
+from core.models.manager import LoadedModel
+from core.models.registry import MODELS
+from core.tasks import imagenet
+from core.tasks.classify import classify_images
+from core.tasks.images import DecodedImage
 
 Value = TypeVar("Value")
 TABS = ("Top-k", "Why? (Grad-CAM)", "Compare with the hot dog model")

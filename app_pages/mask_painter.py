@@ -1,11 +1,11 @@
 """Freehand inpainting masks: paint on the picture with the mouse, a pen or a finger.
 
 A custom component (`st.components.v2`, inline HTML/CSS/JavaScript served by the app itself: no build step, no CDN)
-shows the picture with the mask over it in translucent red, as `core.images.mask_overlay` does, with a brush size, a
+shows the picture with the mask over it in translucent red, as `core.tasks.images.mask_overlay` does, with a brush size, a
 paint/erase toggle, undo and clear. Strokes are painted on a canvas of the mask's size in the browser and sent to
 Python as a PNG data URL only when a stroke ends (or on undo / clear): one rerun per stroke, none per mouse move.
 
-Python trusts none of it: `core.outpaint.decode_mask_payload` checks the format, the size and the length.
+Python trusts none of it: `core.tasks.outpaint.decode_mask_payload` checks the format, the size and the length.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from PIL import Image
 
 from app_pages.common import show_error
 from core.errors import BadInputError
-from core.outpaint import decode_mask_payload, painted_mask_size
+from core.tasks.outpaint import decode_mask_payload, painted_mask_size
 
 DISPLAY_MAX_PX = 512  # the picture is shown at most this wide and this high; the mask keeps the full resolution
 BRUSH_SIZES_PX = (4, 96, 24)  # smallest, largest, first brush diameter, in displayed pixels

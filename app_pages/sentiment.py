@@ -1,7 +1,7 @@
 """Sentiment: one text, many lines, or a whole CSV / TSV file, through a text-classification pipeline.
 
 Every result is kept in session state under the inputs that made it, so a rerun caused by another widget reuses it
-and a bad new input never wipes what is already shown. A file runs as a core.jobs.Job in the background.
+and a bad new input never wipes what is already shown. A file runs as a core.tasks.jobs.Job in the background.
 """
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ import pandas as pd
 import streamlit as st
 
 from app_pages.common import STANDIN_FILE_SUFFIX, literal, require_model, show_error, show_scores
-from core import sentiment, tables
 from core.app_state import get_manager, get_settings
 from core.errors import DashboardError
 from core.formatting import precision_label
-from core.jobs import Job, JobState
-from core.manager import LoadedModel
-from core.registry import MODELS
+from core.models.manager import LoadedModel
+from core.models.registry import MODELS
+from core.tasks import sentiment, tables
+from core.tasks.jobs import Job, JobState
 
 EXAMPLES = {
     "😊 A fan": "I loved this film: the cast is wonderful and the ending made me cry happy tears.",

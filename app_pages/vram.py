@@ -8,11 +8,12 @@ import streamlit as st
 
 from app_pages.common import literal
 from app_pages.identity import session_access
-from core import compiled, gpu
+from core.accel import compiled
 from core.app_state import get_gpu_monitor, get_history, get_manager
 from core.formatting import human_bytes, precision_label
-from core.history import Sample
-from core.memory import Freed, measure_freed
+from core.gpu import nvml as gpu
+from core.gpu.history import Sample
+from core.models.memory import Freed, measure_freed
 
 GIB = 2**30
 manager = get_manager()

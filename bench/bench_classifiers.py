@@ -19,14 +19,14 @@ import torchvision
 from PIL import Image
 
 from bench.common import SHARED_MODELS, emit, environment, median_seconds, settled
-from core import imagenet
-from core.classify import _forward as classify_forward
-from core.classify import classify_images
-from core.classify import preprocess as classify_preprocess
 from core.config import Settings
-from core.images import DecodedImage
-from core.manager import ModelManager
-from core.registry import MODELS
+from core.models.manager import ModelManager
+from core.models.registry import MODELS
+from core.tasks import imagenet
+from core.tasks.classify import _forward as classify_forward
+from core.tasks.classify import classify_images
+from core.tasks.classify import preprocess as classify_preprocess
+from core.tasks.images import DecodedImage
 
 
 def photos(count: int) -> list[DecodedImage]:

@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 
 from bench.common import COMPILE_WAIT_S, SHARED_MODELS, emit, environment, median_seconds, settled, synchronize
-from core import compiled, cuda_graphs, generation
+from core.accel import compiled, cuda_graphs
 from core.config import Settings
-from core.generation import GenerationSettings, MemoryMode, Precision
-from core.manager import LoadedModel, ModelManager, release_memory
-from core.registry import MODELS
+from core.models.manager import LoadedModel, ModelManager, release_memory
+from core.models.registry import MODELS
+from core.tasks import generation
+from core.tasks.generation import GenerationSettings, MemoryMode, Precision
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 
@@ -34,7 +35,7 @@ def build_full_size_sd(models_root: Path) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from core.standins import clip_tokenizer_files  # the stand-in's generated CLIP vocabulary (the real one is not here)
+    from core.models.standins import clip_tokenizer_files  # the stand-in's generated CLIP vocabulary (the real one is not here)
 
     source = SHARED_MODELS / "stable-diffusion-v1-5"
     folder = models_root / MODELS["sd15"].repo_id

@@ -1,4 +1,4 @@
-"""The ray backend (core.serving) against the local backend: how Serve scales with replicas, and what it costs.
+"""The ray backend (core.backends.ray_client) against the local backend: how Serve scales with replicas, and what it costs.
 
     python -m bench.bench_ray [--quick]          CPU: hot dog images/s with 1, 2 and 4 replicas (ratios to 1 replica)
     python -m bench.bench_ray --device cuda      one GPU: hot dog and SD 1.5 per request, local backend vs Serve
@@ -27,14 +27,16 @@ from ray import serve
 
 from bench.bench_classifiers import full_size_hotdog, photos
 from bench.common import COMPILE_WAIT_S, emit, environment, median_seconds
-from core import compiled, generation, serving
-from core.classify import classify_images
+from core.accel import compiled
+from core.backends import ray_client as serving
+from core.backends.ray_config import KINDS, DeploymentOptions, ServingOptions
 from core.config import Settings
-from core.generation import GenerationSettings
-from core.jobs import Job, JobContext, JobState
-from core.manager import LoadedModel, ModelManager
-from core.registry import MODELS
-from core.serving_config import KINDS, DeploymentOptions, ServingOptions
+from core.models.manager import LoadedModel, ModelManager
+from core.models.registry import MODELS
+from core.tasks import generation
+from core.tasks.classify import classify_images
+from core.tasks.generation import GenerationSettings
+from core.tasks.jobs import Job, JobContext, JobState
 
 CLIENTS = 16  # sessions asking at once in the scaling figures
 REPLICA_COUNTS = (1, 2, 4)

@@ -4,7 +4,7 @@
 
 Full-size DistilBERT from ../shared/models/distilbert-sst2/config.json with random weights and a generated WordPiece
 vocabulary of the real size (30,522 entries), saved in Hub layout and loaded through the core's loader as the real repo
-would be. Texts: sentences of 5-40 words. Figures: naive (fp32 pipeline, one call per text), ours (core.sentiment:
+would be. Texts: sentences of 5-40 words. Figures: naive (fp32 pipeline, one call per text), ours (core.tasks.sentiment:
 length-sorted batches, the manager's dtype, fp16 on CUDA), and the fast tokenizer alone on the same texts.
 """
 from __future__ import annotations
@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from bench.common import SHARED_MODELS, emit, environment, median_seconds
-from core import sentiment
 from core.config import Settings
-from core.manager import ModelManager
-from core.registry import MODELS
+from core.models.manager import ModelManager
+from core.models.registry import MODELS
+from core.tasks import sentiment
 
 CONFIG_DIR = SHARED_MODELS / "distilbert-sst2"
 SUFFIX_SHARE = 0.2  # of vocabulary pieces that are '##' continuations, as in BERT's uncased vocabulary
@@ -112,7 +112,7 @@ def main() -> None:
 
     details = {"texts": count, "words": words, "tokens": tokens, "device": str(device)}
     emit("sentiment, 5-40 words", count / naive_s, count / ours_s, "texts/s", True,
-         naive_path="pipeline per text, fp32", ours_path=f"core.sentiment, {str(model.dtype).removeprefix('torch.')}", **details)
+         naive_path="pipeline per text, fp32", ours_path=f"core.tasks.sentiment, {str(model.dtype).removeprefix('torch.')}", **details)
     emit("sentiment tokenizer alone", None, count / tokenizer_s, "texts/s", True, **details)
     emit("sentiment ours / tokenizer alone", None, round(100 * tokenizer_s / ours_s, 1), "%", True, **details)
 

@@ -26,9 +26,9 @@ COMPILE_WAIT_S = 600  # the SD UNet's cold compile took 71 s on the H100; its fi
 
 
 def settled(run: Callable[[], object]) -> Callable[[], object]:
-    """`run`, after one call of it and every background compile that call queued (core.compiled): the steady state a
+    """`run`, after one call of it and every background compile that call queued (core.accel.compiled): the steady state a
     user gets from the second minute on."""
-    from core import compiled
+    from core.accel import compiled
 
     run()
     compiled.wait_until_settled(COMPILE_WAIT_S)

@@ -29,12 +29,13 @@ from torch.profiler import ProfilerActivity, profile
 from bench.bench_classifiers import full_size_hotdog
 from bench.bench_generation import PROMPT, build_full_size_sd
 from bench.common import environment, median_seconds, settled
-from core import classify, cuda_graphs, generation, imagenet
+from core.accel import cuda_graphs
 from core.config import Settings
-from core.generation import GenerationSettings
-from core.loading import fold_batch_norms
-from core.manager import ModelManager
-from core.registry import MODELS
+from core.models.loading import fold_batch_norms
+from core.models.manager import ModelManager
+from core.models.registry import MODELS
+from core.tasks import classify, generation, imagenet
+from core.tasks.generation import GenerationSettings
 
 CUDA = torch.device("cuda")
 

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 import streamlit as st
 
 from core.config import Settings
-from core.gpu import GpuMonitor, load_nvml
-from core.history import HistorySampler, take_sample
-from core.manager import ModelManager
+from core.gpu.history import HistorySampler, take_sample
+from core.gpu.nvml import GpuMonitor, load_nvml
+from core.models.manager import ModelManager
 
 if TYPE_CHECKING:  # the ray backend's classes; Ray itself is imported only when DASH_BACKEND=ray
-    from core.serving import ClusterGpuMonitor, RayManager
+    from core.backends.ray_client import ClusterGpuMonitor, RayManager
 
 
 @st.cache_resource(show_spinner=False)
@@ -29,7 +29,7 @@ def get_manager() -> ModelManager | RayManager:
     """The local manager, or with DASH_BACKEND=ray the one that runs every model on Ray Serve (same methods)."""
     settings = get_settings()
     if settings.backend == "ray":
-        from core.serving import RayManager  # imported only here: the local backend needs no Ray installed
+        from core.backends.ray_client import RayManager  # imported only here: the local backend needs no Ray installed
 
         return RayManager(settings)
     return ModelManager(settings)
@@ -40,7 +40,7 @@ def get_gpu_monitor() -> GpuMonitor | ClusterGpuMonitor:
     """NVML through nvidia-ml-py; on a machine without it the monitor reports why, and no GPUs. With the ray
     backend: every GPU that holds a replica, cluster-wide, as the replicas report them."""
     if get_settings().backend == "ray":
-        from core.serving import ClusterGpuMonitor
+        from core.backends.ray_client import ClusterGpuMonitor
 
         return ClusterGpuMonitor(get_manager())
     return GpuMonitor(load_nvml())

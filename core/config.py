@@ -42,7 +42,7 @@ _GITHUB_REPO = re.compile(r"^[A-Za-z0-9](?:[\w.-]{0,98}[A-Za-z0-9])?/[A-Za-z0-9]
 DEFAULT_TORCH_HUB_ALLOW = ("pytorch/vision",)
 # An e-mail address as DASH_ADMINS lists it: something@somewhere, no spaces or commas.
 _EMAIL = re.compile(r"^[^@\s,]+@[^@\s,]+$")
-# Where the models run: in this process ("local"), or as Ray Serve deployments on a cluster ("ray", core/serving.py).
+# Where the models run: in this process ("local"), or as Ray Serve deployments on a cluster ("ray", core/backends/ray_client.py).
 BACKENDS = ("local", "ray")
 T = TypeVar("T")
 
@@ -54,7 +54,7 @@ class EvictTo(StrEnum):
     CPU = "cpu"  # parked in RAM; the next use moves it back, much faster than loading from disk
 
 
-MODEL_FOLDER_PREFIX = "DASH_MODEL_"  # DASH_MODEL_<KEY>=/folder: one model's local copy (keys: core.registry)
+MODEL_FOLDER_PREFIX = "DASH_MODEL_"  # DASH_MODEL_<KEY>=/folder: one model's local copy (keys: core.models.registry)
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ class Settings:
     standin_fallback: bool = False
     # "auto" picks CUDA when present; "cpu" forces the CPU even on a GPU machine.
     device: str = "auto"
-    # GPU memory the models may hold per card; None leaves it to core.memory (the card less its margin).
+    # GPU memory the models may hold per card; None leaves it to core.models.memory (the card less its margin).
     vram_budget: VramBudget | None = None
     # Task pages in the menu (Home is always there); an operator turns off, say, generation on a CPU box.
     enabled_pages: tuple[str, ...] = PAGE_KEYS
@@ -184,12 +184,12 @@ class Settings:
     # load weights-only; on only for checkpoints that need it, and then the ImageNet page says so.
     allow_pickle: bool = False
     # Replay fixed-shape GPU forwards (single-image classifiers, SD UNet steps) from CUDA graphs: the same kernels as
-    # eager, several times faster where launches bind; off runs everything eagerly (core.cuda_graphs).
+    # eager, several times faster where launches bind; off runs everything eagerly (core.accel.cuda_graphs).
     cuda_graphs: bool = True
-    # Fold each BatchNorm into the convolution before it when a torchvision classifier loads (core.loading): fewer
+    # Fold each BatchNorm into the convolution before it when a torchvision classifier loads (core.models.loading): fewer
     # kernels, the same function up to rounding; off keeps the checkpoint's layers as they are.
     fold_batchnorm: bool = True
-    # torch.compile on CUDA, in the background (core.compiled): each new input shape is served eagerly until its
+    # torch.compile on CUDA, in the background (core.accel.compiled): each new input shape is served eagerly until its
     # compile is done, then from fused kernels; close to the eager results (tests state the tolerance), not bit-equal.
     compile: bool = True
     # bf16 for the hot dog and sentiment models on a CPU that computes it natively (AVX512-BF16, AMX): about 3.5 times
@@ -203,7 +203,7 @@ class Settings:
     # start a Ray of its own inside this process (for trying it on one machine).
     ray_address: str | None = None
     # Replicas, resources and batching per deployment, from the TOML file named by DASH_RAY_DEPLOYMENTS
-    # (deploy/ray-cluster.example.toml); kinds or model keys missing from it keep core.serving_config's defaults.
+    # (deploy/ray-cluster.example.toml); kinds or model keys missing from it keep core.backends.ray_config's defaults.
     ray_deployments: Path | None = None
     # E-mail addresses (lower case) whose logged-in sessions may unload models and empty the cache for everyone
     # (core.access); with login off only a localhost-bound app has an admin, whoever uses it.
@@ -303,7 +303,7 @@ def _models_root(text: str) -> Path | None:
 
 def _ray_deployments(text: str) -> Path | None:
     """The deployment options file, read and checked now so that a typo stops the start, not the first request."""
-    from core.serving_config import load_deployment_options
+    from core.backends.ray_config import load_deployment_options
 
     if not text.strip():
         return None

@@ -22,7 +22,7 @@ class ModelUnavailableError(DashboardError):
 
     remedy = (
         "Use the stand-in model (random weights) to try the page; an operator can fill the model cache "
-        "(python -m core.cache_fill) or point DASH_MODELS_ROOT at a folder that holds the model in Hub layout."
+        "(python -m core.models.cache_fill) or point DASH_MODELS_ROOT at a folder that holds the model in Hub layout."
     )
     typed_remedy = (
         "Check the repo id (owner/name) or folder you typed, or use the stand-in model (random weights) to try the page."

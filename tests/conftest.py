@@ -38,14 +38,14 @@ def settings(standin_dir: Path):
     from core.config import Settings
 
     # Compile off: a background compile finishing mid-test would change timings, memory and the path that serves a
-    # call; the tests of core.compiled and the GPU soak turn it on. CPU bf16 off: the tests compare results with
+    # call; the tests of core.accel.compiled and the GPU soak turn it on. CPU bf16 off: the tests compare results with
     # fp32 references on any CPU; tests/test_devices.py checks bf16 against them.
     return Settings(standin_dir=standin_dir, device="auto", compile=False, cpu_bf16=False)
 
 
 @pytest.fixture()
 def manager(settings):
-    from core.manager import ModelManager
+    from core.models.manager import ModelManager
 
     return ModelManager(settings)
 

@@ -1,4 +1,4 @@
-"""A fake NVML with pynvml's interface, for tests without a GPU (core/gpu.py takes the NVML library as an argument)."""
+"""A fake NVML with pynvml's interface, for tests without a GPU (core/gpu/nvml.py takes the NVML library as an argument)."""
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -10,7 +10,7 @@ import streamlit as st
 from PIL import Image
 
 from app_pages.mask_painter import paint_mask
-from core.images import mask_overlay
+from core.tasks.images import mask_overlay
 
 WIDTH, HEIGHT = 640, 480  # wider than the painter's display: strokes are scaled from screen to mask pixels
 

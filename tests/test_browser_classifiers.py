@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from conftest import running_app
 
-from core.devices import cpu_has_native_bf16
+from core.models.devices import cpu_has_native_bf16
 from helpers import screenshot, wait_for_app_idle
 
 pytestmark = pytest.mark.browser

@@ -8,7 +8,7 @@ import pytest
 from conftest import running_app
 from test_browser_generate import WAIT_MS, set_number
 
-from core import pnginfo
+from core.tasks import pnginfo
 from helpers import wait_for_app_idle
 
 pytestmark = pytest.mark.browser

@@ -7,7 +7,7 @@ import zipfile
 import pytest
 from playwright.sync_api import expect
 
-from core import pnginfo
+from core.tasks import pnginfo
 from helpers import screenshot, wait_for_app_idle
 
 pytestmark = pytest.mark.browser

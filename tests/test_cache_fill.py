@@ -1,4 +1,4 @@
-"""core.cache_fill: which files it fetches, where it puts them, and the offline round trip with stand-in models."""
+"""core.models.cache_fill: which files it fetches, where it puts them, and the offline round trip with stand-in models."""
 from __future__ import annotations
 
 import os
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from core import cache_fill, standins
-from core.cache_fill import select_files
 from core.config import Settings
-from core.manager import ModelManager
-from core.registry import MODELS, ModelSpec
+from core.models import cache_fill, standins
+from core.models.cache_fill import select_files
+from core.models.manager import ModelManager
+from core.models.registry import MODELS, ModelSpec
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SECRET = "hf_cache_fill_secret_0123456789"
@@ -130,8 +130,8 @@ def test_models_root_round_trip_loads_real_not_standin(standin_dir: Path, tmp_pa
 _LOAD_OFFLINE = """
 import sys
 from core.config import Settings
-from core.manager import ModelManager
-from core.registry import MODELS
+from core.models.manager import ModelManager
+from core.models.registry import MODELS
 
 manager = ModelManager(Settings.from_env())
 for key in sys.argv[1:]:

@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from core.classify import classify_images, scores_from_logits
 from core.errors import BadInputError, GpuOutOfMemoryError
-from core.images import decode_image
-from core.registry import MODELS
+from core.models.registry import MODELS
+from core.tasks.classify import classify_images, scores_from_logits
+from core.tasks.images import decode_image
 
 
 def image(colour, name="x.png", size=(120, 90)):
@@ -50,9 +50,9 @@ def test_batch_matches_one_by_one_and_keeps_order(manager):
 
 
 def test_more_images_than_one_batch(manager, monkeypatch):
-    from core import classify
+    from core.tasks import classify
 
-    monkeypatch.setattr("core.classify.MAX_BATCH", 2)
+    monkeypatch.setattr("core.tasks.classify.MAX_BATCH", 2)
     batch_sizes = []
     forward = classify._forward
 
@@ -60,7 +60,7 @@ def test_more_images_than_one_batch(manager, monkeypatch):
         batch_sizes.append(inputs["pixel_values"].shape[0])
         return forward(model, inputs)
 
-    monkeypatch.setattr("core.classify._forward", counting_forward)
+    monkeypatch.setattr("core.tasks.classify._forward", counting_forward)
     model = manager.get(MODELS["hotdog"], allow_standin=True)
     run = classify_images(model, [image("red", f"{i}.png") for i in range(5)])
     assert [r.name for r in run.results] == [f"{i}.png" for i in range(5)] and batch_sizes == [2, 2, 1]
@@ -70,7 +70,7 @@ def test_gpu_out_of_memory_becomes_a_typed_error(manager, monkeypatch):
     def out_of_memory(model, inputs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("core.classify._forward", out_of_memory)
+    monkeypatch.setattr("core.tasks.classify._forward", out_of_memory)
     model = manager.get(MODELS["hotdog"], allow_standin=True)
     with pytest.raises(GpuOutOfMemoryError, match="classifying 3 images with Hot dog or not") as caught:
         classify_images(model, [image("red")] * 3)

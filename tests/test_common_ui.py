@@ -8,7 +8,7 @@ def _guarded_page() -> None:
     import streamlit as st
 
     from app_pages.common import require_model
-    from core.registry import MODELS
+    from core.models.registry import MODELS
 
     model = require_model(MODELS["sentiment"])
     st.success(f"loaded from {model.source.label}")

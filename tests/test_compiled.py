@@ -1,4 +1,4 @@
-"""core.compiled: torch.compile in the background, with a stand-in compiler so that the hand-over is tested here."""
+"""core.accel.compiled: torch.compile in the background, with a stand-in compiler so that the hand-over is tested here."""
 from __future__ import annotations
 
 import os
@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 
-from core import compiled
-from core.compiled import CompileState
+from core.accel import compiled
+from core.accel.compiled import CompileState
 
 
 @pytest.fixture
@@ -68,7 +68,7 @@ def test_forgotten_compiles_are_redone_for_moved_weights(compiler):
     module, one = torch.nn.Linear(4, 4), torch.randn(1, 4)
     compiled.ready(module, linear_step, (one,))
     assert compiled.wait_until_settled(30) and compiled.ready(module, linear_step, (one,)) is not None
-    compiled.forget(module)  # what core.cuda_graphs does when the weights are no longer where they were
+    compiled.forget(module)  # what core.accel.cuda_graphs does when the weights are no longer where they were
     assert compiled.ready(module, linear_step, (one,)) is None  # compiled again, in the background
 
 
@@ -93,7 +93,7 @@ def test_the_compile_cache_goes_where_configured_unless_an_operator_chose_one(mo
 
 
 def test_batches_compile_at_a_few_sizes_and_other_sizes_are_padded_up_to_them(compiler):
-    from core import cuda_graphs
+    from core.accel import cuda_graphs
 
     def batch_step(module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:  # its own: compiled steps are kept per function
         return module(inputs)
@@ -111,7 +111,7 @@ def test_batches_compile_at_a_few_sizes_and_other_sizes_are_padded_up_to_them(co
 
 
 def test_padding_repeats_the_first_row_in_the_inputs_memory_format():
-    from core import cuda_graphs
+    from core.accel import cuda_graphs
 
     images = torch.randn(3, 3, 8, 8).contiguous(memory_format=torch.channels_last)
     padded = cuda_graphs._padded(images, 4)

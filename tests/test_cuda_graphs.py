@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from core import compiled, cuda_graphs
+from core.accel import compiled, cuda_graphs
 
 
 @pytest.fixture(autouse=True)

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from bench.bench_classifiers import photos
-from core import classify, devices, sentiment
 from core.config import Settings
-from core.manager import ModelManager
-from core.registry import MODELS, Family
+from core.models import devices
+from core.models.manager import ModelManager
+from core.models.registry import MODELS, Family
+from core.tasks import classify, sentiment
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

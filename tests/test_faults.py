@@ -12,12 +12,13 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from core import generation, standins
 from core.errors import GpuOutOfMemoryError, ModelUnavailableError
-from core.generation import GenerationSettings
-from core.gpu_queue import queue_for
-from core.manager import ModelManager, ModelState
-from core.registry import MODELS
+from core.gpu.queue import queue_for
+from core.models import standins
+from core.models.manager import ModelManager, ModelState
+from core.models.registry import MODELS
+from core.tasks import generation
+from core.tasks.generation import GenerationSettings
 
 HOME = str(Path(__file__).resolve().parent.parent / "Home.py")
 SMALL = GenerationSettings(prompt="a red bicycle", width=64, height=64, steps=3, seed=1234)
@@ -108,7 +109,7 @@ def test_out_of_memory_mid_generation_on_the_page_keeps_the_gallery_and_the_next
 def test_out_of_memory_in_one_run_does_not_touch_a_run_queued_behind_it(manager, monkeypatch):
     import threading
 
-    from core.jobs import Job, JobState
+    from core.tasks.jobs import Job, JobState
 
     sd = manager.get(MODELS["sd15"], allow_standin=True)
     expected = np.asarray(generation.generate(sd, SMALL).images[0].image)
@@ -149,7 +150,7 @@ def test_hub_answers_are_clear_messages_on_the_page(app_env, monkeypatch, status
         error = {401: hub_errors.RepositoryNotFoundError, 403: hub_errors.GatedRepoError, 404: hub_errors.RepositoryNotFoundError}[status]
         raise error(f"{status} Client Error", response=response)
 
-    from core import loading
+    from core.models import loading
 
     monkeypatch.setattr(loading, "_load_transformers", hub_fails)  # what transformers raises when the Hub answers so
     monkeypatch.delenv("DASH_STANDIN_FALLBACK")

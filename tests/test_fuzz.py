@@ -1,8 +1,8 @@
 """Hostile input for every page (issue 10): hypothesis fuzzes each input a page accepts.
 
-Image bytes (core.images, the hot dog and ImageNet uploads), CSV / TSV bytes (core.tables, the sentiment upload),
+Image bytes (core.tasks.images, the hot dog and ImageNet uploads), CSV / TSV bytes (core.tasks.tables, the sentiment upload),
 text (sentiment, the generation prompt), numbers at and past their limits (generation, DDPM and LoRA checks) and
-PNG metadata on re-import (core.pnginfo, the generation page's PNG drop).
+PNG metadata on re-import (core.tasks.pnginfo, the generation page's PNG drop).
 
 Each property: a correct result or one core.errors.DashboardError, never another exception, within the time bound
 stated beside its settings (hypothesis `deadline`, per example, set for two slow shared CPU cores). On a page
@@ -35,20 +35,20 @@ from hypothesis import strategies as st
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from core import generation, lora, pnginfo, sentiment, tables, unconditional
 from core.errors import BadInputError, DashboardError
-from core.generation import SCHEDULERS, GenerationSettings, MemoryMode, Mode, Precision, SourceImages
-from core.images import MAX_PIXELS, decode_image
-from core.lora import LoraAdapter, LoraChoice
-from core.registry import MODELS
-from core.unconditional import UnconditionalSettings
+from core.models.registry import MODELS
+from core.tasks import generation, lora, pnginfo, sentiment, tables, unconditional
+from core.tasks.generation import SCHEDULERS, GenerationSettings, MemoryMode, Mode, Precision, SourceImages
+from core.tasks.images import MAX_PIXELS, decode_image
+from core.tasks.lora import LoraAdapter, LoraChoice
+from core.tasks.unconditional import UnconditionalSettings
 
 HOME = str(Path(__file__).resolve().parent.parent / "Home.py")
 CPU = torch.device("cpu")
 DEEP = os.environ.get("DASH_FUZZ") == "deep"
 
 pytestmark = [
-    # Pillow warns about images over its own limit before core.images refuses them at a lower one, and about the
+    # Pillow warns about images over its own limit before core.tasks.images refuses them at a lower one, and about the
     # damaged EXIF of hostile files: expected here.
     pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning"),
     pytest.mark.filterwarnings("ignore::UserWarning:PIL"),
@@ -437,7 +437,7 @@ def test_png_settings_text_parses_to_settings_a_run_accepts_or_one_bad_input_err
     parsed_or_refused(text)
 
 
-# The expression core.pnginfo read the pairs of the last line with (after AUTOMATIC1111's `re_param_code`): quadratic
+# The expression core.tasks.pnginfo read the pairs of the last line with (after AUTOMATIC1111's `re_param_code`): quadratic
 # on a long run without a colon, so compared with the one-pass scan that replaced it only on short lines.
 REGEX_PAIR = re.compile(r'\s*([\w][\w \-/+]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 line_characters = st.one_of(st.sampled_from(list(' ,:"\\-/+x7_\t\u00a0é')), st.characters(exclude_categories=("Cs",)))

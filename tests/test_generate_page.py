@@ -8,9 +8,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from app_pages.common import literal
-from core import generation, pnginfo
-from core.generation import GenerationSettings
-from core.jobs import JobState
+from core.tasks import generation, pnginfo
+from core.tasks.generation import GenerationSettings
+from core.tasks.jobs import JobState
 
 HOME = str(Path(__file__).resolve().parent.parent / "Home.py")
 WAIT_S = 60
@@ -224,8 +224,8 @@ def test_inpaint_with_a_mask_of_the_wrong_size_gets_a_message_and_keeps_the_gall
 
 
 def test_a_lora_changes_only_this_sessions_images(app_env, standin_dir, tmp_path, monkeypatch):
-    from core import standins
-    from core.registry import MODELS
+    from core.models import standins
+    from core.models.registry import MODELS
     from helpers import make_standin_lora
 
     monkeypatch.setenv("DASH_MODELS_ROOT", str(tmp_path))  # a typed LoRA folder must lie inside the models root
@@ -253,8 +253,8 @@ def test_a_lora_that_is_not_safetensors_is_refused_with_a_message(app_env):
 def test_a_dreambooth_models_trigger_phrase_is_shown_and_added_to_the_prompt(app_env, standin_dir, tmp_path, monkeypatch):
     import shutil
 
-    from core import standins
-    from core.registry import MODELS
+    from core.models import standins
+    from core.models.registry import MODELS
 
     monkeypatch.setenv("DASH_MODELS_ROOT", str(tmp_path))  # a typed model folder must lie inside the models root
     folder = tmp_path / "potato"
@@ -302,7 +302,7 @@ def test_on_the_cpu_the_form_starts_small_and_says_why_even_for_the_stand_in(app
 
 
 def test_a_cancel_calls_the_device_free_only_when_no_other_run_holds_it(app_env):
-    from core.gpu_queue import queue_for
+    from core.gpu.queue import queue_for
 
     holding, release = threading.Event(), threading.Event()
 

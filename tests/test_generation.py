@@ -1,4 +1,4 @@
-"""core.generation on the tiny stand-in SD pipeline (64x64, a few steps) on the CPU."""
+"""core.tasks.generation on the tiny stand-in SD pipeline (64x64, a few steps) on the CPU."""
 from __future__ import annotations
 
 import threading
@@ -10,15 +10,15 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from core import generation
 from core.config import Settings
 from core.errors import BadInputError, GpuOutOfMemoryError, InsufficientMemoryError
 from core.formatting import human_bytes
-from core.generation import GenerationSettings, MemoryMode, Mode, Precision, SourceImages
-from core.gpu_queue import queue_for
-from core.jobs import Job, JobState
-from core.manager import module_bytes
-from core.registry import MODELS
+from core.gpu.queue import queue_for
+from core.models.manager import module_bytes
+from core.models.registry import MODELS
+from core.tasks import generation
+from core.tasks.generation import GenerationSettings, MemoryMode, Mode, Precision, SourceImages
+from core.tasks.jobs import Job, JobState
 from helpers import DeviceHolder
 
 CPU = torch.device("cpu")
@@ -398,7 +398,7 @@ def test_counting_a_prompt_never_changes_how_a_running_run_encodes_its_prompts(s
 
 
 def test_a_run_estimated_over_the_available_memory_is_refused_before_it_starts_with_the_figures(sd, monkeypatch):
-    from core.gpu import HostMemory
+    from core.gpu.nvml import HostMemory
 
     monkeypatch.setattr(generation, "host_memory", lambda: HostMemory(24 * 2**30, 2**30, 0))  # 1 GiB of RAM left
     monkeypatch.setattr(generation, "device_slot", lambda *args: pytest.fail("the refused run reached the queue"))

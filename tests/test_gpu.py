@@ -1,4 +1,4 @@
-"""core.gpu: the NVML layer against a fake NVML (zero, one, two GPUs; missing; raising), and on the device against nvidia-smi."""
+"""core.gpu.nvml: the NVML layer against a fake NVML (zero, one, two GPUs; missing; raising), and on the device against nvidia-smi."""
 from __future__ import annotations
 
 import os
@@ -9,8 +9,8 @@ import pytest
 import torch
 from fake_nvml import FakeGpu, FakeNvml
 
-from core import gpu
-from core.gpu import GpuMonitor
+from core.gpu import nvml as gpu
+from core.gpu.nvml import GpuMonitor
 
 MIB = 2**20
 GIB = 2**30

@@ -14,12 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from core import classify, imagenet, loading
 from core.config import Settings
-from core.images import DecodedImage
-from core.manager import LoadedModel
-from core.model_info import describe
-from core.registry import MODELS, ModelSpec
+from core.models import loading
+from core.models.info import describe
+from core.models.manager import LoadedModel
+from core.models.registry import MODELS, ModelSpec
+from core.tasks import classify, imagenet
+from core.tasks.images import DecodedImage
 
 pytestmark = pytest.mark.gpu
 
@@ -78,7 +79,7 @@ def test_vit_base_hotdog_fp16_agrees_with_fp32(tmp_path: Path, count: int):
 
 @pytest.mark.parametrize("count", [1, 8])
 def test_resnet50_fp16_agrees_with_fp32(tmp_path: Path, count: int):
-    from core import standins
+    from core.models import standins
 
     spec = MODELS["resnet50"]
     # The stand-in hub repo: torchvision's full ResNet50 with seeded random weights, through torch.hub's local loader.

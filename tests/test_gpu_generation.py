@@ -17,16 +17,17 @@ from PIL import Image
 
 from bench.bench_generation import build_full_size_ddpm, build_full_size_sd
 from bench.profile_gpu import SYNC_CALLS
-from core import compiled, cuda_graphs, generation, lora, unconditional
+from core.accel import compiled, cuda_graphs
 from core.config import Settings
 from core.errors import GpuOutOfMemoryError
-from core.generation import GenerationSettings, MemoryMode, Mode, Precision, SourceImages
-from core.gpu_queue import queue_for
-from core.images import shape_mask
-from core.lora import LoraChoice
-from core.manager import ModelManager
-from core.registry import MODELS
-from core.unconditional import UnconditionalSettings
+from core.gpu.queue import queue_for
+from core.models.manager import ModelManager
+from core.models.registry import MODELS
+from core.tasks import generation, lora, unconditional
+from core.tasks.generation import GenerationSettings, MemoryMode, Mode, Precision, SourceImages
+from core.tasks.images import shape_mask
+from core.tasks.lora import LoraChoice
+from core.tasks.unconditional import UnconditionalSettings
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")

@@ -5,7 +5,7 @@ from contextlib import nullcontext
 
 import pytest
 
-from core.gpu_queue import GpuQueue, Seat, SlotAbandoned, queue_for, seated
+from core.gpu.queue import GpuQueue, Seat, SlotAbandoned, queue_for, seated
 
 WAIT_S = 10
 

@@ -1,4 +1,4 @@
-"""core.history: one lazily started sampler thread, a bounded buffer, safe under concurrent readers."""
+"""core.gpu.history: one lazily started sampler thread, a bounded buffer, safe under concurrent readers."""
 from __future__ import annotations
 
 import itertools
@@ -6,9 +6,10 @@ import threading
 from collections.abc import Callable
 
 import pytest
+from fake_nvml import FakeGpu, FakeNvml
 
-from core.gpu import FakeGpu, FakeNvml, GpuMonitor
-from core.history import HistorySampler, Sample, take_sample
+from core.gpu.history import HistorySampler, Sample, take_sample
+from core.gpu.nvml import GpuMonitor
 
 
 def numbered() -> Callable[[], Sample]:

@@ -8,7 +8,7 @@ from streamlit.testing.v1 import AppTest
 from app_pages.common import literal
 from core.app_state import get_manager, get_settings
 from core.errors import ModelUnavailableError
-from core.registry import MODELS
+from core.models.registry import MODELS
 
 HOME = str(Path(__file__).resolve().parent.parent / "Home.py")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from core.errors import BadInputError
-from core.image_history import (
+from core.tasks.image_history import (
     DATABASE_NAME,
     IMAGES_DIR,
     PNG_SIGNATURE,
@@ -58,7 +58,7 @@ def test_a_new_instance_on_the_same_directory_sees_every_image(tmp_path: Path):
 def test_the_png_and_its_settings_come_back_as_they_were_kept(history: ImageHistory):
     from PIL import Image
 
-    from core.pnginfo import png_with_parameters, read_parameters
+    from core.tasks.pnginfo import png_with_parameters, read_parameters
 
     text = 'a "quoted" prompt, with commas\nNegative prompt: blurry\nSteps: 4, Seed: 7, Size: 16x16, Model: stand-in/sd'
     png = png_with_parameters(Image.new("RGB", (16, 16), (200, 80, 20)), text)
@@ -276,7 +276,7 @@ def test_threads_adding_past_the_limit_keep_rows_files_and_total_in_step(tmp_pat
 _ADDING_PROCESS = """
 import sys
 from pathlib import Path
-from core.image_history import ImageHistory, ImageRecord, PNG_SIGNATURE
+from core.tasks.image_history import ImageHistory, ImageRecord, PNG_SIGNATURE
 directory, owner, adds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 sys.stdin.readline()  # the go signal: both processes start adding together
 for n in range(adds):

@@ -9,10 +9,10 @@ import torch
 import torchvision
 from PIL import Image
 
-from core import imagenet
 from core.errors import BadInputError
-from core.images import decode_image
-from core.registry import MODELS
+from core.models.registry import MODELS
+from core.tasks import imagenet
+from core.tasks.images import decode_image
 
 
 def png_bytes(colour, size=(300, 200)) -> bytes:
@@ -75,7 +75,7 @@ def test_top_k_out_of_range_is_refused(resnet, photo):
 def test_batches_larger_than_max_batch_keep_order_and_results(resnet, photo, monkeypatch):
     images = [photo, decode_image(png_bytes((10, 200, 30)), "green.png"), photo]
     together = imagenet.classify(resnet, images, top_k=3).results
-    monkeypatch.setattr("core.classify.MAX_BATCH", 2)
+    monkeypatch.setattr("core.tasks.classify.MAX_BATCH", 2)
     chunked = imagenet.classify(resnet, images, top_k=3).results
     assert [r.name for r in chunked] == ["noise.png", "green.png", "noise.png"]
     for a, b in zip(together, chunked, strict=True):

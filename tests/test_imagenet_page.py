@@ -9,7 +9,7 @@ import torchvision
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from core import imagenet
+from core.tasks import imagenet
 
 HOME = str(Path(__file__).resolve().parent.parent / "Home.py")
 CATEGORIES = set(torchvision.models.ResNet50_Weights.DEFAULT.meta["categories"])

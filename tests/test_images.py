@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from core.errors import BadInputError
-from core.images import decode_image
+from core.tasks.images import decode_image
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:

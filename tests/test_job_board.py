@@ -5,16 +5,16 @@ import threading
 import pytest
 
 from core.errors import BadInputError
-from core.gpu_queue import GpuQueue
-from core.job_board import JobBoard, NotYourJobError
-from core.jobs import JobState
+from core.gpu.queue import GpuQueue
+from core.tasks.job_board import JobBoard, NotYourJobError
+from core.tasks.jobs import JobState
 
 WAIT_S = 10
 
 
 class FakeRuns:
     """Work for board jobs that queues like a generation: each takes the test's GPU queue (passing no owner and no
-    cancel check, as core.generation knows no board), records its turn, and holds the device until released."""
+    cancel check, as core.tasks.generation knows no board), records its turn, and holds the device until released."""
 
     def __init__(self) -> None:
         self.queue = GpuQueue("test")

@@ -3,7 +3,7 @@ from __future__ import annotations
 import threading
 
 from core.errors import BadInputError
-from core.jobs import Job, JobState
+from core.tasks.jobs import Job, JobState
 
 
 def test_job_runs_reports_progress_and_returns_its_result():

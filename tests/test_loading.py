@@ -8,10 +8,10 @@ import pytest
 import torch
 from huggingface_hub import errors as hub_errors
 
-from core import loading
 from core.config import Settings
 from core.errors import GatedModelError, ModelUnavailableError
-from core.registry import MODELS, custom_spec
+from core.models import loading
+from core.models.registry import MODELS, custom_spec
 
 
 def _hub_response(status: int) -> httpx2.Response:
@@ -97,7 +97,7 @@ def _with_random_statistics(model: torch.nn.Module) -> torch.nn.Module:
 def test_batchnorm_folding_keeps_resnet50s_function_and_module_tree():
     import torchvision
 
-    from core.loading import fold_batch_norms
+    from core.models.loading import fold_batch_norms
 
     model = _with_random_statistics(torchvision.models.resnet50())
     images = torch.randn(2, 3, 224, 224)
@@ -111,7 +111,7 @@ def test_batchnorm_folding_keeps_resnet50s_function_and_module_tree():
 
 
 def test_batchnorm_folding_leaves_a_norm_that_is_not_a_convs_only_consumer():
-    from core.loading import fold_batch_norms
+    from core.models.loading import fold_batch_norms
 
     class Branching(torch.nn.Module):
         def __init__(self) -> None:

@@ -1,4 +1,4 @@
-"""core.lora on the stand-in SD pipeline: adapters change a run's images, only that run's, and leave no trace."""
+"""core.tasks.lora on the stand-in SD pipeline: adapters change a run's images, only that run's, and leave no trace."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from core import generation, lora
 from core.errors import BadInputError, ModelUnavailableError
-from core.generation import GenerationSettings
-from core.jobs import Job, JobState
-from core.lora import LoraChoice
-from core.registry import MODELS
+from core.models.registry import MODELS
+from core.tasks import generation, lora
+from core.tasks.generation import GenerationSettings
+from core.tasks.jobs import Job, JobState
+from core.tasks.lora import LoraChoice
 from helpers import DeviceHolder, make_standin_lora
 
 SMALL = GenerationSettings(prompt="a red bicycle", width=64, height=64, steps=3, seed=1234)

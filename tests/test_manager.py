@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import loading, standins
 from core.config import EvictTo, Settings, VramBudget
 from core.errors import ModelUnavailableError
-from core.manager import ModelManager, ModelState, module_bytes, release_memory
-from core.memory import DoesNotFitError, MemoryPolicy
-from core.registry import MODELS
+from core.models import loading, standins
+from core.models.manager import ModelManager, ModelState, module_bytes, release_memory
+from core.models.memory import DoesNotFitError, MemoryPolicy
+from core.models.registry import MODELS
 
 HOTDOG = MODELS["hotdog"]
 
@@ -388,7 +388,7 @@ def test_sd15_and_resnet50_sizes_under_a_budget_for_one_evict_each_other(setting
 
 @pytest.mark.gpu
 def test_twenty_load_unload_cycles_return_to_the_start_within_64_mib(settings):
-    from core.gpu import GpuMonitor, load_nvml
+    from core.gpu.nvml import GpuMonitor, load_nvml
 
     manager = ModelManager(settings, loader=blob_loader)
     sd15, resnet = sd15_and_resnet50()

@@ -1,5 +1,5 @@
 """A painted mask as the browser reports it (a PNG data URL) decoded into the mask Python uses, and every payload a
-hostile or broken browser could send refused with one message (core/outpaint.py:decode_mask_payload, and
+hostile or broken browser could send refused with one message (core/tasks/outpaint.py:decode_mask_payload, and
 app_pages/mask_painter.py:paint_mask around it)."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from streamlit.testing.v1 import AppTest
 
 from app_pages import mask_painter
 from core.errors import BadInputError
-from core.outpaint import MAX_SIDE_PX, decode_mask_payload, max_payload_chars, painted_mask_size
+from core.tasks.outpaint import MAX_SIDE_PX, decode_mask_payload, max_payload_chars, painted_mask_size
 
 SIZE = (80, 60)
 

@@ -1,4 +1,4 @@
-"""core.memory: budget arithmetic, the eviction plan, moving models, measuring what an action freed."""
+"""core.models.memory: budget arithmetic, the eviction plan, moving models, measuring what an action freed."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -8,7 +8,7 @@ import torch
 
 from core.config import EvictTo, Settings, VramBudget
 from core.errors import SettingsError
-from core.memory import (
+from core.models.memory import (
     DoesNotFitError,
     MemoryPolicy,
     Resident,

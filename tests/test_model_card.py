@@ -1,13 +1,13 @@
-"""core.model_card: a DreamBooth model's trigger phrase, from either way cards write it."""
+"""core.models.model_card: a DreamBooth model's trigger phrase, from either way cards write it."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from core.loading import ModelSource
-from core.model_card import read_card, trigger_phrase
-from core.registry import MODELS
+from core.models.loading import ModelSource
+from core.models.model_card import read_card, trigger_phrase
+from core.models.registry import MODELS
 
 DIFFUSERS_SCRIPT_CARD = """---
 license: creativeml-openrail-m

@@ -12,11 +12,12 @@ import torch
 import torchvision
 from streamlit.testing.v1 import AppTest
 
-from core import generation, imagenet, loading, lora, reachability, sentiment, unconditional
 from core.config import Settings
 from core.errors import BadInputError, ModelUnavailableError
-from core.manager import ModelManager
-from core.registry import MODELS, custom_spec, folder_in_models_root
+from core.models import loading, reachability
+from core.models.manager import ModelManager
+from core.models.registry import MODELS, custom_spec, folder_in_models_root
+from core.tasks import generation, imagenet, lora, sentiment, unconditional
 from helpers import make_standin_lora
 
 HOME = str(Path(__file__).resolve().parent.parent / "Home.py")
@@ -54,7 +55,7 @@ def test_a_folder_inside_the_root_is_accepted_by_full_path_or_relative_to_the_ro
 
 
 def test_a_lora_folder_inside_the_root_is_read(layout, standin_dir):
-    from core.standins import ensure_built
+    from core.models.standins import ensure_built
 
     root, _ = layout
     make_standin_lora(ensure_built(MODELS["sd15"], standin_dir), root / "style")

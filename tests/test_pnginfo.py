@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from core import pnginfo
 from core.errors import BadInputError
-from core.generation import SCHEDULERS, GenerationSettings, MemoryMode, Precision
+from core.tasks import pnginfo
+from core.tasks.generation import SCHEDULERS, GenerationSettings, MemoryMode, Precision
 
 FULL = GenerationSettings(
     prompt="a watercolour, of a lighthouse: at dawn", negative_prompt='blurry, "low" quality', steps=30, guidance_scale=6.5,

@@ -1,4 +1,4 @@
-"""core.prompt_embeddings with the stand-in SD pipeline's tokenizer and 2-layer CLIP text encoder, on the CPU."""
+"""core.tasks.prompt_embeddings with the stand-in SD pipeline's tokenizer and 2-layer CLIP text encoder, on the CPU."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,11 +7,13 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from core import cuda_graphs, generation, pnginfo, standins
-from core.generation import GenerationSettings, Mode
-from core.prompt_embeddings import encode_prompts
-from core.prompt_syntax import LoraTag
-from core.registry import MODELS
+from core.accel import cuda_graphs
+from core.models import standins
+from core.models.registry import MODELS
+from core.tasks import generation, pnginfo
+from core.tasks.generation import GenerationSettings, Mode
+from core.tasks.prompt_embeddings import encode_prompts
+from core.tasks.prompt_syntax import LoraTag
 
 CPU = torch.device("cpu")
 WINDOW = 77
@@ -75,7 +77,7 @@ def test_break_encodes_each_part_alone(pipe):
 
 @pytest.mark.parametrize("mode", list(Mode))
 def test_each_modes_pipeline_makes_images_from_a_long_prompt_and_reads_all_of_it(pipe, mode):
-    run_pipe = generation.run_pipeline(pipe, mode, "DDIM")  # as core.generation builds a run's pipeline
+    run_pipe = generation.run_pipeline(pipe, mode, "DDIM")  # as core.tasks.generation builds a run's pipeline
     source = {} if mode is Mode.TEXT_TO_IMAGE else {"image": Image.new("RGB", (64, 64), (90, 140, 200)), "strength": 1.0}
     if mode is Mode.INPAINT:
         source["mask_image"] = Image.new("L", (64, 64), 255)
@@ -128,7 +130,7 @@ def test_on_the_gpu_one_text_encoder_graph_serves_every_chunk_exactly(standin_di
     long_prompt, negative = "a (red:1.5) car, " + "b " * 100, "[blurry]"
     eager = both(encode_prompts(tokenizer, text_encoder, long_prompt, negative, cuda, torch.float16))
     diffusers_plain = gpu_pipe.encode_prompt("a red car", cuda, 1, True, negative_prompt="blurry")
-    with cuda_graphs.graphed_text_encoder(text_encoder):  # as core.generation's run holds it
+    with cuda_graphs.graphed_text_encoder(text_encoder):  # as core.tasks.generation's run holds it
         graphed = [both(encode_prompts(tokenizer, text_encoder, long_prompt, negative, cuda, torch.float16)) for _ in range(2)]
         plain = both(encode_prompts(tokenizer, text_encoder, "a red car", "blurry", cuda, torch.float16))
     assert eager[0].shape == (1, 3 * WINDOW, text_encoder.config.hidden_size) and eager[0].dtype == torch.float16

@@ -1,4 +1,4 @@
-"""core.prompt_syntax: AUTOMATIC1111's prompt grammar (cases from its own parse_prompt_attention doctests) and its
+"""core.tasks.prompt_syntax: AUTOMATIC1111's prompt grammar (cases from its own parse_prompt_attention doctests) and its
 75-token chunking, with the stand-in SD model's CLIP tokenizer (one token per character, `</w>` ending a word)."""
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 from transformers import CLIPTokenizer
 
 from core.errors import BadInputError
-from core.prompt_syntax import (
+from core.models.standins import clip_tokenizer_files
+from core.tasks.prompt_syntax import (
     CHUNK_TOKENS,
     MAX_CHUNKS,
     MAX_PROMPT_CHARS,
@@ -24,7 +25,6 @@ from core.prompt_syntax import (
     prompt_usage,
     tokenize_prompt,
 )
-from core.standins import clip_tokenizer_files
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -186,7 +186,7 @@ def test_a_prompt_past_the_character_limit_is_refused_before_parsing():
 
 def test_the_parser_needs_no_torch():
     imported = subprocess.run(
-        [sys.executable, "-c", "import sys, core.prompt_syntax; print('torch' in sys.modules)"],
+        [sys.executable, "-c", "import sys, core.tasks.prompt_syntax; print('torch' in sys.modules)"],
         cwd=PROJECT_ROOT, capture_output=True, text=True, check=True,
     )
     assert imported.stdout.strip() == "False"

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.registry import MODELS, Family, custom_spec, is_valid_repo_id
+from core.models.registry import MODELS, Family, custom_spec, is_valid_repo_id
 
 
 def test_the_five_pages_models_are_registered():

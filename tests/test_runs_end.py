@@ -9,11 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from core import generation, unconditional
-from core.generation import GenerationSettings
-from core.gpu_queue import queue_for
-from core.jobs import Job, JobState
-from core.registry import MODELS
+from core.gpu.queue import queue_for
+from core.models.registry import MODELS
+from core.tasks import generation, unconditional
+from core.tasks.generation import GenerationSettings
+from core.tasks.jobs import Job, JobState
 
 CPU = torch.device("cpu")
 # 512x512: a step of the stand-in UNet takes seconds to over a minute on the 2-core CI machine, as busy as it is.

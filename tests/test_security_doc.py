@@ -6,13 +6,13 @@ import re
 import tomllib
 from pathlib import Path
 
-from core.loading import env_var_for
-from core.registry import MODELS
+from core.models.loading import env_var_for
+from core.models.registry import MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "docs" / "SECURITY.md").read_text()
-# `core/config.py:_read_token`: a file and a name defined at its top level.
-REFERENCE = re.compile(r"`((?:core|app_pages)/\w+\.py):(\w+)`")
+# `core/config.py:read_token`: a file and a name defined at its top level.
+REFERENCE = re.compile(r"`((?:core|app_pages)/[\w/]+\.py):(\w+)`")
 # HF_TOKEN, DASH_MODEL_<KEY>, STREAMLIT_SERVER_ENABLE_CORS ... (not TORCHVISION_HUB_REPO, a constant)
 VARIABLE = re.compile(r"\b((?:DASH|HF|HUGGING_FACE|STREAMLIT|TORCH)_[A-Z0-9_]*[A-Z0-9](?:_<KEY>)?)")
 
@@ -44,7 +44,7 @@ def test_every_code_reference_names_something_that_exists():
 
 def test_every_variable_it_names_is_one_the_project_reads_or_sets():
     known = (ROOT / "README.md").read_text() + (ROOT / "Dockerfile").read_text()
-    known += "".join(path.read_text() for path in [*(ROOT / "core").glob("*.py"), *(ROOT / "deploy").iterdir()])
+    known += "".join(path.read_text() for path in [*(ROOT / "core").rglob("*.py"), *(ROOT / "deploy").iterdir()])
     known += " ".join(env_var_for(spec) for spec in MODELS.values())  # DASH_MODEL_RESNET50 and the others
     named = set(VARIABLE.findall(DOC))
     assert {"HF_TOKEN", "DASH_MODELS_ROOT", "STREAMLIT_SERVER_ENABLE_XSRF_PROTECTION"} <= named
@@ -53,7 +53,7 @@ def test_every_variable_it_names_is_one_the_project_reads_or_sets():
 
 def test_every_dash_setting_the_code_reads_has_its_security_meaning():
     read = set()
-    for path in (ROOT / "core").glob("*.py"):
+    for path in (ROOT / "core").rglob("*.py"):
         read |= set(re.findall(r"\"(DASH_[A-Z_]*)\"", path.read_text()))
     read = {"DASH_MODEL_<KEY>" if name == "DASH_MODEL_" else name for name in read}
     assert {"DASH_MODELS_ROOT", "DASH_EVICT_TO", "DASH_MODEL_<KEY>"} <= read
@@ -62,10 +62,10 @@ def test_every_dash_setting_the_code_reads_has_its_security_meaning():
 
 
 def test_quoted_limits_and_pins_match_the_code():
-    assert f"`MAX_PIXELS` = {constant('core/images.py', 'MAX_PIXELS'):,} pixels" in DOC
-    assert f"`{constant('core/registry.py', 'TORCHVISION_HUB_REPO')}`" in DOC
-    assert f"({constant('core/sentiment.py', 'MAX_LINES'):,} typed lines)" in DOC
-    assert f"{constant('core/sentiment.py', 'MAX_CHARS'):,} characters" in DOC
+    assert f"`MAX_PIXELS` = {constant('core/tasks/images.py', 'MAX_PIXELS'):,} pixels" in DOC
+    assert f"`{constant('core/models/registry.py', 'TORCHVISION_HUB_REPO')}`" in DOC
+    assert f"({constant('core/tasks/sentiment.py', 'MAX_LINES'):,} typed lines)" in DOC
+    assert f"{constant('core/tasks/sentiment.py', 'MAX_CHARS'):,} characters" in DOC
     with (ROOT / ".streamlit" / "config.toml").open("rb") as handle:
         server = tomllib.load(handle)["server"]
     assert f"{server['maxUploadSize']} in `.streamlit/config.toml`" in DOC

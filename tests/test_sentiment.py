@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from core import sentiment
 from core.config import Settings
 from core.errors import BadInputError
-from core.jobs import Job, JobState
-from core.manager import ModelManager
-from core.registry import MODELS, custom_spec
-from core.standins import ensure_built
+from core.models.manager import ModelManager
+from core.models.registry import MODELS, custom_spec
+from core.models.standins import ensure_built
+from core.tasks import sentiment
+from core.tasks.jobs import Job, JobState
 
 TEXTS = [
     "good",
@@ -224,7 +224,7 @@ def test_fp16_gpu_path_agrees_with_fp32_on_the_full_size_model(tmp_path):
     """fp16 on CUDA vs fp32 on the CPU, full-size DistilBERT (random weights): probabilities within 0.01."""
     from bench.bench_sentiment import build_full_size, sentences
     from core.config import Settings
-    from core.manager import ModelManager
+    from core.models.manager import ModelManager
 
     root = tmp_path / "models"
     build_full_size(root / MODELS["sentiment"].repo_id)

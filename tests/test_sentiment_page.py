@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core import sentiment, tables
 from core.app_state import get_manager
-from core.jobs import JobState
-from core.registry import MODELS
+from core.models.registry import MODELS
+from core.tasks import sentiment, tables
+from core.tasks.jobs import JobState
 
 HOME = str(Path(__file__).resolve().parent.parent / "Home.py")
 PAGE = "app_pages/sentiment.py"

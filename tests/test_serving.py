@@ -1,4 +1,4 @@
-"""The ray backend (core.serving) on a local Ray cluster started for this module: every page's path gives what the
+"""The ray backend (core.backends.ray_client) on a local Ray cluster started for this module: every page's path gives what the
 local backend gives for the same stand-in model and seed; progress and cancel cross the process boundary; a replica
 that dies while loading or between requests is replaced without the caller seeing it; replicas are listed with
 their device and memory; a page runs unchanged with DASH_BACKEND=ray."""
@@ -18,18 +18,20 @@ ray = pytest.importorskip("ray")  # the GPU machine runs the other GPU tests wit
 
 from ray import serve  # noqa: E402
 
-from core import generation, imagenet, loading, sentiment, serving, unconditional  # noqa: E402
-from core.classify import classify_images  # noqa: E402
+from core.backends import ray_client as serving  # noqa: E402
+from core.backends.ray_config import KINDS, DeploymentOptions, ServingOptions  # noqa: E402
 from core.config import Settings  # noqa: E402
 from core.errors import BadInputError, ModelUnavailableError  # noqa: E402
-from core.generation import GenerationSettings  # noqa: E402
-from core.gpu import GpuSnapshot  # noqa: E402
-from core.images import decode_image  # noqa: E402
-from core.jobs import Job, JobState  # noqa: E402
-from core.manager import ModelManager, ModelState  # noqa: E402
-from core.registry import MODELS  # noqa: E402
-from core.serving_config import KINDS, DeploymentOptions, ServingOptions  # noqa: E402
-from core.unconditional import UnconditionalSettings  # noqa: E402
+from core.gpu.nvml import GpuSnapshot  # noqa: E402
+from core.models import loading  # noqa: E402
+from core.models.manager import ModelManager, ModelState  # noqa: E402
+from core.models.registry import MODELS  # noqa: E402
+from core.tasks import generation, imagenet, sentiment, unconditional  # noqa: E402
+from core.tasks.classify import classify_images  # noqa: E402
+from core.tasks.generation import GenerationSettings  # noqa: E402
+from core.tasks.images import decode_image  # noqa: E402
+from core.tasks.jobs import Job, JobState  # noqa: E402
+from core.tasks.unconditional import UnconditionalSettings  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
 HOME = str(Path(__file__).resolve().parent.parent / "Home.py")
@@ -361,9 +363,9 @@ def test_on_a_gpu_replicas_hold_the_card_and_answer_as_the_local_backend(cluster
 
 CONNECT_FROM_A_SCRIPT_THREAD = """
 import threading
-from core import serving
+from core.backends import ray_client as serving
 from core.config import Settings
-from core.registry import MODELS
+from core.models.registry import MODELS
 
 settings = Settings(backend="ray", standin_fallback=True, standin_dir=__import__("pathlib").Path({standin_dir!r}))
 manager = serving.RayManager(settings)

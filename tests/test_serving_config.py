@@ -1,14 +1,14 @@
-"""Choosing the backend and reading the Ray Serve deployment options (core.config, core.serving_config); no Ray needed."""
+"""Choosing the backend and reading the Ray Serve deployment options (core.config, core.backends.ray_config); no Ray needed."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
+from core.backends.ray_config import DEFAULTS, load_deployment_options
 from core.config import PROJECT_ROOT, Settings, describe
 from core.errors import SettingsError
-from core.registry import MODELS
-from core.serving_config import DEFAULTS, load_deployment_options
+from core.models.registry import MODELS
 
 EXAMPLE = PROJECT_ROOT / "deploy" / "ray-cluster.example.toml"
 

@@ -12,12 +12,13 @@ import psutil
 import pytest
 import torch
 
-from core import compiled, generation
-from core.generation import GenerationSettings
-from core.gpu_queue import queue_for
-from core.jobs import Job, JobState
-from core.manager import ModelManager, ModelState
-from core.registry import MODELS
+from core.accel import compiled
+from core.gpu.queue import queue_for
+from core.models.manager import ModelManager, ModelState
+from core.models.registry import MODELS
+from core.tasks import generation
+from core.tasks.generation import GenerationSettings
+from core.tasks.jobs import Job, JobState
 
 SWITCHED = ("hotdog", "sentiment", "sd15", "ddpm-butterflies")
 SMALL = GenerationSettings(prompt="soak", width=64, height=64, steps=2)

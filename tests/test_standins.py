@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core import standins
-from core.registry import MODELS
+from core.models import standins
+from core.models.registry import MODELS
 
 
 @pytest.mark.parametrize("key", sorted(MODELS))

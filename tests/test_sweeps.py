@@ -1,4 +1,4 @@
-"""core.sweeps: axis values as AUTOMATIC1111 reads them, each cell's settings, the labelled grid, PNG settings per
+"""core.tasks.sweeps: axis values as AUTOMATIC1111 reads them, each cell's settings, the labelled grid, PNG settings per
 cell, the runner with a fake generator and cancel, and one 2x2 sweep on the stand-in SD model."""
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import generation, pnginfo, sweeps
 from core.errors import BadInputError
-from core.generation import GenerationSettings
-from core.jobs import JobCancelled
-from core.lora import LoraAdapter, LoraChoice
-from core.registry import MODELS
-from core.sweeps import AxisKind, parse_axis, plan_sweep
+from core.models.registry import MODELS
+from core.tasks import generation, pnginfo, sweeps
+from core.tasks.generation import GenerationSettings
+from core.tasks.jobs import JobCancelled
+from core.tasks.lora import LoraAdapter, LoraChoice
+from core.tasks.sweeps import AxisKind, parse_axis, plan_sweep
 
 BASE = GenerationSettings(prompt="a red bicycle", negative_prompt="red blur", width=64, height=64, steps=2, seed=7)
 MODEL = "owner/model"

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from core.errors import BadInputError
-from core.tables import column_texts, decode, read_table, sniff_delimiter, to_csv_bytes, with_columns
+from core.tasks.tables import column_texts, decode, read_table, sniff_delimiter, to_csv_bytes, with_columns
 
 
 def test_csv_cells_stay_text_exactly_as_written():

@@ -1,4 +1,4 @@
-"""core.unconditional on the stand-in DDPM model (32x32) on the CPU: grid, seeds, progress, cancel, queue."""
+"""core.tasks.unconditional on the stand-in DDPM model (32x32) on the CPU: grid, seeds, progress, cancel, queue."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from core import unconditional
 from core.config import Settings
 from core.errors import BadInputError
-from core.gpu_queue import queue_for
-from core.jobs import Job, JobState
-from core.registry import MODELS
-from core.unconditional import UnconditionalSettings
+from core.gpu.queue import queue_for
+from core.models.registry import MODELS
+from core.tasks import unconditional
+from core.tasks.jobs import Job, JobState
+from core.tasks.unconditional import UnconditionalSettings
 from helpers import DeviceHolder
 
 CPU = torch.device("cpu")

@@ -13,11 +13,11 @@ from streamlit.testing.v1 import AppTest
 
 from core import app_state
 from core.config import VramBudget
-from core.gpu import GpuMonitor
-from core.history import HistorySampler, take_sample
-from core.manager import ModelManager
-from core.memory import MemoryPolicy
-from core.registry import MODELS
+from core.gpu.history import HistorySampler, take_sample
+from core.gpu.nvml import GpuMonitor
+from core.models.manager import ModelManager
+from core.models.memory import MemoryPolicy
+from core.models.registry import MODELS
 from tests.oidc_provider import UNREACHED_AUTH_SECRETS
 
 HOME = str(Path(__file__).resolve().parent.parent / "Home.py")
@@ -205,8 +205,8 @@ def test_budget_per_gpu_is_shown_when_the_manager_has_gpus(monitor_page, setting
 
 
 def test_background_compiles_are_listed_with_their_state(monitor_page, monkeypatch):
-    from core import compiled
-    from core.compiled import CompileRecord, CompileState
+    from core.accel import compiled
+    from core.accel.compiled import CompileRecord, CompileState
 
     monkeypatch.setattr(compiled, "records", lambda: [
         CompileRecord("UNet2DConditionModel", "2×4×64×64 + scalar + 2×77×768", CompileState.READY, 71.4),

@@ -1,4 +1,4 @@
-"""The models the dashboard serves, as plain specs. Loading lives in `core.loading`."""
+"""The models the dashboard serves, as plain specs. Loading lives in `core.models.loading`."""
 from __future__ import annotations
 
 import re

@@ -26,17 +26,18 @@ from typing import Any
 import torch
 from PIL import Image
 
-from core import compiled, cuda_graphs, lora
+from core.accel import compiled, cuda_graphs
 from core.checks import check_number
 from core.config import Settings
 from core.errors import BadInputError, GpuOutOfMemoryError, InsufficientMemoryError
 from core.formatting import human_bytes
-from core.gpu import host_memory
-from core.gpu_queue import SlotAbandoned, queue_for
-from core.jobs import JobCancelled, JobContext
-from core.lora import LoraChoice
-from core.manager import LoadedModel, module_bytes, release_memory
-from core.registry import ModelSpec, spec_for_choice
+from core.gpu.nvml import host_memory
+from core.gpu.queue import SlotAbandoned, queue_for
+from core.models.manager import LoadedModel, module_bytes, release_memory
+from core.models.registry import ModelSpec, spec_for_choice
+from core.tasks import lora
+from core.tasks.jobs import JobCancelled, JobContext
+from core.tasks.lora import LoraChoice
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ class GenerationResult:
     steps_per_s: float
     peak_memory_bytes: int | None  # torch's peak allocation on the GPU during the run; None on the CPU
     notes: tuple[str, ...] = field(default=())
-    unet_path: str = "eager"  # how the denoising steps ran: "eager" or "CUDA graph" (core.cuda_graphs)
+    unet_path: str = "eager"  # how the denoising steps ran: "eager" or "CUDA graph" (core.accel.cuda_graphs)
 
     def settings_for(self, index: int) -> GenerationSettings:
         """The settings that make image `index` again on its own."""
@@ -323,7 +324,7 @@ def estimate_memory(pipe: Any, settings: GenerationSettings, device: torch.devic
 def memory_available_bytes(pipe: Any, device: torch.device) -> int:
     """What a run on `device` can have: the device's free memory, plus what the pipeline's modules hold there already
     (the estimate counts the weights, and they are loaded). Free on a GPU: the driver's figure plus torch's cached,
-    unused blocks (the budget of core.memory is for models: runs live in the margin it leaves); on the CPU: the RAM
+    unused blocks (the budget of core.models.memory is for models: runs live in the margin it leaves); on the CPU: the RAM
     psutil calls available."""
     held_bytes = sum(
         tensor.numel() * tensor.element_size()
@@ -603,7 +604,7 @@ def generate(
     session's images ever see them. Raises BadInputError before any work, JobCancelled when cancelled (partial
     results dropped), and GpuOutOfMemoryError (memory already released) when the device runs out of memory.
     """
-    if model.is_remote:  # the ray backend: this function runs on a Serve replica (core/serving.py)
+    if model.is_remote:  # the ray backend: this function runs on a Serve replica (core/backends/ray_client.py)
         return model.obj.generate(settings, context, abandoned, source, loras)
     pipe, device = model.obj, model.device
     # 1. Check inputs
@@ -661,7 +662,7 @@ def keep_timesteps_on_the_cpu(scheduler: Any) -> Any:
     With GPU timesteps, each PNDM or DDIM step reads a CPU table at a GPU timestep and compares one with 0: each read
     waits for the GPU to finish the step's UNet call, so the CPU cannot queue the next step while the GPU works, and
     the GPU idles through every step's Python. The values are the same on either device, and so are the images; the
-    UNet gets its timestep on the GPU from core.cuda_graphs without a copy.
+    UNet gets its timestep on the GPU from core.accel.cuda_graphs without a copy.
     """
     set_timesteps = scheduler.set_timesteps
 

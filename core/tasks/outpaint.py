@@ -23,7 +23,7 @@ from PIL import Image, ImageFilter
 from core.checks import check_number
 from core.errors import BadInputError
 
-# core/generation.py's limit on a run's sides (a test keeps the two equal): a canvas larger than a run is useless.
+# core/tasks/generation.py's limit on a run's sides (a test keeps the two equal): a canvas larger than a run is useless.
 MAX_SIDE_PX = 2048
 SIDE_MULTIPLE_PX = 8  # SD's VAE downsamples by 8: extensions in steps of 8 keep the latent grid aligned
 DEFAULT_OVERLAP_PX = 16  # enough for the model to blend the seam, little enough to keep the original

@@ -3,7 +3,7 @@
 Thread-safety: `_lock` guards the table of entries; each entry has its own lock so that two sessions asking
 for the same model wait for one load, while different models load side by side.
 
-On GPUs, `core.memory` decides before each load which card takes the model and which idle models leave for it.
+On GPUs, `core.models.memory` decides before each load which card takes the model and which idle models leave for it.
 `_memory_lock` makes that decision and its evictions one step, so two loads never count the same free memory;
 the load itself runs outside it, its estimate held as a reservation. An eviction takes a model's lock without
 waiting (a model being loaded or moved is never a victim) and checks under `_lock` that nobody is using it.
@@ -24,13 +24,14 @@ from typing import Any
 
 import torch
 
-from core import compiled, cuda_graphs, loading, standins
+from core.accel import compiled, cuda_graphs
 from core.config import EvictTo, Settings
-from core.devices import pick_device, pick_dtype
 from core.errors import DashboardError, ModelUnavailableError
-from core.memory import DoesNotFitError, MemoryPolicy, Placement, Resident, move_model, plan_placement
-from core.model_info import ModelInfo, describe, module_bytes
-from core.registry import MODELS, ModelSpec
+from core.models import loading, standins
+from core.models.devices import pick_device, pick_dtype
+from core.models.info import ModelInfo, describe, module_bytes
+from core.models.memory import DoesNotFitError, MemoryPolicy, Placement, Resident, move_model, plan_placement
+from core.models.registry import MODELS, ModelSpec
 
 log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
@@ -48,7 +49,7 @@ class ModelState(StrEnum):
 
 
 class RemoteModel:
-    """Base of a model that lives in another process (the ray backend's `core.serving.ServedModel`).
+    """Base of a model that lives in another process (the ray backend's `core.backends.ray_client.ServedModel`).
 
     Core inference functions hand a call on such a model to its method of the same name, which runs the same
     function where the model lives; the object also carries what pages read directly (config, tokenizer).
@@ -148,7 +149,7 @@ Loader = Callable[[ModelSpec, loading.ModelSource, torch.device, torch.dtype, Se
 
 
 class CountsUses:
-    """`use()` for both managers (this one and core.serving's RayManager): each has `_lock`, `_entry()` and `get()`."""
+    """`use()` for both managers (this one and core.backends.ray_client's RayManager): each has `_lock`, `_entry()` and `get()`."""
 
     _lock: threading.Lock
 
@@ -216,7 +217,7 @@ class ModelManager(CountsUses):
         """The loaded model, loading it first if needed. A stand-in is used only when allowed and the real one fails.
 
         On GPUs the memory policy picks the card, or `gpu` (CUDA index) does; a model parked on the CPU, or on
-        another card than `gpu`, is moved rather than loaded again. Raises core.memory.DoesNotFitError when
+        another card than `gpu`, is moved rather than loaded again. Raises core.models.memory.DoesNotFitError when
         the model does not fit even after every idle model has left.
         """
         entry = self._entry(spec)
@@ -378,7 +379,7 @@ class ModelManager(CountsUses):
         return LoadedModel(spec, obj, device, dtype, source, module_bytes(obj), load_s, describe(obj, dtype))
 
     def dtype_for(self, spec: ModelSpec) -> torch.dtype:
-        """The dtype `spec` loads in on this manager's device (core.devices.pick_dtype)."""
+        """The dtype `spec` loads in on this manager's device (core.models.devices.pick_dtype)."""
         return pick_dtype(self.device, spec.family, self.settings.cpu_bf16)
 
     def unload(self, key: str) -> int:

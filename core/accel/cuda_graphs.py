@@ -3,13 +3,13 @@
 A ResNet50 or ViT-base forward of one image launches a few hundred kernels, an SD UNet step over a thousand; on a
 fast GPU the CPU cannot issue them as quickly as the GPU runs them. A CUDA graph records the launches once and
 replays them in one call: the same kernels on the same data, so results match eager exactly. Graphs have fixed input
-and output buffers, so each replay holds a lock, and a call that has no graph runs eagerly. Once core.compiled has
+and output buffers, so each replay holds a lock, and a call that has no graph runs eagerly. Once core.accel.compiled has
 compiled a shape in the background, its graph is captured again from the compiled function (fewer, fused kernels).
 
 A graph records the addresses of the weights it reads, so a module's graphs (and compiles) are tied to where its
 weights were when they were captured, and dropped when a cast, an offload or an eviction moved them.
 
-Forward functions are "steps": module-level functions of (module, *tensors), see core.compiled.
+Forward functions are "steps": module-level functions of (module, *tensors), see core.accel.compiled.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core import compiled
+from core.accel import compiled
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ def vae_decode_step(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor
 
 @contextmanager
 def compiled_vae_decode(vae: torch.nn.Module, allowed: bool = True) -> Iterator[None]:
-    """Within: the VAE's plain decodes use its compiled decoder once core.compiled has it (queued at the first one).
+    """Within: the VAE's plain decodes use its compiled decoder once core.accel.compiled has it (queued at the first one).
 
     Not graphed: the decoder is GPU-bound (21.6 of 22.7 ms at 512x512 on an H100) and a graph would keep its largest
     activations, over a GiB, reserved for good. Sliced and tiled decodes keep diffusers' own path.

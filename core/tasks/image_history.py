@@ -73,7 +73,7 @@ _COLUMNS = "id, created_at, prompt, negative_prompt, model, seed, width, height,
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """What the caller knows about one image; `parameters` is the PNG's full `parameters` text (core.pnginfo)."""
+    """What the caller knows about one image; `parameters` is the PNG's full `parameters` text (core.tasks.pnginfo)."""
 
     prompt: str
     negative_prompt: str

@@ -1,8 +1,8 @@
 """Fill the model cache on a machine with Hub access, for a server or a Space that has none.
 
-    python -m core.cache_fill                         # every model, into the Hub cache (HF_HOME) and TORCH_HOME
-    python -m core.cache_fill hotdog sentiment        # some of them
-    python -m core.cache_fill --models-root /models   # Hub-layout folders instead, for DASH_MODELS_ROOT
+    python -m core.models.cache_fill                         # every model, into the Hub cache (HF_HOME) and TORCH_HOME
+    python -m core.models.cache_fill hotdog sentiment        # some of them
+    python -m core.models.cache_fill --models-root /models   # Hub-layout folders instead, for DASH_MODELS_ROOT
 
 Only what the loaders read is fetched: configs, tokenizer and scheduler files, safetensors weights, and a `.bin`
 only where a folder has no safetensors (julien-c/hotdog-not-hotdog ships only a `.bin`); no fp16 or EMA variants,
@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from core import loading
 from core.config import Settings
 from core.errors import GatedModelError, SettingsError
 from core.formatting import human_bytes
-from core.registry import MODELS, Family, ModelSpec
+from core.models import loading
+from core.models.registry import MODELS, Family, ModelSpec
 
 # Configs, vocabularies and merges, sentencepiece tokenizers, weights.
 _KEPT_SUFFIXES = (".json", ".txt", ".model", ".safetensors")
@@ -106,7 +106,7 @@ class HubClient:
         return Path(folder)
 
     def fetch_torch_hub(self, spec: ModelSpec) -> tuple[str, ...]:
-        """The repo and the weights, as `core.loading` reads them; names relative to `torch_hub_dir`."""
+        """The repo and the weights, as `core.models.loading` reads them; names relative to `torch_hub_dir`."""
         import torch
         import torchvision
 
@@ -153,7 +153,7 @@ def fetch(spec: ModelSpec, hub: Hub, token: str | None, models_root: Path | None
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m core.cache_fill",
+        prog="python -m core.models.cache_fill",
         description="Fetch the dashboard's models from the Hub into the local caches, for offline use.",
     )
     parser.add_argument("models", nargs="*", metavar="MODEL", help=f"model keys (default: all): {', '.join(MODELS)}")

@@ -17,7 +17,7 @@ import torch
 from core.checks import check_number
 from core.config import Settings
 from core.errors import BadInputError
-from core.registry import custom_spec, folder_in_models_root, is_typed_folder, is_valid_repo_id, repo_folder_in_models_root
+from core.models.registry import custom_spec, folder_in_models_root, is_typed_folder, is_valid_repo_id, repo_folder_in_models_root
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' training scripts and save_lora_weights use
 MAX_WEIGHT = 4.0  # beyond this a LoRA only burns the image; negative weights steer away from its concept
@@ -55,7 +55,7 @@ def read_upload(file_name: str, data: bytes) -> LoraAdapter:
 
 def read_source(text: str, settings: Settings) -> LoraAdapter:
     """An adapter from a folder inside the models root (starting with /, ~ or .; see
-    `core.registry.folder_in_models_root`) or a Hub repo id; `<models_root>/<repo id>` wins over the Hub."""
+    `core.models.registry.folder_in_models_root`) or a Hub repo id; `<models_root>/<repo id>` wins over the Hub."""
     text = text.strip()
     if is_typed_folder(text):
         return _from_folder(folder_in_models_root(text, settings.models_root, "LoRA"), text)
@@ -85,8 +85,8 @@ def _from_hub(repo_id: str, settings: Settings) -> LoraAdapter:
     from huggingface_hub import hf_hub_download
     from safetensors.torch import load_file
 
-    from core.loading import ModelSource, classify_load_error
-    from core.reachability import hub_reachable
+    from core.models.loading import ModelSource, classify_load_error
+    from core.models.reachability import hub_reachable
 
     try:
         # Only the cache while the Hub does not answer: the client's own retries take 23 s to give up.

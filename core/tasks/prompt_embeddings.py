@@ -3,12 +3,12 @@
     embeddings = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompt, negative_prompt, device, dtype)
     pipe(prompt_embeds=embeddings.prompt_embeds, negative_prompt_embeds=embeddings.negative_prompt_embeds, ...)
 
-Each 77-token chunk of core.prompt_syntax is encoded alone and the chunks are concatenated along the sequence, so
+Each 77-token chunk of core.tasks.prompt_syntax is encoded alone and the chunks are concatenated along the sequence, so
 a prompt of any length is read whole. A chunk with weights has its hidden states multiplied token by token, then
 scaled back to the chunk's original mean (A1111's "Original" emphasis). A chunk without weights is the text
 encoder's output as it is, in the same call diffusers' `encode_prompt` makes, so a plain prompt of at most 75
 tokens gives the very same tensor (tests/test_prompt_embeddings.py) and costs nothing extra; each call has the
-shape (1, 77), so core.cuda_graphs' text-encoder graph serves every chunk.
+shape (1, 77), so core.accel.cuda_graphs' text-encoder graph serves every chunk.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from core.prompt_syntax import LoraTag, TokenChunk, empty_chunk, tokenize_prompt
+from core.tasks.prompt_syntax import LoraTag, TokenChunk, empty_chunk, tokenize_prompt
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def encode_prompts(
 
     `device` is where the pipeline runs (`pipe._execution_device` under CPU offload). BadInputError (before any
     encoding) for a weight or LoRA tag that is no number and for an over-long prompt. The tokenizer must not be
-    padding for another caller meanwhile (see core.prompt_syntax).
+    padding for another caller meanwhile (see core.tasks.prompt_syntax).
     """
     positive = tokenize_prompt(tokenizer, prompt)
     negative = tokenize_prompt(tokenizer, negative_prompt, read_tags=False)  # A1111 reads tags from the prompt only

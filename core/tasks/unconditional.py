@@ -17,7 +17,9 @@ from PIL import Image
 
 from core.checks import check_number
 from core.config import Settings
-from core.generation import (
+from core.models.manager import LoadedModel
+from core.models.registry import ModelSpec, spec_for_choice
+from core.tasks.generation import (
     MAX_SEED,
     GeneratedImage,
     StepReporter,
@@ -28,9 +30,7 @@ from core.generation import (
     seeds_from,
     stops_within_model_calls,
 )
-from core.jobs import JobContext
-from core.manager import LoadedModel
-from core.registry import ModelSpec, spec_for_choice
+from core.tasks.jobs import JobContext
 
 DDPM_MODEL_KEYS = ("ddpm-butterflies", "ddpm-cifar10")
 MAX_STEPS = 1000  # DDPM was trained with 1000 noise levels; fewer steps skip levels (faster, blurrier)
@@ -60,7 +60,7 @@ class UnconditionalResult:
     seconds: float
     steps_per_s: float
     peak_memory_bytes: int | None
-    unet_path: str = "eager"  # the DDPM loop's small UNet calls are not graphed (core.generation's are)
+    unet_path: str = "eager"  # the DDPM loop's small UNet calls are not graphed (core.tasks.generation's are)
 
 
 def model_spec_for(choice: str, custom: str, settings: Settings) -> ModelSpec:
@@ -98,8 +98,8 @@ def generate(
     context: JobContext | None = None,
     abandoned: Callable[[], bool] = lambda: False,
 ) -> UnconditionalResult:
-    """Sample `settings.num_images` images from the DDPM model in `model`; cancel and errors as core.generation.generate."""
-    if model.is_remote:  # the ray backend: this function runs on a Serve replica (core/serving.py)
+    """Sample `settings.num_images` images from the DDPM model in `model`; cancel and errors as core.tasks.generation.generate."""
+    if model.is_remote:  # the ray backend: this function runs on a Serve replica (core/backends/ray_client.py)
         return model.obj.generate_unconditional(settings, context, abandoned)
     # 1. Check inputs
     check_inputs(settings)

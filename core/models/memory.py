@@ -18,7 +18,7 @@ import torch
 from core.config import EvictTo, Settings, VramBudget
 from core.errors import GpuOutOfMemoryError
 from core.formatting import human_bytes
-from core.gpu import allocator_stats, host_memory
+from core.gpu.nvml import allocator_stats, host_memory
 
 # Room left outside the budget for the CUDA context (300-500 MiB) and each run's activations (SD 1.5 at 512²
 # in fp16 peaks about 1.2 GiB above its weights): 10 % of the card, at least 2 GiB.

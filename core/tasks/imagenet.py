@@ -10,12 +10,12 @@ import torch
 import torchvision
 from PIL import Image
 
-from core.classify import Classification, ClassificationRun, gpu_memory_guard, run_batched, scores_from_logits
-from core.cuda_graphs import graphed_forward
+from core.accel.cuda_graphs import graphed_forward
 from core.errors import BadInputError
-from core.images import DecodedImage
-from core.manager import LoadedModel
-from core.registry import MODELS, ModelSpec
+from core.models.manager import LoadedModel
+from core.models.registry import MODELS, ModelSpec
+from core.tasks.classify import Classification, ClassificationRun, gpu_memory_guard, run_batched, scores_from_logits
+from core.tasks.images import DecodedImage
 
 DEFAULT_TOP_K = 5
 
@@ -53,7 +53,7 @@ def preprocess(model: LoadedModel, images: list[DecodedImage]) -> torch.Tensor:
     transform = weights_of(model.spec).transforms()
     batch = torch.stack([transform(decoded.image) for decoded in images])
     batch = batch.to(model.device, dtype=model.dtype)
-    return batch.contiguous(memory_format=torch.channels_last)  # as the model's weights (core.loading)
+    return batch.contiguous(memory_format=torch.channels_last)  # as the model's weights (core.models.loading)
 
 
 def _logits(module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -70,7 +70,7 @@ def postprocess(logits: torch.Tensor, categories: list[str], images: list[Decode
 
 def classify(model: LoadedModel, images: list[DecodedImage], top_k: int = DEFAULT_TOP_K) -> ClassificationRun:
     """The `top_k` most likely ImageNet classes of every image, batched, highest first."""
-    if model.is_remote:  # the ray backend: this function runs on a Serve replica (core/serving.py)
+    if model.is_remote:  # the ray backend: this function runs on a Serve replica (core/backends/ray_client.py)
         return model.obj.classify(images, top_k)
     names = categories(model.spec)
     if not 1 <= top_k <= len(names):
@@ -106,7 +106,7 @@ def grad_cam(model: LoadedModel, image: DecodedImage, class_index: int) -> Salie
     features, a ViT's patch embedding); the hooks sit on a model every session shares, so they record only
     the calling thread's pass and are removed before returning. No parameter gradient is accumulated.
     """
-    if model.is_remote:  # the ray backend: this function runs on a Serve replica (core/serving.py)
+    if model.is_remote:  # the ray backend: this function runs on a Serve replica (core/backends/ray_client.py)
         return model.obj.grad_cam(image, class_index)
     names = categories(model.spec)
     if not 0 <= class_index < len(names):

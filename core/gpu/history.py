@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from core.gpu import GpuMonitor, allocator_stats, host_memory
+from core.gpu.nvml import GpuMonitor, allocator_stats, host_memory
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from core.classify import LabelScore
 from core.config import Settings
 from core.errors import BadInputError, GpuOutOfMemoryError
-from core.jobs import JobContext
-from core.manager import LoadedModel, ModelManager, release_memory
-from core.registry import MODELS, ModelSpec, custom_spec, folder_in_models_root, is_typed_folder, is_valid_repo_id
+from core.models.manager import LoadedModel, ModelManager, release_memory
+from core.models.registry import MODELS, ModelSpec, custom_spec, folder_in_models_root, is_typed_folder, is_valid_repo_id
+from core.tasks.classify import LabelScore
+from core.tasks.jobs import JobContext
 
 # Texts tokenised at a time: bounds host memory for 100,000 rows, and is the unit that overlaps with the model.
 SLAB_TEXTS = 4096
@@ -122,7 +122,7 @@ class SentimentScores:
 
 def model_spec(choice: str, settings: Settings) -> ModelSpec:
     """The spec for a text-classification model given as a Hub repo id (owner/name) or a folder inside the models
-    root (starting with /, ~ or .; see `core.registry.folder_in_models_root`)."""
+    root (starting with /, ~ or .; see `core.models.registry.folder_in_models_root`)."""
     value = choice.strip()
     default = MODELS["sentiment"]
     if not value or value == default.repo_id:
@@ -239,10 +239,10 @@ def _slabs(texts: Sequence[str]) -> Iterator[tuple[int, Sequence[str]]]:
 def score_texts(model: LoadedModel, texts: Sequence[str], context: JobContext | None = None) -> SentimentScores:
     """Every text through the model in length-sorted batches; arrays in input order.
 
-    With a `context` (from core.jobs.Job) it reports texts done after each batch and stops at the next batch
+    With a `context` (from core.tasks.jobs.Job) it reports texts done after each batch and stops at the next batch
     when the user cancels (raising JobCancelled).
     """
-    if model.is_remote:  # the ray backend: this function runs on a Serve replica (core/serving.py)
+    if model.is_remote:  # the ray backend: this function runs on a Serve replica (core/backends/ray_client.py)
         return model.obj.score_texts(texts, context)
     check_inputs(texts)
     pipe = model.obj
@@ -295,7 +295,7 @@ def classify_text(model: LoadedModel, text: str) -> TextSentiment:
 
 
 def scoring_job(manager: ModelManager, spec: ModelSpec, texts: Sequence[str], allow_standin: bool) -> Callable[[JobContext], SentimentScores]:
-    """Work for core.jobs.Job: the model is held busy (never evicted) for the whole run."""
+    """Work for core.tasks.jobs.Job: the model is held busy (never evicted) for the whole run."""
 
     def work(context: JobContext) -> SentimentScores:
         with manager.use(spec, allow_standin=allow_standin) as model:
@@ -336,7 +336,7 @@ def explain(
     gradient x input takes the gradient at the text only (one pass, rougher). The gradient goes to the input alone:
     the shared model's weights get no .grad and are never changed.
     """
-    if model.is_remote:  # the ray backend: this function runs on a Serve replica (core/serving.py)
+    if model.is_remote:  # the ray backend: this function runs on a Serve replica (core/backends/ray_client.py)
         return model.obj.explain(text, method, steps, label)
     if not isinstance(text, str) or not text.strip():
         raise BadInputError(f"`text` is {text!r}: empty or whitespace only.", remedy="Type or paste some text.")

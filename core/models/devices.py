@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from core.config import Settings
-from core.registry import Family
+from core.models.registry import Family
 
 
 def pick_device(settings: Settings) -> torch.device:

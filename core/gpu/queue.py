@@ -25,10 +25,10 @@ class SlotAbandoned(Exception):
 
 @dataclass(frozen=True)
 class Seat:
-    """Whom the work running in this context queues for; core.job_board sets one around each job's work.
+    """Whom the work running in this context queues for; core.tasks.job_board sets one around each job's work.
 
     A `slot()` taken inside `seated(seat)` belongs to the seat's owner, tells `on_place` its places (0 once it holds
-    the device) and leaves the queue when `gives_up()` turns true, though its caller (core.generation) knows no board.
+    the device) and leaves the queue when `gives_up()` turns true, though its caller (core.tasks.generation) knows no board.
     """
 
     owner: str | None = None  # None: each ticket is its own owner (first come first served)

@@ -10,9 +10,9 @@ import re
 from pathlib import Path
 
 from core.config import Settings
-from core.loading import ModelSource
-from core.reachability import hub_reachable
-from core.registry import ModelSpec
+from core.models.loading import ModelSource
+from core.models.reachability import hub_reachable
+from core.models.registry import ModelSpec
 
 CARD_FILE = "README.md"
 _METADATA = re.compile(r"^instance_prompt:\s*(.+?)\s*$", re.MULTILINE)

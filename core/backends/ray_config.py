@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from core.errors import SettingsError
-from core.registry import MODELS, ModelSpec
+from core.models.registry import MODELS, ModelSpec
 
 # Kinds of deployment, by the task of the model they serve.
 KIND_OF_TASK = {
@@ -64,7 +64,7 @@ class DeploymentOptions:
 DEFAULTS = {
     "classifier": DeploymentOptions(max_replicas=2, target_ongoing_requests=8, max_ongoing_requests=64, max_batch_size=32),
     "sentiment": DeploymentOptions(max_replicas=2, target_ongoing_requests=8, max_ongoing_requests=64, max_batch_size=32),
-    # A generation replica runs one image batch at a time (core.gpu_queue inside it); a few more wait there, with
+    # A generation replica runs one image batch at a time (core.gpu.queue inside it); a few more wait there, with
     # their place in line streamed back to the page, and the rest wait in Serve's queue.
     "generation": DeploymentOptions(target_ongoing_requests=1, max_ongoing_requests=4, max_batch_size=1),
 }

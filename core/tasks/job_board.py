@@ -1,8 +1,8 @@
 """Every user's generation runs: submit several, see each one's place and progress, cancel any of your own.
 
 One board per process holds each owner's jobs (a user's e-mail when logged in, else the browser's id): starting,
-waiting for the GPU, on it, and finished until the page collects them. Each job is a core.jobs.Job whose work runs
-in a core.gpu_queue seat, so every GPU slot it takes is its owner's (turns go round the owners) and tells the
+waiting for the GPU, on it, and finished until the page collects them. Each job is a core.tasks.jobs.Job whose work runs
+in a core.gpu.queue seat, so every GPU slot it takes is its owner's (turns go round the owners) and tells the
 board its place. Memory stays bounded: a few unfinished jobs per owner, a few finished ones for a while, and none of a
 session that has gone.
 """
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.errors import BadInputError, DashboardError
-from core.gpu_queue import Seat, SlotAbandoned, seated
-from core.jobs import Job, JobCancelled, JobContext, JobSnapshot, JobState
+from core.gpu.queue import Seat, SlotAbandoned, seated
+from core.tasks.jobs import Job, JobCancelled, JobContext, JobSnapshot, JobState
 
 
 class NotYourJobError(DashboardError):

@@ -2,7 +2,7 @@
 
 Compiling the SD UNet takes over a minute, ResNet50 about 20 s (H100, cold cache; docs/PERFORMANCE.md). So the first
 call of a step function at a new input shape queues a compile of that shape on one worker thread and is served
-eagerly; once the compile is done, calls of that shape get the compiled function (which core.cuda_graphs then
+eagerly; once the compile is done, calls of that shape get the compiled function (which core.accel.cuda_graphs then
 captures in a graph). Inductor's on-disk caches (DASH_COMPILE_CACHE) make the next start's compiles much shorter.
 
 Step functions take the module as their first argument and are module-level functions: a compiled function then

@@ -2,7 +2,7 @@
 
 Where a model comes from, in order: a per-model folder (`DASH_MODEL_<KEY>`), a typed folder or `<models_root>/<repo_id>`
 (what a user typed only inside the root), then the Hub (or GitHub for torch.hub, from an allowed repo only). While
-the Hub does not answer (`core.reachability`), Hub models load from the local cache only, and torch.hub ones from
+the Hub does not answer (`core.models.reachability`), Hub models load from the local cache only, and torch.hub ones from
 torchvision's copy. Every failure comes out as a typed exception: `core.errors`, or `TorchHubRepoNotAllowedError` below.
 """
 from __future__ import annotations
@@ -18,10 +18,10 @@ from urllib.parse import urlsplit
 
 import torch
 
-from core import reachability
 from core.config import MODEL_FOLDER_PREFIX, Settings
 from core.errors import DashboardError, GatedModelError, ModelUnavailableError
-from core.registry import Family, ModelSpec, folder_in_models_root, repo_folder_in_models_root
+from core.models import reachability
+from core.models.registry import Family, ModelSpec, folder_in_models_root, repo_folder_in_models_root
 
 
 class TorchHubRepoNotAllowedError(DashboardError):
@@ -32,7 +32,7 @@ class TorchHubRepoNotAllowedError(DashboardError):
 
 GITHUB = "https://github.com"  # where torch.hub fetches a repo's code
 OFFLINE_REMEDY = (
-    "Fill the caches on a machine with network (`python -m core.cache_fill`, README \"Offline\") and copy them here, "
+    "Fill the caches on a machine with network (`python -m core.models.cache_fill`, README \"Offline\") and copy them here, "
     "or point DASH_MODELS_ROOT at a folder that holds the model; on a server without network set HF_HUB_OFFLINE=1. "
     "Or use the stand-in model (random weights) to try the page."
 )
@@ -59,7 +59,7 @@ def env_var_for(spec: ModelSpec) -> str:
 
 
 def typed_by_user(spec: ModelSpec) -> bool:
-    """A model the user typed (a repo id or folder: `core.registry.custom_spec`), not one of the app's own."""
+    """A model the user typed (a repo id or folder: `core.models.registry.custom_spec`), not one of the app's own."""
     return "@" in spec.key
 
 
@@ -67,7 +67,7 @@ def resolve_source(spec: ModelSpec, settings: Settings) -> ModelSource:
     """The operator's `DASH_MODEL_<KEY>` folder, a typed folder, `<models_root>/<repo id>`, or else the Hub.
 
     A folder or repo id a user typed (a custom spec) is checked again here to lie inside the models root, symlinks
-    followed (`core.registry.folder_in_models_root`): BadInputError otherwise. The operator's folders are used as set.
+    followed (`core.models.registry.folder_in_models_root`): BadInputError otherwise. The operator's folders are used as set.
     """
     operator_folder = None if typed_by_user(spec) else settings.model_folder(spec.key)
     if operator_folder is not None:
@@ -119,7 +119,7 @@ _FIRST_FILE = {Family.TRANSFORMERS: "config.json", Family.DIFFUSERS: "model_inde
 
 def _pretrained_source(spec: ModelSpec, source: ModelSource, settings: Settings) -> tuple[str, dict[str, Any]]:
     """What from_pretrained gets: a folder as it is; a Hub repo with its revision and token; or, while the Hub does not
-    answer (`core.reachability`), the repo's snapshot folder in the local cache, so that no library asks the Hub
+    answer (`core.models.reachability`), the repo's snapshot folder in the local cache, so that no library asks the Hub
     (transformers' pipeline looks for an adapter file there even with local_files_only, through the client's retries).
     """
     if source.is_local:

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from core.cuda_graphs import graphed_forward
+from core.accel.cuda_graphs import graphed_forward
 from core.errors import BadInputError, GpuOutOfMemoryError
-from core.images import DecodedImage
-from core.manager import LoadedModel, release_memory
+from core.models.manager import LoadedModel, release_memory
+from core.tasks.images import DecodedImage
 
 # One forward pass holds at most this many images: bounds activation memory for a large multi-file upload.
 MAX_BATCH = 64
@@ -100,7 +100,7 @@ def postprocess(logits: torch.Tensor, id2label: dict[int, str], images: list[Dec
 
 def classify_images(model: LoadedModel, images: list[DecodedImage]) -> ClassificationRun:
     """Every image through the pipeline's model, batched; probabilities for every label of its config, highest first."""
-    if model.is_remote:  # the ray backend: this function runs on a Serve replica (core/serving.py)
+    if model.is_remote:  # the ray backend: this function runs on a Serve replica (core/backends/ray_client.py)
         return model.obj.classify_images(images)
     pipe = model.obj
     return run_batched(model, images, lambda chunk: postprocess(_forward(pipe.model, preprocess(pipe, chunk)), pipe.model.config.id2label, chunk))

@@ -19,10 +19,10 @@ from typing import TypeVar
 import torch
 from PIL import Image, PngImagePlugin
 
-from core import generation
 from core.errors import BadInputError
-from core.generation import SCHEDULERS, GenerationSettings, MemoryMode, Mode, Precision, SourceImages
-from core.images import MAX_PIXELS
+from core.tasks import generation
+from core.tasks.generation import SCHEDULERS, GenerationSettings, MemoryMode, Mode, Precision, SourceImages
+from core.tasks.images import MAX_PIXELS
 
 PARAMETERS_KEY = "parameters"
 NEGATIVE_PREFIX = "Negative prompt:"
@@ -113,7 +113,7 @@ def read_parameters(data: bytes, name: str = "the file", max_pixels: int = MAX_P
     """The `parameters` text of a PNG; BadInputError when it is not a PNG, carries none or cannot be read.
 
     Text before the image data (ours and AUTOMATIC1111's) needs no decoding. Text after it is read by decoding the
-    pixels, so only in an image within `max_pixels` (the limit of core.images), and in an animated PNG only up to its
+    pixels, so only in an image within `max_pixels` (the limit of core.tasks.images), and in an animated PNG only up to its
     second frame: text after the last frame would need every frame decoded.
     """
     try:
@@ -133,7 +133,7 @@ def read_parameters(data: bytes, name: str = "the file", max_pixels: int = MAX_P
         raise
     except Image.DecompressionBombError as error:
         raise BadInputError(f"{name} claims more pixels than this app decodes: {error}", remedy=_REMEDY) from None
-    except Exception:  # as in core.images: each PIL plugin raises its own types on malformed bytes
+    except Exception:  # as in core.tasks.images: each PIL plugin raises its own types on malformed bytes
         raise BadInputError(f"{name} is not a readable image: its bytes are damaged, cut short or of another format.", remedy=_REMEDY) from None
     if not text:
         raise BadInputError(f"{name} carries no generation settings (no `parameters` text in the PNG).", remedy=_REMEDY)
@@ -144,7 +144,7 @@ def parse_parameters(text: str) -> ParsedParameters:
     """Settings from a `parameters` text; what it does not say keeps the default. Unknown keys are ignored.
 
     BadInputError for a text longer than MAX_TEXT_CHARS, a value that is not a number or choice this app knows, or
-    settings that no run accepts (core.generation.check_inputs); the precision and memory mode, which depend on the
+    settings that no run accepts (core.tasks.generation.check_inputs); the precision and memory mode, which depend on the
     machine, are checked when the run starts.
     """
     if len(text) > MAX_TEXT_CHARS:

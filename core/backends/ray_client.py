@@ -1,7 +1,7 @@
 """The ray backend: every model a Ray Serve deployment, behind the same core functions the pages call.
 
 `RayManager` has the local `ModelManager`'s public face (get, use, status, unload). Its `get` deploys the model as
-its own Serve application (`ModelServer`, with the replicas, resources and batching of `core.serving_config`) and
+its own Serve application (`ModelServer`, with the replicas, resources and batching of `core.backends.ray_config`) and
 returns a `LoadedModel` whose `obj` is a `ServedModel`: what pages read directly (config, tokenizer, component
 sizes) plus one method per core function. The core functions (`classify_images`, `imagenet.classify`,
 `sentiment.score_texts`, `generation.generate`, ...) see `model.is_remote` and hand the call to that method, which
@@ -39,12 +39,13 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError, RequestCancelledError
 
-from core import compiled, loading
+from core.accel import compiled
+from core.backends.ray_config import DeploymentOptions, ServingOptions, load_deployment_options
 from core.config import PROJECT_ROOT, Settings, read_token
 from core.errors import DashboardError, ModelUnavailableError
-from core.gpu import SNAPSHOT_TTL_S, GpuMonitor, GpuProcess, GpuReport, GpuSnapshot, allocator_stats, load_nvml
-from core.jobs import JobCancelled, JobContext
-from core.manager import (
+from core.gpu.nvml import SNAPSHOT_TTL_S, GpuMonitor, GpuProcess, GpuReport, GpuSnapshot, allocator_stats, load_nvml
+from core.models import loading
+from core.models.manager import (
     CountsUses,
     GpuBudget,
     LoadedModel,
@@ -56,8 +57,8 @@ from core.manager import (
     RemoteModel,
     module_bytes,
 )
-from core.registry import MODELS, ModelSpec
-from core.serving_config import DeploymentOptions, ServingOptions, load_deployment_options
+from core.models.registry import MODELS, ModelSpec
+from core.tasks.jobs import JobCancelled, JobContext
 
 log = logging.getLogger(__name__)
 
@@ -333,14 +334,14 @@ class ModelServer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def classify_images(self, requests: list[list]) -> list[Outcome]:
-        from core.classify import classify_images
+        from core.tasks.classify import classify_images
 
         return await self._in_one_pass(requests, lambda images: classify_images(self._model, images), _split_classification)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def classify(self, requests: list[tuple[list, int]]) -> list[Outcome]:
         """ImageNet: requests with the same top_k share a pass."""
-        from core import imagenet
+        from core.tasks import imagenet
 
         answers: list[Outcome | None] = [None] * len(requests)
         for top_k in {top_k for _, top_k in requests}:
@@ -354,7 +355,7 @@ class ModelServer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def score_texts(self, requests: list[list[str]]) -> list[Outcome]:
-        from core import sentiment
+        from core.tasks import sentiment
 
         return await self._in_one_pass(requests, lambda texts: sentiment.score_texts(self._model, texts), _split_scores)
 
@@ -379,32 +380,32 @@ class ModelServer:
     # Single requests -----------------------------------------------------------------------------------------------
 
     async def grad_cam(self, image: Any, class_index: int) -> Outcome:
-        from core import imagenet
+        from core.tasks import imagenet
 
         return await self._answer(lambda: imagenet.grad_cam(self._model, image, class_index), "Grad-CAM")
 
     async def explain(self, text: str, method: str, steps: int, label: str | None) -> Outcome:
-        from core import sentiment
+        from core.tasks import sentiment
 
         return await self._answer(lambda: sentiment.explain(self._model, text, method, steps, label), "word attributions")
 
     # Long runs: streamed -----------------------------------------------------------------------------------------
 
     async def score_texts_job(self, texts: list[str]):
-        from core import sentiment
+        from core.tasks import sentiment
 
         async for event in self._stream(lambda context: sentiment.score_texts(self._model, texts, context), "scoring texts"):
             yield event
 
     async def generate(self, settings: Any, source: Any, loras: tuple):
-        from core import generation
+        from core.tasks import generation
 
         work = lambda context: generation.generate(self._model, settings, context, source=source, loras=loras)  # noqa: E731
         async for event in self._stream(work, "image generation"):
             yield event
 
     async def generate_unconditional(self, settings: Any):
-        from core import unconditional
+        from core.tasks import unconditional
 
         async for event in self._stream(lambda context: unconditional.generate(self._model, settings, context), "unconditional generation"):
             yield event
@@ -645,7 +646,7 @@ class RayManager(CountsUses):
     """The ray backend's model manager: the local ModelManager's public methods, over Serve deployments."""
 
     def __init__(self, settings: Settings, loader: Loader | None = None, *, options: ServingOptions | None = None) -> None:
-        """`loader` replaces `core.loading.load` on the replicas (tests: a loader that fails once)."""
+        """`loader` replaces `core.models.loading.load` on the replicas (tests: a loader that fails once)."""
         self.settings = settings
         self.options = options or load_deployment_options(settings.ray_deployments)
         # Where generation runs, for the checks pages make before a run (precision, memory mode).

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from core.registry import Family, ModelSpec
+from core.models.registry import Family, ModelSpec
 
 STANDIN_SEED = 0  # fixed, so a stand-in gives the same outputs on every machine
 _build_lock = threading.Lock()
@@ -30,7 +30,7 @@ def ensure_built(spec: ModelSpec, root: Path) -> Path:
         try:
             torch.manual_seed(STANDIN_SEED)
             _BUILDERS[(spec.family, spec.task)](spec, building)
-            (building / ".complete").write_text("random weights, built by core.standins\n")
+            (building / ".complete").write_text("random weights, built by core.models.standins\n")
             shutil.rmtree(folder, ignore_errors=True)
             building.rename(folder)
         finally:

@@ -6,11 +6,11 @@
 `prompt_parser.parse_prompt_attention` and `extra_networks.parse_prompt` do. `tokenize_prompt` turns it into CLIP
 windows of 77 tokens (start, up to 75 prompt tokens, end, padding) with a weight per token, split as A1111's
 `sd_hijack_clip.tokenize_line` splits them: at 75 tokens, or after the last comma when that is at most 20 tokens
-back, and at every BREAK. core.prompt_embeddings encodes the windows; the page shows `prompt_usage(...).caption`.
+back, and at every BREAK. core.tasks.prompt_embeddings encodes the windows; the page shows `prompt_usage(...).caption`.
 
 The tokenizer is a transformers CLIP tokenizer. A fast one keeps its padding and truncation settings on the object
 and sets them on every call: these functions always call it the same way (no padding, no truncation), but must not
-share it with a caller that pads at the same time (see core.generation's `_counting_lock` and `run_tokenizer`).
+share it with a caller that pads at the same time (see core.tasks.generation's `_counting_lock` and `run_tokenizer`).
 """
 from __future__ import annotations
 

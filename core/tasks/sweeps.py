@@ -20,13 +20,13 @@ from enum import StrEnum
 
 from PIL import Image, ImageDraw, ImageFont
 
-from core import pnginfo
 from core.checks import check_number, shown
 from core.errors import BadInputError
-from core.generation import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, SCHEDULERS, GenerationSettings, available_schedulers
-from core.images import MAX_PIXELS
-from core.jobs import JobCancelled
-from core.lora import MAX_WEIGHT, LoraChoice
+from core.tasks import pnginfo
+from core.tasks.generation import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, SCHEDULERS, GenerationSettings, available_schedulers
+from core.tasks.images import MAX_PIXELS
+from core.tasks.jobs import JobCancelled
+from core.tasks.lora import MAX_WEIGHT, LoraChoice
 
 # 16 values an axis and 64 cells in all: 64 SD 1.x images of 512x512 at 25 steps take 13 s on an H100 with CUDA graphs
 # and about 90 s eager, as LoRA runs are (0.20 and about 1.4 s an image, docs/PERFORMANCE.md), and 8x8 cells still
@@ -333,7 +333,7 @@ def _apply(axis: Axis, value: AxisValue, settings: GenerationSettings, loras: tu
 
 
 def _recorded(loras: tuple[LoraChoice, ...]) -> tuple[tuple[str, float], ...]:
-    """The choices as GenerationSettings.loras records them (what core.generation.generate sets too)."""
+    """The choices as GenerationSettings.loras records them (what core.tasks.generation.generate sets too)."""
     return tuple((choice.adapter.name, choice.weight) for choice in loras)
 
 
@@ -455,7 +455,7 @@ def _draw_lines(draw: ImageDraw.ImageDraw, font: Font, lines: tuple[str, ...], l
 
 def grid_parameters_text(plan: SweepPlan, model_name: str) -> str:
     """The grid PNG's `parameters`: the first cell's settings (a run that can be made again), and the axes with A1111's
-    keys ("Script: X/Y plot, X Type: CFG scale, X Values: "5, 7, 9"), which core.pnginfo's reader ignores."""
+    keys ("Script: X/Y plot, X Type: CFG scale, X Values: "5, 7, 9"), which core.tasks.pnginfo's reader ignores."""
     pairs = {"Script": "X/Y plot"}
     for name, axis in (("X", plan.x), ("Y", plan.y)):
         if axis is not None:

@@ -1,0 +1,1 @@
+"""Acceleration: torch.compile in the background and CUDA-graph replay."""

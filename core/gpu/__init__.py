@@ -1,0 +1,1 @@
+"""The GPU: NVML readings, the per-GPU run queue, the memory history."""

@@ -1,0 +1,1 @@
+"""Models: where each comes from, loading, stand-ins, the local model table and its memory policy."""

@@ -1,0 +1,1 @@
+"""Tasks: each model's inference (preprocess -> _forward -> postprocess) and the inputs and outputs around it."""
