@@ -9,8 +9,8 @@ import streamlit as st
 
 from app_pages.common import TASK_PAGES, literal
 from app_pages.identity import sidebar_login
+from core.api import SettingsError
 from core.app_state import get_settings
-from core.errors import SettingsError
 
 st.set_page_config(page_title="Model dashboard", page_icon="🧪", layout="wide")
 

@@ -8,12 +8,17 @@ from pathlib import Path
 
 import streamlit as st
 
-from core.app_state import get_manager
-from core.errors import BadInputError, DashboardError, ModelUnavailableError
-from core.models.manager import LoadedModel
-from core.models.registry import ModelSpec
-from core.tasks.classify import LabelScore
-from core.tasks.images import DecodedImage, decode_image
+from core.api import (
+    BadInputError,
+    DashboardError,
+    DecodedImage,
+    LabelScore,
+    LoadedModel,
+    ModelSpec,
+    ModelUnavailableError,
+    decode_image,
+)
+from core.app_state import get_backend
 
 # (file, title, icon, url path): Home.py builds the navigation from this, the Home page its links.
 TASK_PAGES = (
@@ -56,7 +61,7 @@ def _standin_key(spec: ModelSpec) -> str:
 @contextmanager
 def model_in_use(spec: ModelSpec) -> Iterator[LoadedModel]:
     """The model for one run, counted as busy so that the memory policy never moves or evicts it mid-run."""
-    with get_manager().use(spec, allow_standin=st.session_state.get(_standin_key(spec), False)) as model:
+    with get_backend().use(spec, allow_standin=st.session_state.get(_standin_key(spec), False)) as model:
         yield model
 
 
@@ -65,7 +70,7 @@ def require_model(spec: ModelSpec) -> LoadedModel:
     allow_standin = st.session_state.get(_standin_key(spec), False)
     try:
         with st.spinner(f"Loading {literal(spec.title)}…"):
-            model = get_manager().get(spec, allow_standin=allow_standin)
+            model = get_backend().get(spec, allow_standin=allow_standin)
     except DashboardError as error:
         show_error(error)
         if isinstance(error, ModelUnavailableError):

@@ -17,19 +17,37 @@ import streamlit as st
 from PIL import Image
 
 from app_pages.common import STANDIN_FILE_SUFFIX, literal, require_model, show_error
-from core.app_state import get_manager, get_settings
-from core.errors import BadInputError, DashboardError
-from core.formatting import human_bytes, precision_label
-from core.gpu.queue import queue_for
-from core.models import model_card
-from core.models.manager import LoadedModel
-from core.models.registry import MODELS, ModelSpec
-from core.tasks import generation, lora, pnginfo, unconditional
-from core.tasks.generation import GenerationResult, GenerationSettings, MemoryMode, Mode, Precision, SourceImages
-from core.tasks.images import decode_image, mask_overlay, shape_mask
-from core.tasks.jobs import Job, JobState
-from core.tasks.lora import LoraAdapter, LoraChoice
-from core.tasks.unconditional import UnconditionalResult, UnconditionalSettings
+from core.api import (
+    MODELS,
+    BadInputError,
+    DashboardError,
+    GenerationResult,
+    GenerationSettings,
+    Job,
+    JobState,
+    LoadedModel,
+    LoraAdapter,
+    LoraChoice,
+    MemoryMode,
+    Mode,
+    ModelSpec,
+    Precision,
+    SourceImages,
+    UnconditionalResult,
+    UnconditionalSettings,
+    decode_image,
+    generation,
+    human_bytes,
+    lora,
+    mask_overlay,
+    model_card,
+    pnginfo,
+    precision_label,
+    queue_for,
+    shape_mask,
+    unconditional,
+)
+from core.app_state import get_backend, get_settings
 
 if TYPE_CHECKING:
     import torch
@@ -70,7 +88,7 @@ DDPM_INPUTS = ("ddpm_images", "ddpm_steps", "ddpm_model", "ddpm_custom")
 def form_defaults() -> None:
     """The form's starting values, set once per session: widgets then read and write only session state. On a CPU
     a smaller size and fewer steps (generation.defaults_for), so that the first run finishes in under a minute."""
-    defaults = generation.defaults_for(get_manager().device)
+    defaults = generation.defaults_for(get_backend().device.type)
     values = {
         "prompt": defaults.prompt, "negative": defaults.negative_prompt, "steps": defaults.steps,
         "guidance": defaults.guidance_scale, "width": defaults.width, "height": defaults.height,
@@ -157,9 +175,8 @@ def start_run(spec: ModelSpec, model: LoadedModel, source: SourceImages | None, 
     allow_standin = model.is_standin
     try:
         settings = form_settings()
-        generation.check_inputs(settings, get_manager().device, source)
-        if not model.is_remote:  # a served model's replica checks its own device's memory when the run starts
-            generation.check_memory(model.obj, settings, model.device)
+        generation.check_inputs(settings, get_backend().device.type, source)
+        get_backend().check_memory(model, settings)
         lora.check_choices(loras)
     except BadInputError as error:
         st.session_state[OUTCOME_KEY] = error
@@ -167,8 +184,8 @@ def start_run(spec: ModelSpec, model: LoadedModel, source: SourceImages | None, 
     gone = session_gone()
 
     def work(context):
-        with get_manager().use(spec, allow_standin=allow_standin) as model:
-            return generation.generate(model, settings, context, abandoned=gone, source=source, loras=loras)
+        with get_backend().use(spec, allow_standin=allow_standin) as model:
+            return get_backend().generate(model, settings, context, abandoned=gone, source=source, loras=loras)
 
     st.session_state[OUTCOME_KEY] = None
     st.session_state[RUN_KEY] = Run(Job(work, "image generation"), min(640, 256 * settings.num_images))
@@ -185,8 +202,8 @@ def start_unconditional_run(spec: ModelSpec, allow_standin: bool) -> None:
     gone = session_gone()
 
     def work(context):
-        with get_manager().use(spec, allow_standin=allow_standin) as model:
-            return unconditional.generate(model, settings, context, abandoned=gone)
+        with get_backend().use(spec, allow_standin=allow_standin) as model:
+            return get_backend().generate_unconditional(model, settings, context, abandoned=gone)
 
     state[OUTCOME_KEY] = None
     state[RUN_KEY] = Run(Job(work, "unconditional generation"), 320)
@@ -210,7 +227,7 @@ def finish_run(run: Run) -> None:
         del gallery[GALLERY_LIMIT:]
         st.session_state[OUTCOME_KEY] = result
     elif snapshot.state is JobState.CANCELLED:
-        st.session_state[OUTCOME_KEY] = cancelled_message(get_manager().device)
+        st.session_state[OUTCOME_KEY] = cancelled_message(get_backend().device)
     else:
         st.session_state[OUTCOME_KEY] = snapshot.error
 
@@ -452,7 +469,7 @@ def stable_diffusion_form(mode: Mode, run: Run | None) -> None:
     device = model.device
     st.caption(
         f"**{literal(model.spec.title)}** on {device} ({precision_label(model.dtype)}) from {literal(model.source.label)}; safety checker "
-        + ("on (this model's config has one)." if model.obj.safety_checker is not None else "off (this model's config has none).")
+        + ("on (this model's config has one)." if model.info.has_safety_checker else "off (this model's config has none).")
     )
     if device.type == "cpu":
         st.warning(cpu_warning(model.is_standin), icon="🐢")
@@ -473,7 +490,7 @@ def stable_diffusion_form(mode: Mode, run: Run | None) -> None:
         st.slider("Strength: how much of the input is repainted (1 = all of it)", generation.MIN_STRENGTH, 1.0, step=0.01, key=key("strength"))
     st.text_area("Prompt", key=key("prompt"), height=90, placeholder="a watercolour painting of a lighthouse at dawn")
     st.text_area("Negative prompt", key=key("negative"), height=68, placeholder="blurry, low quality")
-    prompt_length = generation.prompt_length(model.obj, st.session_state[key("prompt")])
+    prompt_length = generation.prompt_length(model.info, st.session_state[key("prompt")])
     if prompt_length.truncated:
         st.warning(f"The prompt is {prompt_length.tokens} tokens and the model reads the first {prompt_length.limit}: “{literal(prompt_length.ignored_text)}” will be ignored.")
     else:
@@ -491,13 +508,13 @@ def stable_diffusion_form(mode: Mode, run: Run | None) -> None:
     scheduler_column, precision_column, memory_column = st.columns(3)
     scheduler_column.selectbox("Scheduler", generation.available_schedulers(), key=key("scheduler"))
     precision_column.selectbox(
-        "Precision", generation.precisions_for(device), key=key("precision"),
+        "Precision", generation.precisions_for(device.type), key=key("precision"),
         format_func=lambda p: f"auto ({precision_label(model.dtype)})" if p is Precision.AUTO else str(p),
     )
-    memory_column.selectbox("Memory mode", generation.memory_modes_for(device), key=key("memory_mode"))
+    memory_column.selectbox("Memory mode", generation.memory_modes_for(device.type), key=key("memory_mode"))
     loras = lora_section()
     try:
-        estimate = generation.estimate_memory(model.obj, form_settings(), device)
+        estimate = generation.estimate_memory(model.info, form_settings())
         st.caption(f"Estimated {device.type.upper()} memory for this run: about {human_bytes(estimate.total_bytes)} "
                    f"(weights {human_bytes(estimate.weights_bytes)}, working memory {human_bytes(estimate.activations_bytes)}).")
     except DashboardError:

@@ -5,9 +5,8 @@ import pandas as pd
 import streamlit as st
 
 from app_pages.common import TASK_PAGES
-from core.app_state import get_manager, get_settings
-from core.formatting import human_bytes, precision_label
-from core.models.devices import machine_info
+from core.api import human_bytes, machine_info, precision_label
+from core.app_state import get_backend, get_settings
 
 st.title("🧪 Model dashboard")
 st.write(
@@ -36,7 +35,7 @@ rows = [
         "Load time": f"{row.load_s:.1f} s" if row.load_s is not None else "—",
         "Note": row.error or "",
     }
-    for row in get_manager().status()
+    for row in get_backend().status()
 ]
 st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key="model_table")
 

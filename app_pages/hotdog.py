@@ -8,12 +8,8 @@ import pandas as pd
 import streamlit as st
 
 from app_pages.common import STANDIN_FILE_SUFFIX, image_inputs, literal, model_in_use, require_model, show_error, show_scores
-from core.errors import DashboardError
-from core.formatting import precision_label
-from core.models.registry import MODELS
-from core.tasks import tables
-from core.tasks.classify import classify_images
-from core.tasks.images import DecodedImage
+from core.api import MODELS, DashboardError, DecodedImage, precision_label, tables
+from core.app_state import get_backend
 
 
 def verdict(label: str) -> str:
@@ -39,7 +35,7 @@ if not images:
 require_model(MODELS["hotdog"])
 try:
     with model_in_use(MODELS["hotdog"]) as model:
-        run = classify_images(model, images)
+        run = get_backend().classify_images(model, images)
 except DashboardError as error:
     show_error(error)
     st.stop()

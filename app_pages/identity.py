@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.access import Access, Login, decide_access
+from core.api import Access, Login, decide_access
 from core.app_state import get_settings
 
 

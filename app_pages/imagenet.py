@@ -8,14 +8,8 @@ from typing import TypeVar
 import streamlit as st
 
 from app_pages.common import image_inputs, literal, model_in_use, require_model, show_error, show_scores
-from core.app_state import get_settings
-from core.errors import DashboardError
-from core.formatting import precision_label
-from core.models.manager import LoadedModel
-from core.models.registry import MODELS
-from core.tasks import imagenet
-from core.tasks.classify import classify_images
-from core.tasks.images import DecodedImage
+from core.api import MODELS, DashboardError, DecodedImage, LoadedModel, imagenet, precision_label
+from core.app_state import get_backend, get_settings
 
 Value = TypeVar("Value")
 TABS = ("Top-k", "Why? (Grad-CAM)", "Compare with the hot dog model")
@@ -53,7 +47,7 @@ prints = fingerprint(images)
 model = require_model(spec)
 try:
     with model_in_use(spec) as current:
-        run = remembered("imagenet:run", current, (prints, top_k), lambda: imagenet.classify(current, images, top_k))
+        run = remembered("imagenet:run", current, (prints, top_k), lambda: get_backend().classify(current, images, top_k))
 except DashboardError as error:
     show_error(error)
     st.stop()
@@ -78,7 +72,7 @@ if saliency_tab.open:
         class_index = imagenet.categories(spec).index(label)
         try:
             with model_in_use(spec) as current:
-                saliency = remembered("imagenet:cam", current, (prints[choice], class_index), lambda: imagenet.grad_cam(current, images[choice], class_index))
+                saliency = remembered("imagenet:cam", current, (prints[choice], class_index), lambda: get_backend().grad_cam(current, images[choice], class_index))
         except DashboardError as error:
             show_error(error)
         else:
@@ -96,7 +90,7 @@ if compare_tab.open:
         require_model(MODELS["hotdog"])
         try:
             with model_in_use(MODELS["hotdog"]) as current:
-                hotdog_run = remembered("imagenet:hotdog", current, prints, lambda: classify_images(current, images))
+                hotdog_run = remembered("imagenet:hotdog", current, prints, lambda: get_backend().classify_images(current, images))
         except DashboardError as error:
             show_error(error)
         else:

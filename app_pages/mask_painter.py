@@ -17,8 +17,7 @@ import streamlit as st
 from PIL import Image
 
 from app_pages.common import show_error
-from core.errors import BadInputError
-from core.tasks.outpaint import decode_mask_payload, painted_mask_size
+from core.api import BadInputError, decode_mask_payload, painted_mask_size
 
 DISPLAY_MAX_PX = 512  # the picture is shown at most this wide and this high; the mask keeps the full resolution
 BRUSH_SIZES_PX = (4, 96, 24)  # smallest, largest, first brush diameter, in displayed pixels

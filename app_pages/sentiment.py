@@ -15,13 +15,8 @@ import pandas as pd
 import streamlit as st
 
 from app_pages.common import STANDIN_FILE_SUFFIX, literal, require_model, show_error, show_scores
-from core.app_state import get_manager, get_settings
-from core.errors import DashboardError
-from core.formatting import precision_label
-from core.models.manager import LoadedModel
-from core.models.registry import MODELS
-from core.tasks import sentiment, tables
-from core.tasks.jobs import Job, JobState
+from core.api import MODELS, DashboardError, Job, JobState, LoadedModel, held_for_the_run, precision_label, sentiment, tables
+from core.app_state import get_backend, get_settings
 
 EXAMPLES = {
     "😊 A fan": "I loved this film: the cast is wonderful and the ending made me cry happy tears.",
@@ -126,6 +121,11 @@ def highlighted(attributions: sentiment.Attributions) -> str:
     return f'<div style="white-space: pre-wrap; line-height: 1.9; font-size: 1.05rem">{"".join(parts)}</div>'
 
 
+def score_one(model: LoadedModel, text: str) -> sentiment.TextSentiment:
+    sentiment.check_text(text)
+    return get_backend().score_texts(model, [text]).result(0, text)
+
+
 def one_text(model: LoadedModel) -> None:
     st.text_area("Text", key="sentiment:text", height=110, placeholder="Type or paste a review, a tweet, a sentence…")
     with st.container(horizontal=True):
@@ -135,7 +135,7 @@ def one_text(model: LoadedModel) -> None:
     if not text.strip():
         st.info("Type a text, or try an example: the label appears at once." if not text else "The text is only whitespace: type some words.")
         return
-    result = remembered("sentiment:one", (model.spec.key, text), lambda: sentiment.classify_text(model, text))
+    result = remembered("sentiment:one", (model.spec.key, text), lambda: score_one(model, text))
     if isinstance(result, DashboardError):
         show_error(result)
         return
@@ -155,7 +155,7 @@ def one_text(model: LoadedModel) -> None:
         label_visibility="collapsed", help="Integrated gradients adds up exactly to the change in the model's output; gradient × input is one pass, rougher.",
     )
     with st.spinner("Attributing the label to words…"):
-        attributions = remembered("sentiment:explain", (model.spec.key, text, method), lambda: sentiment.explain(model, text, method))
+        attributions = remembered("sentiment:explain", (model.spec.key, text, method), lambda: get_backend().explain(model, text, method, sentiment.ATTRIBUTION_STEPS, None))
     if isinstance(attributions, DashboardError):
         show_error(attributions)
         return
@@ -172,7 +172,7 @@ def one_text(model: LoadedModel) -> None:
 
 def score_lines(model: LoadedModel, block: str) -> tuple[pd.DataFrame, sentiment.SentimentScores]:
     numbers, texts = zip(*sentiment.split_lines(block), strict=True)  # the page asks only when a line holds text
-    scores = sentiment.score_texts(model, list(texts))
+    scores = get_backend().score_texts(model, list(texts))
     return pd.DataFrame({"line": numbers, "text": texts, **scores.columns()}), scores
 
 
@@ -230,7 +230,8 @@ def start_run(model: LoadedModel, table: tables.Table, texts: tables.ColumnTexts
     if RUN_KEY in st.session_state:  # one run per session: a second click must not orphan the first job
         return
     # A stand-in stays allowed if the model must load again (someone unloaded it on the VRAM page mid-run).
-    work = sentiment.scoring_job(get_manager(), model.spec, texts.texts, allow_standin=model.is_standin)
+    backend = get_backend()
+    work = held_for_the_run(backend, model.spec, model.is_standin, lambda held, context: backend.score_texts(held, texts.texts, context))
     st.session_state[RUN_KEY] = CsvRun(Job(work, name=f"sentiment of {table.name}"), table, texts)
     st.session_state.pop(NOTE_KEY, None)
 

@@ -8,15 +8,11 @@ import streamlit as st
 
 from app_pages.common import literal
 from app_pages.identity import session_access
-from core.accel import compiled
-from core.app_state import get_gpu_monitor, get_history, get_manager
-from core.formatting import human_bytes, precision_label
-from core.gpu import nvml as gpu
-from core.gpu.history import Sample
-from core.models.memory import Freed, measure_freed
+from core.api import Freed, Sample, compiled, gpu, human_bytes, measure_freed, precision_label
+from core.app_state import get_backend, get_gpu_monitor, get_history
 
 GIB = 2**30
-manager = get_manager()
+manager = get_backend()
 
 st.title("📊 VRAM monitor")
 st.caption("What the shared GPU holds, for every session of this app. Figures refresh every few seconds.")

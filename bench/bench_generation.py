@@ -25,7 +25,7 @@ from core.config import Settings
 from core.models.manager import LoadedModel, ModelManager, release_memory
 from core.models.registry import MODELS
 from core.tasks import generation
-from core.tasks.generation import GenerationSettings, MemoryMode, Precision
+from core.tasks.sd_settings import GenerationSettings, MemoryMode, Precision
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 

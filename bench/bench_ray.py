@@ -35,8 +35,8 @@ from core.models.manager import LoadedModel, ModelManager
 from core.models.registry import MODELS
 from core.tasks import generation
 from core.tasks.classify import classify_images
-from core.tasks.generation import GenerationSettings
 from core.tasks.jobs import Job, JobContext, JobState
+from core.tasks.sd_settings import GenerationSettings
 
 CLIENTS = 16  # sessions asking at once in the scaling figures
 REPLICA_COUNTS = (1, 2, 4)

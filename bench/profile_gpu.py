@@ -35,7 +35,7 @@ from core.models.loading import fold_batch_norms
 from core.models.manager import ModelManager
 from core.models.registry import MODELS
 from core.tasks import classify, generation, imagenet
-from core.tasks.generation import GenerationSettings
+from core.tasks.sd_settings import GenerationSettings
 
 CUDA = torch.device("cuda")
 

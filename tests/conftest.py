@@ -45,24 +45,24 @@ def settings(standin_dir: Path):
 
 @pytest.fixture()
 def manager(settings):
-    from core.models.manager import ModelManager
+    from core.backends.local import LocalBackend
 
-    return ModelManager(settings)
+    return LocalBackend(settings)
 
 
 @pytest.fixture()
 def app_env(monkeypatch: pytest.MonkeyPatch, standin_dir: Path):
     """Environment for AppTest runs: stand-ins allowed automatically, and a fresh process-wide manager."""
-    from core.app_state import get_manager, get_settings
+    from core.app_state import get_backend, get_settings
 
     monkeypatch.setenv("DASH_STANDIN_DIR", str(standin_dir))
     monkeypatch.setenv("DASH_STANDIN_FALLBACK", "1")
     monkeypatch.setenv("DASH_CPU_BF16", "0")  # as the `settings` fixture: pages' results compared with fp32 ones
     get_settings.clear()
-    get_manager.clear()
+    get_backend.clear()
     yield
     get_settings.clear()
-    get_manager.clear()
+    get_backend.clear()
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from core.models import standins
 from core.models.manager import ModelManager, ModelState
 from core.models.registry import MODELS
 from core.tasks import generation
-from core.tasks.generation import GenerationSettings
+from core.tasks.sd_settings import GenerationSettings
 
 HOME = str(Path(__file__).resolve().parent.parent / "Home.py")
 SMALL = GenerationSettings(prompt="a red bicycle", width=64, height=64, steps=3, seed=1234)

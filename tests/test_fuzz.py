@@ -37,10 +37,10 @@ from streamlit.testing.v1 import AppTest
 
 from core.errors import BadInputError, DashboardError
 from core.models.registry import MODELS
-from core.tasks import generation, lora, pnginfo, sentiment, tables, unconditional
-from core.tasks.generation import SCHEDULERS, GenerationSettings, MemoryMode, Mode, Precision, SourceImages
+from core.tasks import generation, lora, pnginfo, sd_settings, sentiment, tables, unconditional
 from core.tasks.images import MAX_PIXELS, decode_image
 from core.tasks.lora import LoraAdapter, LoraChoice
+from core.tasks.sd_settings import SCHEDULERS, GenerationSettings, MemoryMode, Mode, Precision, SourceImages
 from core.tasks.unconditional import UnconditionalSettings
 
 HOME = str(Path(__file__).resolve().parent.parent / "Home.py")
@@ -411,7 +411,7 @@ def parsed_or_refused(text: str):
     settings = parsed.settings
     # What a run accepts, less what depends on the machine (precision, memory mode) or on the input image.
     machine_free = replace(settings, precision=Precision.AUTO, memory_mode=MemoryMode.NONE)
-    generation.check_inputs(machine_free, CPU, SourceImages(Image.new("RGB", (8, 8)), Image.new("L", (8, 8))))
+    generation.check_inputs(machine_free, CPU.type, SourceImages(Image.new("RGB", (8, 8)), Image.new("L", (8, 8))))
     for value in (settings.prompt, settings.negative_prompt, parsed.model or ""):
         value.encode("utf-8")  # text a page can show
     # Written again and read back, it is the same (AUTOMATIC1111's layout cannot hold a prompt starting "Negative prompt:").
@@ -538,17 +538,17 @@ def generation_accepts(s: GenerationSettings, source: SourceImages | None) -> bo
     """What check_inputs must accept: its documented limits, written out once more as the oracle."""
     return (
         all(is_whole(getattr(s, name)) for name in ("steps", "width", "height", "num_images"))
-        and 1 <= s.steps <= generation.MAX_STEPS
-        and 0 <= s.guidance_scale <= generation.MAX_GUIDANCE
-        and all(side % 8 == 0 and generation.MIN_SIDE_PX <= side <= generation.MAX_SIDE_PX for side in (s.width, s.height))
-        and 1 <= s.num_images <= generation.MAX_IMAGES
-        and (s.seed is None or 0 <= s.seed <= generation.MAX_SEED)
-        and s.scheduler in generation.available_schedulers()
-        and s.precision in generation.precisions_for(CPU)
-        and s.memory_mode in generation.memory_modes_for(CPU)
+        and 1 <= s.steps <= sd_settings.MAX_STEPS
+        and 0 <= s.guidance_scale <= sd_settings.MAX_GUIDANCE
+        and all(side % 8 == 0 and sd_settings.MIN_SIDE_PX <= side <= sd_settings.MAX_SIDE_PX for side in (s.width, s.height))
+        and 1 <= s.num_images <= sd_settings.MAX_IMAGES
+        and (s.seed is None or 0 <= s.seed <= sd_settings.MAX_SEED)
+        and s.scheduler in sd_settings.available_schedulers()
+        and s.precision in sd_settings.precisions_for(CPU.type)
+        and s.memory_mode in sd_settings.memory_modes_for(CPU.type)
         and (
             s.mode is Mode.TEXT_TO_IMAGE
-            or (generation.MIN_STRENGTH <= s.strength <= 1 and s.denoising_steps >= 1 and source is not None
+            or (sd_settings.MIN_STRENGTH <= s.strength <= 1 and s.denoising_steps >= 1 and source is not None
                 and (s.mode is Mode.IMAGE_TO_IMAGE or (source.mask is not None and source.mask.size == source.image.size)))
         )
     )
@@ -576,9 +576,9 @@ SOURCES = st.sampled_from([
 @given(
     settings=st.builds(
         GenerationSettings,
-        steps=whole_numbers(1, generation.MAX_STEPS), guidance_scale=real_numbers(0, generation.MAX_GUIDANCE),
-        width=whole_numbers(generation.MIN_SIDE_PX, generation.MAX_SIDE_PX), height=whole_numbers(generation.MIN_SIDE_PX, generation.MAX_SIDE_PX),
-        num_images=whole_numbers(1, generation.MAX_IMAGES), seed=st.none() | whole_numbers(0, generation.MAX_SEED),
+        steps=whole_numbers(1, sd_settings.MAX_STEPS), guidance_scale=real_numbers(0, sd_settings.MAX_GUIDANCE),
+        width=whole_numbers(sd_settings.MIN_SIDE_PX, sd_settings.MAX_SIDE_PX), height=whole_numbers(sd_settings.MIN_SIDE_PX, sd_settings.MAX_SIDE_PX),
+        num_images=whole_numbers(1, sd_settings.MAX_IMAGES), seed=st.none() | whole_numbers(0, sd_settings.MAX_SEED),
         scheduler=st.sampled_from(sorted(SCHEDULERS)) | odd_text, precision=st.sampled_from(Precision), memory_mode=st.sampled_from(MemoryMode),
         mode=st.sampled_from(Mode), strength=real_numbers(0, 1), prompt=texts,
     ),
@@ -589,9 +589,9 @@ def test_generation_check_accepts_exactly_the_settings_within_its_limits(setting
 
 
 @fuzz(max_examples=150, deadline_s=CORE_S)
-@given(num_images=whole_numbers(1, unconditional.MAX_IMAGES), steps=whole_numbers(1, unconditional.MAX_STEPS), seed=st.none() | whole_numbers(0, generation.MAX_SEED))
+@given(num_images=whole_numbers(1, unconditional.MAX_IMAGES), steps=whole_numbers(1, unconditional.MAX_STEPS), seed=st.none() | whole_numbers(0, sd_settings.MAX_SEED))
 def test_ddpm_check_accepts_exactly_the_settings_within_its_limits(num_images, steps, seed):
-    within = 1 <= num_images <= unconditional.MAX_IMAGES and 1 <= steps <= unconditional.MAX_STEPS and (seed is None or 0 <= seed <= generation.MAX_SEED)
+    within = 1 <= num_images <= unconditional.MAX_IMAGES and 1 <= steps <= unconditional.MAX_STEPS and (seed is None or 0 <= seed <= sd_settings.MAX_SEED)
     assert accepted(unconditional.check_inputs, UnconditionalSettings(num_images, steps, seed)) == within
 
 
@@ -630,7 +630,7 @@ def test_lora_check_refuses_an_integer_weight_past_a_float():
 
 def test_sentiment_takes_any_text_and_any_lines(manager):
     model = manager.get(MODELS["sentiment"], allow_standin=True)
-    labels = set(sentiment.labels_of(model.obj.model))
+    labels = set(model.info.labels)
 
     @fuzz(max_examples=25, deadline_s=MODEL_S)
     @given(text=texts)
@@ -676,7 +676,7 @@ def test_a_prompt_of_any_text_is_counted_in_tokens(manager):
         length = generation.prompt_length(pipe, prompt)
         assert length.tokens >= 0 and length.limit == pipe.tokenizer.model_max_length - 2
         assert length.truncated == (length.tokens > length.limit) and isinstance(length.ignored_text, str)
-        generation.check_inputs(GenerationSettings(prompt=prompt, negative_prompt=prompt), CPU)  # any prompt is fine
+        generation.check_inputs(GenerationSettings(prompt=prompt, negative_prompt=prompt), CPU.type)  # any prompt is fine
 
     count()
 
@@ -819,7 +819,7 @@ def test_sentiment_page_takes_any_text_and_keeps_the_other_tabs_result(app_env):
 
 GENERATE = "app_pages/generate.py"
 FORM = ("prompt", "negative", "steps", "guidance", "width", "height", "random_seed", "seed", "scheduler", "precision", "memory_mode", "mode", "strength")
-STRENGTH_SLIDER = (generation.MIN_STRENGTH, 1.0)  # app_pages/generate.py's slider: what core accepts
+STRENGTH_SLIDER = (sd_settings.MIN_STRENGTH, 1.0)  # app_pages/generate.py's slider: what core accepts
 
 
 def form_values(at: AppTest) -> dict:

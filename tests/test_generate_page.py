@@ -8,9 +8,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from app_pages.common import literal
-from core.tasks import generation, pnginfo
-from core.tasks.generation import GenerationSettings
+from core.tasks import generation, pnginfo, sd_settings
 from core.tasks.jobs import JobState
+from core.tasks.sd_settings import GenerationSettings
 
 HOME = str(Path(__file__).resolve().parent.parent / "Home.py")
 WAIT_S = 60
@@ -296,7 +296,7 @@ def test_a_run_too_large_for_the_memory_is_refused_with_the_figures_and_never_st
 def test_on_the_cpu_the_form_starts_small_and_says_why_even_for_the_stand_in(app_env):
     at = AppTest.from_file(HOME, default_timeout=WAIT_S).run()
     at.switch_page("app_pages/generate.py").run()
-    cpu = generation.CPU_DEFAULTS
+    cpu = sd_settings.CPU_DEFAULTS
     assert (at.number_input(key=key("width")).value, at.number_input(key=key("steps")).value) == (cpu.width, cpu.steps)
     assert any("stand-in" in warning.value and "runs on the CPU" in warning.value and f"{cpu.width}×{cpu.height}" in warning.value for warning in at.warning)
 

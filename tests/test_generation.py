@@ -16,9 +16,9 @@ from core.formatting import human_bytes
 from core.gpu.queue import queue_for
 from core.models.manager import module_bytes
 from core.models.registry import MODELS
-from core.tasks import generation
-from core.tasks.generation import GenerationSettings, MemoryMode, Mode, Precision, SourceImages
+from core.tasks import generation, sd_pipeline, sd_settings
 from core.tasks.jobs import Job, JobState
+from core.tasks.sd_settings import GenerationSettings, MemoryMode, Mode, Precision, SourceImages
 from helpers import DeviceHolder
 
 CPU = torch.device("cpu")
@@ -72,7 +72,7 @@ def test_no_seed_draws_one_and_reports_it(sd):
 def test_scheduler_switch_needs_no_reload_and_leaves_the_shared_pipeline_alone(manager, sd):
     shared_scheduler = sd.obj.scheduler
     images = {}
-    for name in generation.available_schedulers():
+    for name in sd_settings.available_schedulers():
         images[name] = pixels(generation.generate(sd, replace(SMALL, scheduler=name)))
         assert manager.get(MODELS["sd15"]) is sd  # the same loaded model: nothing reloaded
         assert sd.obj.scheduler is shared_scheduler  # each run had its own scheduler
@@ -82,17 +82,17 @@ def test_scheduler_switch_needs_no_reload_and_leaves_the_shared_pipeline_alone(m
 
 
 def test_each_scheduler_is_built_from_the_models_config(sd):
-    for name in generation.available_schedulers():
-        scheduler = generation.build_scheduler(sd.obj, name)
-        assert type(scheduler).__name__ == generation.SCHEDULERS[name].class_name
+    for name in sd_settings.available_schedulers():
+        scheduler = sd_pipeline.build_scheduler(sd.obj, name)
+        assert type(scheduler).__name__ == sd_settings.SCHEDULERS[name].class_name
         assert scheduler.config.beta_schedule == sd.obj.scheduler.config.beta_schedule == "scaled_linear"
-    assert generation.build_scheduler(sd.obj, "DPM++ 2M Karras").config.use_karras_sigmas is True
+    assert sd_pipeline.build_scheduler(sd.obj, "DPM++ 2M Karras").config.use_karras_sigmas is True
 
 
 def test_every_runs_scheduler_keeps_its_timesteps_on_the_cpu_whatever_device_is_asked(sd):
-    for name in generation.available_schedulers():
+    for name in sd_settings.available_schedulers():
         scheduler = generation.run_pipeline(sd.obj, Mode.TEXT_TO_IMAGE, name).scheduler
-        plain = generation.build_scheduler(sd.obj, name)
+        plain = sd_pipeline.build_scheduler(sd.obj, name)
         scheduler.set_timesteps(10, device="cuda")  # what the pipeline asks on a GPU (here it would fail: no CUDA)
         plain.set_timesteps(10, device="cpu")
         assert scheduler.timesteps.device == CPU, name
@@ -178,7 +178,7 @@ def test_memory_mode_on_then_off_restores_the_plain_pipeline(sd, mode):
     pipe = sd.obj
     processors = {name: type(p) for name, p in pipe.unet.attn_processors.items()}
     before = pixels(generation.generate(sd, SMALL))
-    if mode in generation.memory_modes_for(CPU):
+    if mode in sd_settings.memory_modes_for(CPU.type):
         difference = np.abs(pixels(generation.generate(sd, replace(SMALL, memory_mode=mode))).astype(int) - before)
         if mode is MemoryMode.VAE_TILING:  # tiles are decoded apart and blended at the seams: close, not equal
             assert difference.mean() < 8
@@ -246,7 +246,7 @@ def test_bad_inputs_are_refused_before_any_work_with_the_argument_and_value(sd, 
 def test_lms_is_offered_only_with_scipy():
     import importlib.util
 
-    assert ("LMS" in generation.available_schedulers()) == (importlib.util.find_spec("scipy") is not None)
+    assert ("LMS" in sd_settings.available_schedulers()) == (importlib.util.find_spec("scipy") is not None)
 
 
 def test_a_blacked_out_image_gets_a_note(sd, monkeypatch):
@@ -274,13 +274,13 @@ def test_memory_estimate_grows_with_size_and_shrinks_with_memory_modes(sd):
     [("sd14", "", "sd14"), ("custom", "someone/my-sd-model", "sd15@someone/my-sd-model")],
 )
 def test_model_choice(choice, custom, key):
-    assert generation.model_spec_for(choice, custom, Settings()).key == key
+    assert sd_settings.model_spec_for(choice, custom, Settings()).key == key
 
 
 @pytest.mark.parametrize("custom", ["", "not a repo id", "/no/such/folder"])
 def test_a_bad_custom_model_is_refused(custom, tmp_path):
     with pytest.raises(BadInputError):
-        generation.model_spec_for("custom", custom, Settings(models_root=tmp_path))
+        sd_settings.model_spec_for("custom", custom, Settings(models_root=tmp_path))
 
 
 # Image to image and inpaint ------------------------------------------------------------------------------------
@@ -358,7 +358,7 @@ def test_each_modes_pipeline_shares_the_loaded_modules_without_casting_them(mana
     pipe.to(dtype=torch.bfloat16)  # as a GPU model in half precision; from_pipe would cast it back to float32
     try:
         run_pipe = generation.run_pipeline(pipe, mode, "Euler")
-        assert type(run_pipe).__name__ == generation.PIPELINE_CLASSES[mode]
+        assert type(run_pipe).__name__ == sd_pipeline.PIPELINE_CLASSES[mode]
         for name, module in pipe.components.items():
             if isinstance(module, torch.nn.Module):
                 assert getattr(run_pipe, name) is module and module.dtype == torch.bfloat16, name

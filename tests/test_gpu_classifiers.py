@@ -16,7 +16,7 @@ from PIL import Image
 
 from core.config import Settings
 from core.models import loading
-from core.models.info import describe
+from core.models.describe import describe
 from core.models.manager import LoadedModel
 from core.models.registry import MODELS, ModelSpec
 from core.tasks import classify, imagenet

@@ -24,9 +24,9 @@ from core.gpu.queue import queue_for
 from core.models.manager import ModelManager
 from core.models.registry import MODELS
 from core.tasks import generation, lora, unconditional
-from core.tasks.generation import GenerationSettings, MemoryMode, Mode, Precision, SourceImages
 from core.tasks.images import shape_mask
 from core.tasks.lora import LoraChoice
+from core.tasks.sd_settings import GenerationSettings, MemoryMode, Mode, Precision, SourceImages
 from core.tasks.unconditional import UnconditionalSettings
 
 pytestmark = pytest.mark.gpu

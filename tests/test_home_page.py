@@ -6,7 +6,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from app_pages.common import literal
-from core.app_state import get_manager, get_settings
+from core.app_state import get_backend, get_settings
 from core.errors import ModelUnavailableError
 from core.models.registry import MODELS
 
@@ -24,7 +24,7 @@ def test_home_renders_machine_and_every_model(app_env):
 
 
 def test_home_shows_a_loaded_standin_as_such(app_env):
-    get_manager().get(MODELS["sentiment"], allow_standin=True)
+    get_backend().get(MODELS["sentiment"], allow_standin=True)
     at = AppTest.from_file(HOME, default_timeout=60).run()
     table = at.dataframe[0].value
     row = table[table["Model"] == MODELS["sentiment"].title].iloc[0]
@@ -34,9 +34,9 @@ def test_home_shows_a_loaded_standin_as_such(app_env):
 
 def test_home_shows_why_a_model_failed(app_env, monkeypatch):
     monkeypatch.setenv("DASH_STANDIN_FALLBACK", "0")
-    get_manager.clear()
+    get_backend.clear()
     with pytest.raises(ModelUnavailableError):
-        get_manager().get(MODELS["hotdog"])
+        get_backend().get(MODELS["hotdog"])
     at = AppTest.from_file(HOME, default_timeout=60).run()
     table = at.dataframe[0].value
     row = table[table["Model"] == MODELS["hotdog"].title].iloc[0]

@@ -11,9 +11,9 @@ import torch
 from core.errors import BadInputError, ModelUnavailableError
 from core.models.registry import MODELS
 from core.tasks import generation, lora
-from core.tasks.generation import GenerationSettings
 from core.tasks.jobs import Job, JobState
 from core.tasks.lora import LoraChoice
+from core.tasks.sd_settings import GenerationSettings
 from helpers import DeviceHolder, make_standin_lora
 
 SMALL = GenerationSettings(prompt="a red bicycle", width=64, height=64, steps=3, seed=1234)

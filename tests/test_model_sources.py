@@ -17,7 +17,7 @@ from core.errors import BadInputError, ModelUnavailableError
 from core.models import loading, reachability
 from core.models.manager import ModelManager
 from core.models.registry import MODELS, custom_spec, folder_in_models_root
-from core.tasks import generation, imagenet, lora, sentiment, unconditional
+from core.tasks import imagenet, lora, sd_settings, sentiment, unconditional
 from helpers import make_standin_lora
 
 HOME = str(Path(__file__).resolve().parent.parent / "Home.py")
@@ -40,7 +40,7 @@ def spec_readers(settings: Settings) -> dict[str, object]:
     """Each field that takes a typed folder, as a function of the text typed."""
     return {
         "sentiment": lambda text: sentiment.model_spec(text, settings),
-        "generation": lambda text: generation.model_spec_for("custom", text, settings),
+        "generation": lambda text: sd_settings.model_spec_for("custom", text, settings),
         "unconditional": lambda text: unconditional.model_spec_for("custom", text, settings),
         "lora": lambda text: lora.read_source(text, settings),
     }

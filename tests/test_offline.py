@@ -170,14 +170,14 @@ def _hotdog_page() -> None:
 
 
 def test_the_page_says_the_hub_cannot_be_reached_and_the_standin_then_loads_without_it(app_env, hub_black_hole, monkeypatch, standin_dir):
-    from core.app_state import get_manager
+    from core.app_state import get_backend
 
     standins.ensure_built(MODELS["hotdog"], standin_dir)  # built once per test run: not what this test times
     monkeypatch.setenv("DASH_STANDIN_FALLBACK", "0")
     monkeypatch.setattr(reachability, "SERVERS", reachability.Reachability(remember_s=0))  # every question would probe
     at = AppTest.from_function(_hotdog_page, default_timeout=60)
     at.run()  # imports and builds the manager: not what this test times
-    get_manager().unload_all()
+    get_backend().unload_all()
     started = time.perf_counter()
     at.run()
     assert time.perf_counter() - started < LIMIT_S
@@ -186,7 +186,7 @@ def test_the_page_says_the_hub_cannot_be_reached_and_the_standin_then_loads_with
 
     started = time.perf_counter()
     at.button(key="standin_button:hotdog").click().run()
-    get_manager().unload_all()  # the VRAM page's "Unload all"
+    get_backend().unload_all()  # the VRAM page's "Unload all"
     at.run()
     assert not at.exception and not at.error and "stand-in (random weights)" in at.success[0].value
     assert hub_black_hole.connections == probes, "accepting the stand-in asked the Hub again"

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from core.errors import BadInputError
-from core.tasks import generation, outpaint
+from core.tasks import outpaint, sd_settings
 from core.tasks.outpaint import OutpaintFill, extend_canvas
 
 ORIGINAL = Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8))  # 64 wide, 48 high
@@ -22,7 +22,7 @@ def expected_mask(size: tuple[int, int], kept_box: tuple[int, int, int, int]) ->
 
 
 def test_the_limits_are_those_of_a_generation_run():
-    assert outpaint.MAX_SIDE_PX == generation.MAX_SIDE_PX
+    assert outpaint.MAX_SIDE_PX == sd_settings.MAX_SIDE_PX
 
 
 @pytest.mark.parametrize(

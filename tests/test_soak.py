@@ -17,8 +17,8 @@ from core.gpu.queue import queue_for
 from core.models.manager import ModelManager, ModelState
 from core.models.registry import MODELS
 from core.tasks import generation
-from core.tasks.generation import GenerationSettings
 from core.tasks.jobs import Job, JobState
+from core.tasks.sd_settings import GenerationSettings
 
 SWITCHED = ("hotdog", "sentiment", "sd15", "ddpm-butterflies")
 SMALL = GenerationSettings(prompt="soak", width=64, height=64, steps=2)

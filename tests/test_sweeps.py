@@ -11,9 +11,9 @@ from PIL import Image
 from core.errors import BadInputError
 from core.models.registry import MODELS
 from core.tasks import generation, pnginfo, sweeps
-from core.tasks.generation import GenerationSettings
 from core.tasks.jobs import JobCancelled
 from core.tasks.lora import LoraAdapter, LoraChoice
+from core.tasks.sd_settings import GenerationSettings
 from core.tasks.sweeps import AxisKind, parse_axis, plan_sweep
 
 BASE = GenerationSettings(prompt="a red bicycle", negative_prompt="red blur", width=64, height=64, steps=2, seed=7)

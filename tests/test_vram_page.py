@@ -53,7 +53,7 @@ def monitor_page(app_env, monkeypatch, settings, server_address):
         chosen = manager or ModelManager(settings, loader=lambda *args: torch.nn.Linear(512, 512))
         monkeypatch.setattr(app_state, "get_gpu_monitor", lambda: monitor)
         monkeypatch.setattr(app_state, "get_history", lambda: sampler)
-        monkeypatch.setattr(app_state, "get_manager", lambda: chosen)
+        monkeypatch.setattr(app_state, "get_backend", lambda: chosen)
         at = AppTest.from_file(HOME, default_timeout=60)
         at.user = user or {}
         at.secrets.update(secrets or {})

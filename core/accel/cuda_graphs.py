@@ -212,7 +212,7 @@ def unet_step(unet: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tenso
 
 def timestep_on(device: torch.device, timestep: torch.Tensor | float) -> torch.Tensor:
     """The timestep as a tensor on `device`; one from the CPU is filled in on the device, not copied: a copy from
-    pageable host memory makes the CPU wait for the GPU to finish its queue (generation.keep_timesteps_on_the_cpu)."""
+    pageable host memory makes the CPU wait for the GPU to finish its queue (sd_pipeline.keep_timesteps_on_the_cpu)."""
     if isinstance(timestep, torch.Tensor):
         if timestep.device == device:
             return timestep

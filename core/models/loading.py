@@ -155,7 +155,9 @@ def _load_torch_hub(spec: ModelSpec, source: ModelSource, device: torch.device, 
     # 2. The weights enum member the entry point gets: its checkpoint loads weights-only unless full pickle is allowed.
     weights = _hub_weights(spec, settings.allow_pickle)
     # 3. Its checkpoint is in TORCH_HOME or can be downloaded: torch.hub's download has no time-out to end a hang.
-    _check_checkpoint_within_reach(spec, weights)
+    #    (A stand-in's entry points build random weights and download nothing.)
+    if not source.is_standin:
+        _check_checkpoint_within_reach(spec, weights)
     # 4. The model, built by the repo's own entry point with those weights, or by torchvision's copy of it.
     if source.is_local:
         model = torch.hub.load(source.location, spec.hub_entry, source="local", weights=weights)

@@ -28,8 +28,9 @@ from core.accel import compiled, cuda_graphs
 from core.config import EvictTo, Settings
 from core.errors import DashboardError, ModelUnavailableError
 from core.models import loading, standins
+from core.models.describe import describe, module_bytes
 from core.models.devices import pick_device, pick_dtype
-from core.models.info import ModelInfo, describe, module_bytes
+from core.models.info import ModelInfo
 from core.models.memory import DoesNotFitError, MemoryPolicy, Placement, Resident, move_model, plan_placement
 from core.models.registry import MODELS, ModelSpec
 
@@ -48,14 +49,6 @@ class ModelState(StrEnum):
     FAILED = "failed"
 
 
-class RemoteModel:
-    """Base of a model that lives in another process (the ray backend's `core.backends.ray_client.ServedModel`).
-
-    Core inference functions hand a call on such a model to its method of the same name, which runs the same
-    function where the model lives; the object also carries what pages read directly (config, tokenizer).
-    """
-
-
 @dataclass(frozen=True)
 class LoadedModel:
     """A live model: the object only core inference functions touch, and how it was loaded."""
@@ -72,11 +65,6 @@ class LoadedModel:
     @property
     def is_standin(self) -> bool:
         return self.source.is_standin
-
-    @property
-    def is_remote(self) -> bool:
-        """The model runs on a Ray Serve replica: core functions forward their call to `obj` (a RemoteModel)."""
-        return isinstance(self.obj, RemoteModel)
 
 
 @dataclass(frozen=True)

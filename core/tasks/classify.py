@@ -100,7 +100,5 @@ def postprocess(logits: torch.Tensor, id2label: dict[int, str], images: list[Dec
 
 def classify_images(model: LoadedModel, images: list[DecodedImage]) -> ClassificationRun:
     """Every image through the pipeline's model, batched; probabilities for every label of its config, highest first."""
-    if model.is_remote:  # the ray backend: this function runs on a Serve replica (core/backends/ray_client.py)
-        return model.obj.classify_images(images)
     pipe = model.obj
     return run_batched(model, images, lambda chunk: postprocess(_forward(pipe.model, preprocess(pipe, chunk)), pipe.model.config.id2label, chunk))

@@ -8,317 +8,43 @@ slot, and is undone before it is released where it belongs to the session (adapt
 """
 from __future__ import annotations
 
-import copy
-import importlib.util
 import itertools
 import logging
 import math
-import secrets
-import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from enum import StrEnum
+from dataclasses import replace
 from typing import Any
 
 import torch
 from PIL import Image
 
 from core.accel import compiled, cuda_graphs
-from core.checks import check_number
-from core.config import Settings
-from core.errors import BadInputError, GpuOutOfMemoryError, InsufficientMemoryError
+from core.errors import GpuOutOfMemoryError, InsufficientMemoryError
 from core.formatting import human_bytes
 from core.gpu.nvml import host_memory
 from core.gpu.queue import SlotAbandoned, queue_for
-from core.models.manager import LoadedModel, module_bytes, release_memory
-from core.models.registry import ModelSpec, spec_for_choice
+from core.models.manager import LoadedModel, release_memory
 from core.tasks import lora
 from core.tasks.jobs import JobCancelled, JobContext
 from core.tasks.lora import LoraChoice
+from core.tasks.sd_pipeline import restore_plain, run_dtype, run_pipeline, set_memory_mode, set_precision, torch_modules
+from core.tasks.sd_settings import (
+    GRAPHABLE_MODES,
+    GeneratedImage,
+    GenerationResult,
+    GenerationSettings,
+    Mode,
+    SourceImages,
+    check_inputs,
+    estimate_memory,
+    memory_remedy,
+    prompt_length,
+)
 
 log = logging.getLogger(__name__)
-
-SD_MODEL_KEYS = ("sd15", "sd14", "mr-potato-head")
-
-# Limits, as AUTOMATIC1111 has them: beyond these a run is refused with a message, never clamped.
-MIN_SIDE_PX, MAX_SIDE_PX = 64, 2048
-MAX_STEPS = 150
-MAX_GUIDANCE = 30.0
-MAX_IMAGES = 8
-MAX_SEED = 2**53 - 1  # the largest whole number a browser's number input holds exactly
-MIN_STRENGTH = 0.01  # image to image at 1 % already keeps the input; below, no step of a 100-step run is left
 PREVIEW_EVERY_S = 0.4  # a preview costs a device-to-host copy (a sync): a few per second is enough for the eye
-
-
-@dataclass(frozen=True)
-class SchedulerChoice:
-    class_name: str  # a diffusers scheduler class
-    overrides: tuple[tuple[str, Any], ...] = ()  # on top of the model's own scheduler config
-    a1111_name: str = ""  # the sampler name AUTOMATIC1111 writes in PNG metadata, when it differs
-    needs: str | None = None  # a module the scheduler imports at run time
-
-
-SCHEDULERS: dict[str, SchedulerChoice] = {
-    "PNDM": SchedulerChoice("PNDMScheduler", a1111_name="PLMS"),  # SD 1.x's own (PLMS steps)
-    "DDIM": SchedulerChoice("DDIMScheduler"),
-    "Euler": SchedulerChoice("EulerDiscreteScheduler"),
-    "Euler a": SchedulerChoice("EulerAncestralDiscreteScheduler"),
-    "DPM++ 2M Karras": SchedulerChoice(
-        "DPMSolverMultistepScheduler", (("algorithm_type", "dpmsolver++"), ("solver_order", 2), ("use_karras_sigmas", True))
-    ),
-    "LMS": SchedulerChoice("LMSDiscreteScheduler", needs="scipy"),  # integrates its coefficients with scipy
-    "UniPC": SchedulerChoice("UniPCMultistepScheduler"),
-}
-DEFAULT_SCHEDULER = "PNDM"
-
-
-class Precision(StrEnum):
-    AUTO = "auto"  # the dtype the manager loaded the model in (fp16 on a GPU, fp32 on the CPU)
-    FP16 = "fp16"
-    BF16 = "bf16"
-    FP32 = "fp32"
-
-
-_DTYPES = {Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16, Precision.FP32: torch.float32}
-
-
-class MemoryMode(StrEnum):
-    NONE = "none"
-    ATTENTION_SLICING = "attention slicing"  # attention one head slice at a time
-    VAE_SLICING = "VAE slicing"  # decode one image of the batch at a time
-    VAE_TILING = "VAE tiling"  # decode in overlapping tiles: large images in little memory
-    MODEL_OFFLOAD = "model CPU offload"  # each model on the GPU only while it runs
-    SEQUENTIAL_OFFLOAD = "sequential CPU offload"  # each layer on the GPU only while it runs: least memory, slowest
-
-
-_GPU_ONLY_MODES = (MemoryMode.MODEL_OFFLOAD, MemoryMode.SEQUENTIAL_OFFLOAD)
-# Modes that leave the UNet as loaded, so its calls can replay CUDA graphs (offload hooks move its weights and wrap
-# its forward; attention slicing swaps its attention processors).
-_GRAPHABLE_MODES = (MemoryMode.NONE, MemoryMode.VAE_SLICING, MemoryMode.VAE_TILING)
-
-
-class Mode(StrEnum):
-    TEXT_TO_IMAGE = "text to image"
-    IMAGE_TO_IMAGE = "image to image"  # start from a noised input image; `strength` says how much noise
-    INPAINT = "inpaint"  # repaint only where the mask is white
-
-
-# Each mode's diffusers pipeline, built over the loaded model's components (see run_pipeline): nothing loads twice.
-PIPELINE_CLASSES = {
-    Mode.TEXT_TO_IMAGE: "StableDiffusionPipeline",
-    Mode.IMAGE_TO_IMAGE: "StableDiffusionImg2ImgPipeline",
-    Mode.INPAINT: "StableDiffusionInpaintPipeline",
-}
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    prompt: str = ""
-    negative_prompt: str = ""
-    steps: int = 25  # PNDM/DPM++ give a clean SD 1.x image in 20-30 steps; 50 is diffusers' default
-    guidance_scale: float = 7.5  # diffusers' and AUTOMATIC1111's default for SD 1.x
-    width: int = 512  # SD 1.x was trained at 512x512
-    height: int = 512
-    num_images: int = 1
-    seed: int | None = None  # None: a random seed, drawn when the run starts and reported with the result
-    scheduler: str = DEFAULT_SCHEDULER
-    precision: Precision = Precision.AUTO
-    memory_mode: MemoryMode = MemoryMode.NONE
-    mode: Mode = Mode.TEXT_TO_IMAGE
-    strength: float = 0.75  # image to image and inpaint: 1 repaints from pure noise (AUTOMATIC1111's default 0.75)
-    loras: tuple[tuple[str, float], ...] = ()  # (adapter name, weight), as written to PNG metadata
-
-    @property
-    def denoising_steps(self) -> int:
-        """The steps that really run: from an input image diffusers skips the first (1 - strength) of them."""
-        if self.mode is Mode.TEXT_TO_IMAGE:
-            return self.steps
-        return min(int(self.steps * self.strength), self.steps)
-
-    def seeds(self) -> tuple[int, ...]:
-        return seeds_from(self.seed, self.num_images)
-
-    def with_seed(self) -> GenerationSettings:
-        return self if self.seed is not None else replace(self, seed=random_seed())
-
-
-# On a CPU, SD 1.x's own 512x512 in 25 steps takes minutes, even with the stand-in model (83 s a step on this
-# project's 2-core CI machine): the form starts smaller there, so that pressing Generate finishes in under a minute.
-CPU_DEFAULTS = GenerationSettings(width=256, height=256, steps=10)
-
-
-def defaults_for(device: torch.device) -> GenerationSettings:
-    return CPU_DEFAULTS if device.type == "cpu" else GenerationSettings()
-
-
-def seeds_from(seed: int | None, count: int) -> tuple[int, ...]:
-    """Image i gets seed + i (as in AUTOMATIC1111), so any image of a batch can be made again alone."""
-    if seed is None:
-        raise ValueError("the seed is drawn (random_seed) before a run")
-    return tuple((seed + i) % (MAX_SEED + 1) for i in range(count))
-
-
-def random_seed() -> int:
-    return secrets.randbelow(2**32)
-
-
-@dataclass(frozen=True)
-class SourceImages:
-    """The input of image to image and inpaint: a picture and, for inpaint, a mask (white = repaint)."""
-
-    image: Image.Image
-    mask: Image.Image | None = None
-
-
-@dataclass(frozen=True)
-class PromptLength:
-    tokens: int  # without the start and end tokens
-    limit: int  # what the text encoder reads (75 for CLIP's 77 positions)
-    ignored_text: str  # the words past the limit, which the model never sees
-
-    @property
-    def truncated(self) -> bool:
-        return self.tokens > self.limit
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    weights_bytes: int  # on the device during the run (less with an offload mode)
-    activations_bytes: int  # rough: latents, attention and the VAE decode at this size and batch
-
-    @property
-    def total_bytes(self) -> int:
-        return self.weights_bytes + self.activations_bytes
-
-
-@dataclass(frozen=True)
-class GeneratedImage:
-    image: Image.Image
-    seed: int
-    blacked_out: bool  # the model's safety checker replaced it with a black image
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    images: tuple[GeneratedImage, ...]
-    settings: GenerationSettings  # with the seed that was used
-    model_name: str  # repo id or folder, as written to PNG metadata
-    model_title: str
-    is_standin: bool
-    device: str
-    dtype: str
-    seconds: float  # the run on the device, waiting in the queue excluded
-    steps_per_s: float
-    peak_memory_bytes: int | None  # torch's peak allocation on the GPU during the run; None on the CPU
-    notes: tuple[str, ...] = field(default=())
-    unet_path: str = "eager"  # how the denoising steps ran: "eager" or "CUDA graph" (core.accel.cuda_graphs)
-
-    def settings_for(self, index: int) -> GenerationSettings:
-        """The settings that make image `index` again on its own."""
-        return replace(self.settings, seed=self.images[index].seed, num_images=1)
-
-
-def model_spec_for(choice: str, custom: str, settings: Settings) -> ModelSpec:
-    """The spec for one of SD_MODEL_KEYS, or for a custom SD 1.x repo id (owner/name) or folder inside the models root."""
-    return spec_for_choice(choice, custom, SD_MODEL_KEYS, "sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", settings)
-
-
-def available_schedulers() -> tuple[str, ...]:
-    return tuple(name for name, choice in SCHEDULERS.items() if choice.needs is None or importlib.util.find_spec(choice.needs))
-
-
-def precisions_for(device: torch.device) -> tuple[Precision, ...]:
-    # CPUs lack fast half-precision kernels for these models: fp32 only.
-    return tuple(Precision) if device.type == "cuda" else (Precision.AUTO, Precision.FP32)
-
-
-def memory_modes_for(device: torch.device) -> tuple[MemoryMode, ...]:
-    return tuple(MemoryMode) if device.type == "cuda" else tuple(m for m in MemoryMode if m not in _GPU_ONLY_MODES)
-
-
-def check_inputs(settings: GenerationSettings, device: torch.device, source: SourceImages | None = None) -> None:
-    """Refuse bad settings before any work, naming the argument and its value (an empty prompt is fine).
-
-    Image to image needs `source.image`; inpaint needs its `mask` too, the size of the image.
-    """
-    s = settings
-    for name, high in (("steps", MAX_STEPS), ("num_images", MAX_IMAGES)):
-        check_number(name, getattr(s, name), 1, high, whole=True)
-    check_number("guidance_scale", s.guidance_scale, 0, MAX_GUIDANCE)
-    for name in ("width", "height"):
-        value = getattr(s, name)
-        check_number(name, value, MIN_SIDE_PX, MAX_SIDE_PX, whole=True, unit=" pixels")
-        if value % 8:
-            raise BadInputError(f"`{name}` has to be a multiple of 8 but is {value}.", remedy=f"Use {value // 8 * 8} or {value // 8 * 8 + 8}.")
-    if s.seed is not None:
-        check_number("seed", s.seed, 0, MAX_SEED, whole=True)
-    if s.scheduler not in SCHEDULERS:
-        raise BadInputError(f"`scheduler` {s.scheduler!r} is not one of {', '.join(SCHEDULERS)}.")
-    if s.scheduler not in available_schedulers():
-        raise BadInputError(f"`scheduler` {s.scheduler!r} needs the Python package {SCHEDULERS[s.scheduler].needs}, which is not installed.", remedy="Choose another scheduler, or ask the operator to install it.")
-    if s.precision not in precisions_for(device):
-        raise BadInputError(f"`precision` {s.precision} needs a GPU; on the {device.type.upper()} this model runs in fp32.")
-    if s.memory_mode not in memory_modes_for(device):
-        raise BadInputError(f"`memory_mode` '{s.memory_mode}' moves weights between the CPU and a GPU, and this model runs on the {device.type.upper()}.")
-    if s.mode is not Mode.TEXT_TO_IMAGE:
-        check_number("strength", s.strength, MIN_STRENGTH, 1)
-        if s.denoising_steps < 1:
-            raise BadInputError(
-                f"`strength` {s.strength:g} of {s.steps} steps leaves no step to run.", remedy=f"Use at least {math.ceil(1 / s.strength)} steps or a higher strength."
-            )
-        if source is None:
-            raise BadInputError(f"{s.mode.capitalize()} needs an input image.", remedy="Upload an image or pick one from the gallery.")
-    if s.mode is Mode.INPAINT:
-        if source.mask is None:
-            raise BadInputError("Inpaint needs a mask: white where the picture is repainted.", remedy="Draw a mask on the image or upload one.")
-        if source.mask.size != source.image.size:
-            raise BadInputError(
-                f"The mask is {source.mask.width}x{source.mask.height} pixels but the image is {source.image.width}x{source.image.height}.",
-                remedy="Upload a mask of the image's size, or draw one.",
-            )
-
-
-# A fast tokenizer keeps its padding and truncation settings on the object and sets them on every call: counting a
-# prompt with the tokenizer a run is encoding with (padded to 77) would hand that run unpadded ids. So runs encode
-# with a private copy per pipeline (one run at a time per pipeline, by the queue), and the page's counting uses the
-# loaded tokenizer, one caller at a time.
-_counting_lock = threading.Lock()
-
-
-def prompt_length(pipe: Any, prompt: str) -> PromptLength:
-    """How many tokens `prompt` is, and what the text encoder will not read (CLIP sees 77 tokens, start and end included)."""
-    tokenizer = pipe.tokenizer
-    limit = tokenizer.model_max_length - 2
-    with _counting_lock:
-        ids = tokenizer(prompt, truncation=False, add_special_tokens=False, verbose=False).input_ids
-        ignored = tokenizer.decode(ids[limit:]).strip() if len(ids) > limit else ""
-    return PromptLength(len(ids), limit, ignored)
-
-
-def estimate_memory(pipe: Any, settings: GenerationSettings, device: torch.device) -> MemoryEstimate:
-    """A rough device-memory figure for a run, shown before it starts (the GPU tests record the real peaks)."""
-    dtype_bytes = torch.finfo(_dtype_for(pipe, settings.precision)).bits // 8
-    scale = dtype_bytes / torch.finfo(pipe.unet.dtype).bits * 8  # weights are counted in the dtype they are loaded in
-    sizes = {name: module_bytes(module) * scale for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
-    weights = sum(sizes.values())
-    if settings.memory_mode is MemoryMode.MODEL_OFFLOAD:
-        weights = max(sizes.values())
-    elif settings.memory_mode is MemoryMode.SEQUENTIAL_OFFLOAD:
-        weights = 0.02 * weights  # one layer at a time
-    pixels = settings.width * settings.height
-    decoded_images = 1 if settings.memory_mode in (MemoryMode.VAE_SLICING, MemoryMode.SEQUENTIAL_OFFLOAD) else settings.num_images
-    if settings.memory_mode is MemoryMode.VAE_TILING:
-        pixels = min(pixels, 512 * 512)
-    # The VAE decoder holds about a dozen 128-channel full-size feature maps; the UNet's peak (CFG doubles the
-    # batch) at 1/8 size is smaller. Calibrated against SD 1.5 at 512x512 (about 1 GB of activations in fp16).
-    vae_bytes = decoded_images * pixels * 128 * 12 * dtype_bytes
-    unet_bytes = 2 * settings.num_images * (settings.width * settings.height // 64) * 1280 * 8 * dtype_bytes
-    if settings.memory_mode is MemoryMode.ATTENTION_SLICING:
-        unet_bytes //= 2
-    return MemoryEstimate(int(weights), int(vae_bytes + unet_bytes))
 
 
 def memory_available_bytes(pipe: Any, device: torch.device) -> int:
@@ -328,7 +54,7 @@ def memory_available_bytes(pipe: Any, device: torch.device) -> int:
     psutil calls available."""
     held_bytes = sum(
         tensor.numel() * tensor.element_size()
-        for module in _torch_modules(pipe).values() for tensor in itertools.chain(module.parameters(), module.buffers())
+        for module in torch_modules(pipe).values() for tensor in itertools.chain(module.parameters(), module.buffers())
         if tensor.device.type == device.type and (device.index is None or tensor.device.index == device.index)
     )
     if device.type == "cuda":
@@ -337,16 +63,12 @@ def memory_available_bytes(pipe: Any, device: torch.device) -> int:
     return host_memory().available_bytes + held_bytes
 
 
-def memory_remedy(on_gpu: bool) -> str:
-    offload = ", model CPU offload for the least memory" if on_gpu else ""
-    return f"Try a smaller size, fewer images per run, or a memory mode (VAE slicing for batches, VAE tiling for large images{offload})."
-
-
-def check_memory(pipe: Any, settings: GenerationSettings, device: torch.device) -> None:
+def check_memory(model: LoadedModel, settings: GenerationSettings) -> None:
     """Refuse a run whose own estimate is more than the device has available, before it starts: such a run would
     fail out of memory on a GPU, and on the CPU push the whole server into swap."""
-    estimate = estimate_memory(pipe, settings, device)
-    available_bytes = memory_available_bytes(pipe, device)
+    device = model.device
+    estimate = estimate_memory(model.info, settings)
+    available_bytes = memory_available_bytes(model.obj, device)
     if estimate.total_bytes > available_bytes:
         memory = "GPU memory" if device.type == "cuda" else "RAM"
         raise InsufficientMemoryError(
@@ -355,98 +77,6 @@ def check_memory(pipe: Any, settings: GenerationSettings, device: torch.device) 
             f"{human_bytes(estimate.activations_bytes)}), but only about {human_bytes(available_bytes)} is available on {device}.",
             remedy=memory_remedy(device.type == "cuda"),
         )
-
-
-def build_scheduler(pipe: Any, name: str) -> Any:
-    """A fresh scheduler for one run, from the model's own scheduler config: switching costs no reload."""
-    import diffusers
-
-    choice = SCHEDULERS[name]
-    return getattr(diffusers, choice.class_name).from_config(pipe.scheduler.config, **dict(choice.overrides))
-
-
-# Device-side state of each shared pipeline that runs change: which memory mode and dtype it is in, and what to
-# restore. Only touched while holding the device's queue slot.
-@dataclass
-class _PipelineState:
-    loaded_dtype: torch.dtype
-    memory_mode: MemoryMode = MemoryMode.NONE
-    attn_processors: dict[str, Any] | None = None  # the UNet's processors before attention slicing replaced them
-    weights_backup: dict[str, dict[str, torch.Tensor]] | None = None  # CPU copy of the loaded weights, for lossy casts
-    run_tokenizer: Any = None  # the runs' own copy of the tokenizer (see prompt_length)
-
-
-_states: weakref.WeakKeyDictionary[Any, _PipelineState] = weakref.WeakKeyDictionary()
-
-
-def _state_of(pipe: Any) -> _PipelineState:
-    state = _states.get(pipe)
-    if state is None:
-        state = _states[pipe] = _PipelineState(loaded_dtype=pipe.unet.dtype)
-    return state
-
-
-def _dtype_for(pipe: Any, precision: Precision) -> torch.dtype:
-    return _state_of(pipe).loaded_dtype if precision is Precision.AUTO else _DTYPES[precision]
-
-
-def _torch_modules(pipe: Any) -> dict[str, torch.nn.Module]:
-    return {name: module for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
-
-
-def restore_plain(pipe: Any, device: torch.device) -> None:
-    """Undo any memory mode: no offload hooks, default VAE decoding, the UNet's own attention, every weight on `device`."""
-    state = _state_of(pipe)
-    pipe.remove_all_hooks()
-    if state.attn_processors is not None:
-        pipe.unet.set_attn_processor(state.attn_processors)
-        state.attn_processors = None
-    pipe.vae.disable_slicing()
-    pipe.vae.disable_tiling()
-    pipe.to(device)
-    state.memory_mode = MemoryMode.NONE
-
-
-def set_memory_mode(pipe: Any, mode: MemoryMode, device: torch.device) -> None:
-    """Put the shared pipeline in `mode`, from whatever mode it was in. Hold the device's queue slot."""
-    state = _state_of(pipe)
-    if mode is state.memory_mode:
-        return
-    restore_plain(pipe, device)
-    if mode is MemoryMode.ATTENTION_SLICING:
-        state.attn_processors = dict(pipe.unet.attn_processors)
-        pipe.enable_attention_slicing()
-    elif mode is MemoryMode.VAE_SLICING:
-        pipe.vae.enable_slicing()
-    elif mode is MemoryMode.VAE_TILING:
-        pipe.vae.enable_tiling()
-    elif mode is MemoryMode.MODEL_OFFLOAD:
-        pipe.enable_model_cpu_offload(device=device)
-    elif mode is MemoryMode.SEQUENTIAL_OFFLOAD:
-        pipe.enable_sequential_cpu_offload(device=device)
-    state.memory_mode = mode
-
-
-def set_precision(pipe: Any, precision: Precision, device: torch.device) -> None:
-    """Cast the shared pipeline's weights to the run's dtype. Hold the slot, with no memory mode on.
-
-    Widening the loaded dtype (fp16 -> fp32) and back is exact. A lossy cast (fp16 -> bf16) first keeps a CPU copy
-    of the loaded weights, and going back restores them from it, so one user's bf16 run never degrades the next one's.
-    """
-    state = _state_of(pipe)
-    target = _dtype_for(pipe, precision)
-    if pipe.unet.dtype == target:
-        return
-    modules = _torch_modules(pipe)
-    lossy = torch.finfo(target).bits < torch.finfo(state.loaded_dtype).bits or {target, state.loaded_dtype} == {torch.float16, torch.bfloat16}
-    if lossy and state.weights_backup is None:
-        state.weights_backup = {name: {k: v.to("cpu", copy=True) for k, v in m.state_dict().items()} for name, m in modules.items()}
-    for module in modules.values():
-        module.to(dtype=target)
-    if target == state.loaded_dtype and state.weights_backup is not None:
-        for name, module in modules.items():
-            module.load_state_dict(state.weights_backup[name])
-        state.weights_backup = None
 
 
 def latent_preview(latents: torch.Tensor) -> Image.Image:
@@ -604,16 +234,14 @@ def generate(
     session's images ever see them. Raises BadInputError before any work, JobCancelled when cancelled (partial
     results dropped), and GpuOutOfMemoryError (memory already released) when the device runs out of memory.
     """
-    if model.is_remote:  # the ray backend: this function runs on a Serve replica (core/backends/ray_client.py)
-        return model.obj.generate(settings, context, abandoned, source, loras)
-    pipe, device = model.obj, model.device
+    device = model.device
     # 1. Check inputs
-    check_inputs(settings, device, source)
-    check_memory(pipe, settings, device)
+    check_inputs(settings, device.type, source)
+    check_memory(model, settings)
     lora.check_choices(loras)
     settings = replace(settings.with_seed(), loras=tuple((choice.adapter.name, choice.weight) for choice in loras))
     source, resize_notes = prepare_source(source, settings)
-    notes = [_prompt_note(pipe, settings.prompt, "prompt"), _prompt_note(pipe, settings.negative_prompt, "negative prompt"), *resize_notes]
+    notes = [_prompt_note(model, settings.prompt, "prompt"), _prompt_note(model, settings.negative_prompt, "negative prompt"), *resize_notes]
 
     # 2. Wait for the device
     reporter = StepReporter(context, abandoned, settings.denoising_steps)
@@ -621,8 +249,8 @@ def generate(
         return _run(model, settings, context, reporter, source, loras, tuple(n for n in notes if n))
 
 
-def _prompt_note(pipe: Any, text: str, what: str) -> str:
-    length = prompt_length(pipe, text)
+def _prompt_note(model: LoadedModel, text: str, what: str) -> str:
+    length = prompt_length(model.info, text)
     if not length.truncated:
         return ""
     return f"The {what} is {length.tokens} tokens long and the model reads only the first {length.limit}: it ignored “{length.ignored_text}”."
@@ -636,43 +264,6 @@ def _mode_arguments(settings: GenerationSettings, source: SourceImages | None) -
     return {"image": source.image, "mask_image": source.mask, "strength": settings.strength, "width": settings.width, "height": settings.height}
 
 
-def run_pipeline(pipe: Any, mode: Mode, scheduler: str) -> Any:
-    """A pipeline for one run of `mode` over the loaded model's own modules (nothing copied, cast or loaded twice),
-    with the run's own scheduler and the runs' own tokenizer.
-
-    Built as `from_pipe` builds it, but not with `from_pipe`: that casts the shared modules to float32 unless it is
-    given a dtype, which would silently double every later run's memory. The scheduler is set after construction,
-    so the constructor's legacy-config checks never rewrite it.
-    """
-    import diffusers
-
-    state = _state_of(pipe)
-    if state.run_tokenizer is None:
-        state.run_tokenizer = copy.deepcopy(pipe.tokenizer)
-    components = {**pipe.components, "tokenizer": state.run_tokenizer}
-    run_pipe = getattr(diffusers, PIPELINE_CLASSES[mode])(**components, requires_safety_checker=False)
-    run_pipe.scheduler = keep_timesteps_on_the_cpu(build_scheduler(pipe, scheduler))
-    run_pipe.set_progress_bar_config(disable=True)
-    return run_pipe
-
-
-def keep_timesteps_on_the_cpu(scheduler: Any) -> Any:
-    """The scheduler keeps its timesteps on the CPU whatever device the pipeline asks for.
-
-    With GPU timesteps, each PNDM or DDIM step reads a CPU table at a GPU timestep and compares one with 0: each read
-    waits for the GPU to finish the step's UNet call, so the CPU cannot queue the next step while the GPU works, and
-    the GPU idles through every step's Python. The values are the same on either device, and so are the images; the
-    UNet gets its timestep on the GPU from core.accel.cuda_graphs without a copy.
-    """
-    set_timesteps = scheduler.set_timesteps
-
-    def on_the_cpu(*args: Any, device: Any = None, **kwargs: Any) -> Any:
-        return set_timesteps(*args, **kwargs)
-
-    scheduler.set_timesteps = on_the_cpu
-    return scheduler
-
-
 def _run(
     model: LoadedModel, settings: GenerationSettings, context: JobContext | None, reporter: StepReporter,
     source: SourceImages | None, loras: tuple[LoraChoice, ...], notes: tuple[str, ...],
@@ -682,7 +273,7 @@ def _run(
     try:
         # 3. Put the shared pipeline in this run's precision, adapters and memory mode (casts and adapters need the plain state)
         report(context, "preparing the model")
-        if pipe.unet.dtype != _dtype_for(pipe, settings.precision):
+        if pipe.unet.dtype != run_dtype(pipe, settings.precision):
             restore_plain(pipe, device)
             set_precision(pipe, settings.precision, device)
         if loras:
@@ -701,7 +292,7 @@ def _run(
             torch.cuda.reset_peak_memory_stats(device)
         reporter.started = time.perf_counter()
         # LoRA layers change the UNet's modules for this run only: a graph of them would be captured for nothing.
-        fast = not loras and settings.memory_mode in _GRAPHABLE_MODES
+        fast = not loras and settings.memory_mode in GRAPHABLE_MODES
         with (
             cuda_graphs.graphed_unet(pipe.unet, allowed=fast) as unet_calls,
             cuda_graphs.graphed_text_encoder(pipe.text_encoder, allowed=fast),

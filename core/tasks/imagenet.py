@@ -70,8 +70,6 @@ def postprocess(logits: torch.Tensor, categories: list[str], images: list[Decode
 
 def classify(model: LoadedModel, images: list[DecodedImage], top_k: int = DEFAULT_TOP_K) -> ClassificationRun:
     """The `top_k` most likely ImageNet classes of every image, batched, highest first."""
-    if model.is_remote:  # the ray backend: this function runs on a Serve replica (core/backends/ray_client.py)
-        return model.obj.classify(images, top_k)
     names = categories(model.spec)
     if not 1 <= top_k <= len(names):
         raise BadInputError(f"`top_k` must be between 1 and {len(names)}, not {top_k}.")
@@ -106,8 +104,6 @@ def grad_cam(model: LoadedModel, image: DecodedImage, class_index: int) -> Salie
     features, a ViT's patch embedding); the hooks sit on a model every session shares, so they record only
     the calling thread's pass and are removed before returning. No parameter gradient is accumulated.
     """
-    if model.is_remote:  # the ray backend: this function runs on a Serve replica (core/backends/ray_client.py)
-        return model.obj.grad_cam(image, class_index)
     names = categories(model.spec)
     if not 0 <= class_index < len(names):
         raise BadInputError(f"`class_index` must be between 0 and {len(names) - 1}, not {class_index}.")

@@ -16,13 +16,12 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import TypeVar
 
-import torch
 from PIL import Image, PngImagePlugin
 
 from core.errors import BadInputError
-from core.tasks import generation
-from core.tasks.generation import SCHEDULERS, GenerationSettings, MemoryMode, Mode, Precision, SourceImages
+from core.tasks import sd_settings
 from core.tasks.images import MAX_PIXELS
+from core.tasks.sd_settings import SCHEDULERS, GenerationSettings, MemoryMode, Mode, Precision, SourceImages
 
 PARAMETERS_KEY = "parameters"
 NEGATIVE_PREFIX = "Negative prompt:"
@@ -144,7 +143,7 @@ def parse_parameters(text: str) -> ParsedParameters:
     """Settings from a `parameters` text; what it does not say keeps the default. Unknown keys are ignored.
 
     BadInputError for a text longer than MAX_TEXT_CHARS, a value that is not a number or choice this app knows, or
-    settings that no run accepts (core.tasks.generation.check_inputs); the precision and memory mode, which depend on the
+    settings that no run accepts (core.tasks.sd_settings.check_inputs); the precision and memory mode, which depend on the
     machine, are checked when the run starts.
     """
     if len(text) > MAX_TEXT_CHARS:
@@ -180,7 +179,7 @@ def parse_parameters(text: str) -> ParsedParameters:
         )
         # Refuse what no run accepts, by the run's own rule, so the form never gets (and silently clamps) a value past
         # its limits; the precision and memory mode depend on the machine and are checked when the run starts.
-        generation.check_inputs(replace(settings, precision=Precision.AUTO, memory_mode=MemoryMode.NONE), torch.device("cpu"), _ANY_SOURCE)
+        sd_settings.check_inputs(replace(settings, precision=Precision.AUTO, memory_mode=MemoryMode.NONE), "cpu", _ANY_SOURCE)
     except (ValueError, BadInputError) as error:
         raise BadInputError(f"The PNG's settings could not be read: {str(error).rstrip('.')}.", remedy="Fill the form by hand.") from None
     return ParsedParameters(settings, pairs.get("Model"))
@@ -218,7 +217,7 @@ def _unquote(value: str) -> str:
 _ANY_SOURCE = SourceImages(Image.new("RGB", (8, 8)), Image.new("L", (8, 8)))
 # No setting takes a whole number longer than the largest seed; a longer one is refused before it costs time (Python
 # reads 4,300 digits) or overflows the float that check_inputs formats it as.
-_MAX_DIGITS = len(str(generation.MAX_SEED))
+_MAX_DIGITS = len(str(sd_settings.MAX_SEED))
 _WHOLE = f"a whole number of at most {_MAX_DIGITS} digits"
 
 

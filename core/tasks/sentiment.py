@@ -10,7 +10,7 @@ Long texts: the model sees at most `max_tokens` tokens (512 for DistilBERT). A l
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +21,7 @@ import torch
 
 from core.config import Settings
 from core.errors import BadInputError, GpuOutOfMemoryError
-from core.models.manager import LoadedModel, ModelManager, release_memory
+from core.models.manager import LoadedModel, release_memory
 from core.models.registry import MODELS, ModelSpec, custom_spec, folder_in_models_root, is_typed_folder, is_valid_repo_id
 from core.tasks.classify import LabelScore
 from core.tasks.jobs import JobContext
@@ -242,8 +242,6 @@ def score_texts(model: LoadedModel, texts: Sequence[str], context: JobContext | 
     With a `context` (from core.tasks.jobs.Job) it reports texts done after each batch and stops at the next batch
     when the user cancels (raising JobCancelled).
     """
-    if model.is_remote:  # the ray backend: this function runs on a Serve replica (core/backends/ray_client.py)
-        return model.obj.score_texts(texts, context)
     check_inputs(texts)
     pipe = model.obj
     limit = model.info.max_tokens
@@ -287,21 +285,15 @@ def score_texts(model: LoadedModel, texts: Sequence[str], context: JobContext | 
     )
 
 
-def classify_text(model: LoadedModel, text: str) -> TextSentiment:
-    """One text: every label with its probability, highest first."""
+def check_text(text: str) -> None:
     if not isinstance(text, str) or not text.strip():
         raise BadInputError(f"`text` is {text!r}: empty or whitespace only.", remedy="Type or paste some text.")
+
+
+def classify_text(model: LoadedModel, text: str) -> TextSentiment:
+    """One text: every label with its probability, highest first."""
+    check_text(text)
     return score_texts(model, [text]).result(0, text)
-
-
-def scoring_job(manager: ModelManager, spec: ModelSpec, texts: Sequence[str], allow_standin: bool) -> Callable[[JobContext], SentimentScores]:
-    """Work for core.tasks.jobs.Job: the model is held busy (never evicted) for the whole run."""
-
-    def work(context: JobContext) -> SentimentScores:
-        with manager.use(spec, allow_standin=allow_standin) as model:
-            return score_texts(model, texts, context)
-
-    return work
 
 
 # Word attributions ---------------------------------------------------------------------------------------------
@@ -336,8 +328,6 @@ def explain(
     gradient x input takes the gradient at the text only (one pass, rougher). The gradient goes to the input alone:
     the shared model's weights get no .grad and are never changed.
     """
-    if model.is_remote:  # the ray backend: this function runs on a Serve replica (core/backends/ray_client.py)
-        return model.obj.explain(text, method, steps, label)
     if not isinstance(text, str) or not text.strip():
         raise BadInputError(f"`text` is {text!r}: empty or whitespace only.", remedy="Type or paste some text.")
     if method not in (INTEGRATED_GRADIENTS, GRADIENT_X_INPUT):

@@ -23,10 +23,10 @@ from PIL import Image, ImageDraw, ImageFont
 from core.checks import check_number, shown
 from core.errors import BadInputError
 from core.tasks import pnginfo
-from core.tasks.generation import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, SCHEDULERS, GenerationSettings, available_schedulers
 from core.tasks.images import MAX_PIXELS
 from core.tasks.jobs import JobCancelled
 from core.tasks.lora import MAX_WEIGHT, LoraChoice
+from core.tasks.sd_settings import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, SCHEDULERS, GenerationSettings, available_schedulers
 
 # 16 values an axis and 64 cells in all: 64 SD 1.x images of 512x512 at 25 steps take 13 s on an H100 with CUDA graphs
 # and about 90 s eager, as LoRA runs are (0.20 and about 1.4 s an image, docs/PERFORMANCE.md), and 8x8 cells still

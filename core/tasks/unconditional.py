@@ -19,18 +19,9 @@ from core.checks import check_number
 from core.config import Settings
 from core.models.manager import LoadedModel
 from core.models.registry import ModelSpec, spec_for_choice
-from core.tasks.generation import (
-    MAX_SEED,
-    GeneratedImage,
-    StepReporter,
-    device_slot,
-    out_of_memory_error,
-    random_seed,
-    report,
-    seeds_from,
-    stops_within_model_calls,
-)
+from core.tasks.generation import StepReporter, device_slot, out_of_memory_error, report, stops_within_model_calls
 from core.tasks.jobs import JobContext
+from core.tasks.sd_settings import MAX_SEED, GeneratedImage, random_seed, seeds_from
 
 DDPM_MODEL_KEYS = ("ddpm-butterflies", "ddpm-cifar10")
 MAX_STEPS = 1000  # DDPM was trained with 1000 noise levels; fewer steps skip levels (faster, blurrier)
@@ -99,8 +90,6 @@ def generate(
     abandoned: Callable[[], bool] = lambda: False,
 ) -> UnconditionalResult:
     """Sample `settings.num_images` images from the DDPM model in `model`; cancel and errors as core.tasks.generation.generate."""
-    if model.is_remote:  # the ray backend: this function runs on a Serve replica (core/backends/ray_client.py)
-        return model.obj.generate_unconditional(settings, context, abandoned)
     # 1. Check inputs
     check_inputs(settings)
     if settings.seed is None:
