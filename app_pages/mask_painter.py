@@ -17,7 +17,7 @@ import streamlit as st
 from PIL import Image
 
 from app_pages.common import show_error
-from core.api import BadInputError, decode_mask_payload, painted_mask_size
+from core.api import BadInputError, outpaint
 
 DISPLAY_MAX_PX = 512  # the picture is shown at most this wide and this high; the mask keeps the full resolution
 BRUSH_SIZES_PX = (4, 96, 24)  # smallest, largest, first brush diameter, in displayed pixels
@@ -138,7 +138,7 @@ def paint_mask(image: Image.Image, key: str) -> Image.Image | None:
 
     A new picture gets a new, empty mask. Above MAX_SIDE_PX a side, the mask is painted at that size and scaled up.
     """
-    mask_size = painted_mask_size(image.size)
+    mask_size = outpaint.painted_mask_size(image.size)
     preview = image.convert("RGB")
     preview.thumbnail((DISPLAY_MAX_PX, DISPLAY_MAX_PX))
     buffer = io.BytesIO()
@@ -155,7 +155,7 @@ def paint_mask(image: Image.Image, key: str) -> Image.Image | None:
     if payload is None:
         return None
     try:
-        mask = decode_mask_payload(payload, mask_size)
+        mask = outpaint.decode_mask_payload(payload, mask_size)
     except BadInputError as error:
         show_error(error)
         return None

@@ -10,6 +10,7 @@ One JSON line per figure: s/image for 512x512, 50 PNDM steps, and peak allocated
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bench.common import COMPILE_WAIT_S, SHARED_MODELS, emit, environment, median_seconds, settled, synchronize
-from core.accel import compiled, cuda_graphs
+from core.accel import EAGER, Acceleration, compiled
 from core.config import Settings
 from core.models.manager import LoadedModel, ModelManager, release_memory
 from core.models.registry import MODELS
@@ -137,10 +138,11 @@ def bench_naive(model: LoadedModel, base: GenerationSettings, device: torch.devi
 def bench_ours(model: LoadedModel, base: GenerationSettings, device: torch.device, repeats: int, naive_s: float) -> None:
     """The app's path (queue slot, per-run scheduler, callback) in its default precision, fp32, other samplers and each memory mode."""
 
-    def figure(name: str, settings: GenerationSettings, warmup: int = 1, runs: int = repeats, same_work: bool = True) -> None:
+    def figure(name: str, settings: GenerationSettings, warmup: int = 1, runs: int = repeats, same_work: bool = True, accel: Acceleration | None = None) -> None:
         results = []
+        runs_on = model if accel is None else dataclasses.replace(model, accel=accel)
         # One call first: it settles the memory mode and dtype (before the peak is measured) and queues the compile.
-        run = settled(lambda: results.append(generation.generate(model, settings)))
+        run = settled(lambda: results.append(generation.generate(runs_on, settings)))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         seconds = median_seconds(run, device, warmup=warmup, repeats=runs)
@@ -156,17 +158,15 @@ def bench_ours(model: LoadedModel, base: GenerationSettings, device: torch.devic
         return
     # The rest without compiles (each new dtype or shape would compile for a minute): graphs, or eager where a mode
     # changes the UNet.
-    compiled.configure(False, Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]))
-    figure(f"{size} {base.steps} steps PNDM, ours, compile off", base)
-    cuda_graphs.set_enabled(False)
-    figure(f"{size} {base.steps} steps PNDM, ours, compile and CUDA graphs off (eager)", base)
-    cuda_graphs.set_enabled(True)
-    figure(f"{size} {base.steps} steps PNDM, ours fp32", replace(base, precision=Precision.FP32))
-    figure(f"{size} {base.steps} steps PNDM, ours bf16", replace(base, precision=Precision.BF16))
+    graphs_only = Acceleration(cuda_graphs=True, compile=False)
+    figure(f"{size} {base.steps} steps PNDM, ours, compile off", base, accel=graphs_only)
+    figure(f"{size} {base.steps} steps PNDM, ours, compile and CUDA graphs off (eager)", base, accel=EAGER)
+    figure(f"{size} {base.steps} steps PNDM, ours fp32", replace(base, precision=Precision.FP32), accel=graphs_only)
+    figure(f"{size} {base.steps} steps PNDM, ours bf16", replace(base, precision=Precision.BF16), accel=graphs_only)
     for mode in MemoryMode:
         if mode is not MemoryMode.NONE:  # offload modes are slow: one timed run each
             slow = mode in (MemoryMode.MODEL_OFFLOAD, MemoryMode.SEQUENTIAL_OFFLOAD)
-            figure(f"{size} {base.steps} steps PNDM, ours, {mode}", replace(base, memory_mode=mode), warmup=0, runs=1 if slow else repeats)
+            figure(f"{size} {base.steps} steps PNDM, ours, {mode}", replace(base, memory_mode=mode), warmup=0, runs=1 if slow else repeats, accel=graphs_only)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 from bench.bench_classifiers import full_size_hotdog
 from bench.bench_generation import PROMPT, build_full_size_sd
 from bench.common import environment, median_seconds, settled
-from core.accel import cuda_graphs
+from core.accel import Acceleration, cuda_graphs
 from core.config import Settings
 from core.models.loading import fold_batch_norms
 from core.models.manager import ModelManager
@@ -37,6 +37,7 @@ from core.models.registry import MODELS
 from core.tasks import classify, generation, imagenet
 from core.tasks.sd_settings import GenerationSettings
 
+GRAPHS = Acceleration(cuda_graphs=True, compile=False)  # the graphed eager step; compiled ones are measured apart
 CUDA = torch.device("cuda")
 
 
@@ -67,13 +68,13 @@ def classifiers(root: Path) -> None:
             fold_batch_norms(model)
         model = model.to(CUDA, torch.float16).to(memory_format=torch.channels_last)
         measure("ResNet50 1 image eager", lambda m=model: m(image), folded_batchnorm=folded)
-        measure("ResNet50 1 image CUDA graph", lambda m=model: cuda_graphs.graphed_forward(m, imagenet._logits, image), folded_batchnorm=folded)
+        measure("ResNet50 1 image CUDA graph", lambda m=model: cuda_graphs.graphed_forward(m, imagenet._logits, image, GRAPHS), folded_batchnorm=folded)
         measure("ResNet50 256 images eager", lambda m=model: m(batch), repeats=10, folded_batchnorm=folded, images=256)
     full_size_hotdog(root)
     vit = ModelManager(Settings(models_root=root, standin_dir=root / "standins", compile=False)).get(MODELS["hotdog"]).obj.model
     pixels = torch.randn(1, 3, 224, 224, device=CUDA, dtype=vit.dtype)
     measure("ViT-base 1 image eager", lambda: classify._logits(vit, pixels))
-    measure("ViT-base 1 image CUDA graph", lambda: cuda_graphs.graphed_forward(vit, classify._logits, pixels))
+    measure("ViT-base 1 image CUDA graph", lambda: cuda_graphs.graphed_forward(vit, classify._logits, pixels, GRAPHS))
 
 
 @torch.inference_mode()
@@ -102,14 +103,14 @@ def unet_variants(unet: torch.nn.Module, batch: int) -> None:
         return unet(sample, timestep, context, return_dict=False)[0]
 
     measure("SD1.5 UNet step eager", step, batch=batch)
-    with cuda_graphs.graphed_unet(unet):
+    with cuda_graphs.graphed_unet(unet, GRAPHS):
         measure("SD1.5 UNet step CUDA graph", step, batch=batch)
     unet.to(memory_format=torch.channels_last)
-    with cuda_graphs.graphed_unet(unet):
+    with cuda_graphs.graphed_unet(unet, GRAPHS):
         measure("SD1.5 UNet step CUDA graph, channels-last", step, batch=batch)
     unet.to(memory_format=torch.contiguous_format)
     unet.fuse_qkv_projections()
-    with cuda_graphs.graphed_unet(unet):
+    with cuda_graphs.graphed_unet(unet, GRAPHS):
         measure("SD1.5 UNet step CUDA graph, fused QKV", step, batch=batch)
     unet.unfuse_qkv_projections()
 
@@ -165,7 +166,7 @@ def vit_attention(root: Path) -> None:
         from transformers import ViTForImageClassification
 
         vit = ViTForImageClassification.from_pretrained(root / MODELS["hotdog"].repo_id, attn_implementation=attention, dtype=torch.float16).to(CUDA).eval()
-        measure("ViT-base 1 image CUDA graph", lambda m=vit: cuda_graphs.graphed_forward(m, classify._logits, pixels), attention=attention)
+        measure("ViT-base 1 image CUDA graph", lambda m=vit: cuda_graphs.graphed_forward(m, classify._logits, pixels, GRAPHS), attention=attention)
         top_kernels(f"ViT-base 1 image eager, {attention} attention", lambda m=vit: classify._logits(m, pixels), count=5)
         started = time.perf_counter()
         fast = torch.compile(classify._logits, mode="default", dynamic=False)

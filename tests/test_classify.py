@@ -56,9 +56,9 @@ def test_more_images_than_one_batch(manager, monkeypatch):
     batch_sizes = []
     forward = classify._forward
 
-    def counting_forward(model, inputs):
+    def counting_forward(model, inputs, accel):
         batch_sizes.append(inputs["pixel_values"].shape[0])
-        return forward(model, inputs)
+        return forward(model, inputs, accel)
 
     monkeypatch.setattr("core.tasks.classify._forward", counting_forward)
     model = manager.get(MODELS["hotdog"], allow_standin=True)
@@ -67,7 +67,7 @@ def test_more_images_than_one_batch(manager, monkeypatch):
 
 
 def test_gpu_out_of_memory_becomes_a_typed_error(manager, monkeypatch):
-    def out_of_memory(model, inputs):
+    def out_of_memory(model, inputs, accel):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr("core.tasks.classify._forward", out_of_memory)

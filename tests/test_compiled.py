@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from core.accel import compiled
+from core.accel import Acceleration, compiled
 from core.accel.compiled import CompileState
 
 
@@ -26,9 +26,11 @@ def compiler(monkeypatch):
         return compiled_step
 
     monkeypatch.setattr(compiled, "_compiler", compile_step)
-    monkeypatch.setattr(compiled, "_enabled", True)
     monkeypatch.setattr(compiled, "_on_gpu", lambda tensor: True)
     return release
+
+
+COMPILE = Acceleration(cuda_graphs=False, compile=True)  # batches: the compiled step, padded
 
 
 def linear_step(module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -41,14 +43,14 @@ def states(module) -> list[CompileState]:
 
 def test_a_shape_is_served_eagerly_until_its_background_compile_is_done(compiler):
     module, one = torch.nn.Linear(4, 4), torch.randn(1, 4)
-    assert compiled.ready(module, linear_step, (one,)) is None  # queued: this call runs eagerly
-    assert compiled.ready(module, linear_step, (one,)) is None  # still compiling: still eager, not queued twice
+    assert compiled.ready(module, linear_step, (one,), True) is None  # queued: this call runs eagerly
+    assert compiled.ready(module, linear_step, (one,), True) is None  # still compiling: still eager, not queued twice
     assert states(module) == [CompileState.COMPILING]
     compiler.set()
     assert compiled.wait_until_settled(30)
-    fast = compiled.ready(module, linear_step, (one,))
+    fast = compiled.ready(module, linear_step, (one,), True)
     assert fast is not None and torch.allclose(fast(module, one), module(one) + 1000)
-    assert compiled.ready(module, linear_step, (torch.randn(2, 4),)) is None  # another shape waits for its own compile
+    assert compiled.ready(module, linear_step, (torch.randn(2, 4),), True) is None  # another shape waits for its own compile
 
 
 def test_a_failed_compile_leaves_the_eager_path_serving(monkeypatch, compiler):
@@ -57,27 +59,25 @@ def test_a_failed_compile_leaves_the_eager_path_serving(monkeypatch, compiler):
 
     monkeypatch.setattr(compiled, "_compiler", broken)
     module, one = torch.nn.Linear(4, 4), torch.randn(1, 4)
-    assert compiled.ready(module, lambda m, x: m(x), (one,)) is None
+    assert compiled.ready(module, lambda m, x: m(x), (one,), True) is None
     assert compiled.wait_until_settled(30)
     assert states(module) == [CompileState.FAILED]
-    assert compiled.ready(module, linear_step, (one,)) is None
+    assert compiled.ready(module, linear_step, (one,), True) is None
 
 
 def test_forgotten_compiles_are_redone_for_moved_weights(compiler):
     compiler.set()
     module, one = torch.nn.Linear(4, 4), torch.randn(1, 4)
-    compiled.ready(module, linear_step, (one,))
-    assert compiled.wait_until_settled(30) and compiled.ready(module, linear_step, (one,)) is not None
+    compiled.ready(module, linear_step, (one,), True)
+    assert compiled.wait_until_settled(30) and compiled.ready(module, linear_step, (one,), True) is not None
     compiled.forget(module)  # what core.accel.cuda_graphs does when the weights are no longer where they were
-    assert compiled.ready(module, linear_step, (one,)) is None  # compiled again, in the background
+    assert compiled.ready(module, linear_step, (one,), True) is None  # compiled again, in the background
 
 
-def test_off_or_on_the_cpu_nothing_is_compiled(monkeypatch):
+def test_off_or_on_the_cpu_nothing_is_compiled():
     module = torch.nn.Linear(4, 4)
-    monkeypatch.setattr(compiled, "_enabled", False)
-    assert compiled.ready(module, linear_step, (torch.randn(1, 4),)) is None
-    monkeypatch.setattr(compiled, "_enabled", True)  # on, but a CPU tensor
-    assert compiled.ready(module, linear_step, (torch.randn(1, 4),)) is None
+    assert compiled.ready(module, linear_step, (torch.randn(1, 4),), False) is None
+    assert compiled.ready(module, linear_step, (torch.randn(1, 4),), True) is None  # on, but a CPU tensor
     assert states(module) == []
 
 
@@ -85,10 +85,10 @@ def test_the_compile_cache_goes_where_configured_unless_an_operator_chose_one(mo
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing diffusers leaves there
-    compiled.configure(False, tmp_path / "inductor")
+    compiled.use_cache_dir(tmp_path / "inductor")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "operator's"))
-    compiled.configure(False, tmp_path / "inductor")
+    compiled.use_cache_dir(tmp_path / "inductor")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "operator's")
 
 
@@ -101,12 +101,12 @@ def test_batches_compile_at_a_few_sizes_and_other_sizes_are_padded_up_to_them(co
     module = torch.nn.Linear(4, 4)
     batches = {count: torch.randn(count, 4) for count in (1, 3, 4, 5, 7)}  # 1: here (no CUDA) without a graph
     for batch in batches.values():
-        assert torch.equal(cuda_graphs.graphed_forward(module, batch_step, batch), module(batch))  # eager meanwhile
+        assert torch.equal(cuda_graphs.graphed_forward(module, batch_step, batch, COMPILE), module(batch))  # eager meanwhile
     assert sorted(r.shape for r in compiled.records() if r.model == "Linear") == ["1×4", "4×4", "8×4"]  # not one per size
     compiler.set()
     assert compiled.wait_until_settled(30)
     for count, batch in batches.items():
-        served = cuda_graphs.graphed_forward(module, batch_step, batch)
+        served = cuda_graphs.graphed_forward(module, batch_step, batch, COMPILE)
         assert served.shape == (count, 4) and torch.allclose(served, module(batch) + 1000)  # its own rows, compiled
 
 
@@ -141,9 +141,9 @@ def test_a_compile_that_met_a_graph_capture_is_run_again_and_other_failures_are_
 
     monkeypatch.setattr(compiled, "_compiler", compile_step)
     module, one = torch.nn.Linear(4, 4), torch.randn(1, 4)
-    compiled.ready(module, clashing, (one,))
+    compiled.ready(module, clashing, (one,), True)
     assert compiled.wait_until_settled(30)
-    assert attempts == ["clashing", "clashing"] and compiled.ready(module, clashing, (one,)) is not None
-    compiled.ready(module, broken, (torch.randn(2, 4),))
+    assert attempts == ["clashing", "clashing"] and compiled.ready(module, clashing, (one,), True) is not None
+    compiled.ready(module, broken, (torch.randn(2, 4),), True)
     assert compiled.wait_until_settled(30)
-    assert attempts.count("broken") == 1 and compiled.ready(module, broken, (torch.randn(2, 4),)) is None
+    assert attempts.count("broken") == 1 and compiled.ready(module, broken, (torch.randn(2, 4),), True) is None

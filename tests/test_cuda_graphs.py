@@ -6,13 +6,11 @@ import pytest
 import torch
 import torchvision
 
-from core.accel import compiled, cuda_graphs
+from core.accel import Acceleration, compiled, cuda_graphs
 
-
-@pytest.fixture(autouse=True)
-def no_compiles(monkeypatch):
-    """Graphs of the eager functions only: a background compile finishing mid-test would change what is replayed."""
-    monkeypatch.setattr(compiled, "_enabled", False)
+# Graphs of the eager functions only: a background compile finishing mid-test would change what is replayed.
+GRAPHS = Acceleration(cuda_graphs=True, compile=False)
+GRAPHS_AND_COMPILE = Acceleration(cuda_graphs=True, compile=True)
 
 
 def call(module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -24,7 +22,7 @@ def test_cpu_inputs_run_eagerly_and_unchanged():
     inputs = torch.randn(1, 4)
     with torch.inference_mode():
         expected = module(inputs)
-    assert torch.equal(cuda_graphs.graphed_forward(module, call, inputs), expected)
+    assert torch.equal(cuda_graphs.graphed_forward(module, call, inputs, GRAPHS), expected)
     assert module not in cuda_graphs._graphs  # nothing captured off the GPU
 
 
@@ -35,13 +33,13 @@ def test_graph_replay_matches_eager_exactly_and_handles_other_shapes():
     images = [torch.randn(1, 3, 224, 224, device="cuda").half().contiguous(memory_format=torch.channels_last) for _ in range(3)]
     with torch.inference_mode():
         eager = [model(image) for image in images]
-    graphed = [cuda_graphs.graphed_forward(model, call, image) for image in images]
+    graphed = [cuda_graphs.graphed_forward(model, call, image, GRAPHS) for image in images]
     for expected, actual in zip(eager, graphed, strict=True):
         assert torch.equal(expected, actual)
     assert any(isinstance(graph, cuda_graphs._Graph) for graph in cuda_graphs._graphs[model].graphs.values())
     batch = torch.cat(images).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        assert torch.equal(cuda_graphs.graphed_forward(model, call, batch), model(batch))  # batch of 3: eager
+        assert torch.equal(cuda_graphs.graphed_forward(model, call, batch, GRAPHS), model(batch))  # batch of 3: eager
 
 
 @pytest.mark.gpu
@@ -50,12 +48,12 @@ def test_concurrent_replays_return_each_callers_own_result():
     inputs = [torch.randn(1, 64, device="cuda") for _ in range(8)]
     with torch.inference_mode():
         expected = [model(x) for x in inputs]
-    cuda_graphs.graphed_forward(model, call, inputs[0])  # capture first
+    cuda_graphs.graphed_forward(model, call, inputs[0], GRAPHS)  # capture first
     results: dict[int, torch.Tensor] = {}
 
     def session(index: int) -> None:
         for _ in range(50):
-            results[index] = cuda_graphs.graphed_forward(model, call, inputs[index])
+            results[index] = cuda_graphs.graphed_forward(model, call, inputs[index], GRAPHS)
 
     threads = [threading.Thread(target=session, args=(i,)) for i in range(8)]
     for thread in threads:
@@ -79,7 +77,7 @@ def test_unet_graphs_are_dropped_when_the_weights_move():
 
 def test_graphed_unet_off_the_gpu_leaves_calls_eager_and_forward_as_it_was():
     unet = torch.nn.Linear(4, 4)
-    with cuda_graphs.graphed_unet(unet) as calls:
+    with cuda_graphs.graphed_unet(unet, GRAPHS) as calls:
         assert "forward" not in vars(unet)
         unet(torch.randn(1, 4))
     assert calls.path == "eager" and "forward" not in vars(unet)
@@ -87,7 +85,7 @@ def test_graphed_unet_off_the_gpu_leaves_calls_eager_and_forward_as_it_was():
 
 def test_graphed_text_encoder_off_the_gpu_leaves_forward_as_it_was():
     text_encoder = torch.nn.Embedding(10, 4)
-    with cuda_graphs.graphed_text_encoder(text_encoder):
+    with cuda_graphs.graphed_text_encoder(text_encoder, GRAPHS):
         assert "forward" not in vars(text_encoder)
         text_encoder(torch.tensor([[1, 2]]))
     assert "forward" not in vars(text_encoder)
@@ -124,7 +122,7 @@ def test_a_graphed_unet_run_serves_plain_calls_from_graphs_and_the_rest_eagerly(
     sample, context = torch.randn(2, 4, 8, 8, device="cuda").half(), torch.randn(2, 3, 5, device="cuda").half()
     with torch.inference_mode():
         expected = [unet(sample, torch.tensor(t, device="cuda"), context, return_dict=False)[0] for t in (1, 2, 3)]
-        with cuda_graphs.graphed_unet(unet) as calls:
+        with cuda_graphs.graphed_unet(unet, GRAPHS) as calls:
             actual = [unet(sample, torch.tensor(t, device="cuda"), context, return_dict=False)[0] for t in (1, 2, 3)]
             unet(sample, torch.tensor(1, device="cuda"), context, cross_attention_kwargs={"scale": 0.5}, return_dict=False)  # LoRA-style: eager
     for want, got in zip(expected, actual, strict=True):
@@ -143,7 +141,7 @@ def test_a_graphed_text_encoder_serves_plain_encodings_from_a_graph_exactly_and_
     mask = torch.ones_like(ids)
     with torch.inference_mode():
         expected = text_encoder(ids)[0]
-        with cuda_graphs.graphed_text_encoder(text_encoder):
+        with cuda_graphs.graphed_text_encoder(text_encoder, GRAPHS):
             graphed = [text_encoder(ids)[0] for _ in range(2)]  # the first captures, the second replays
             masked = text_encoder(ids, attention_mask=mask)[0]
     assert all(torch.equal(expected, got) for got in graphed)
@@ -153,15 +151,14 @@ def test_a_graphed_text_encoder_serves_plain_encodings_from_a_graph_exactly_and_
 
 @pytest.mark.gpu
 def test_a_batch_between_compiled_sizes_is_served_padded_by_the_compiled_step_within_tolerance(monkeypatch, tmp_path):
-    monkeypatch.setattr(compiled, "_enabled", True)
     model = torchvision.models.resnet50().eval().cuda().half().to(memory_format=torch.channels_last)
     batch = torch.randn(3, 3, 224, 224, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         expected = model(batch).float()
-    assert torch.equal(cuda_graphs.graphed_forward(model, call, batch), model(batch))  # eager while the 4-image compile runs
+    assert torch.equal(cuda_graphs.graphed_forward(model, call, batch, GRAPHS_AND_COMPILE), model(batch))  # eager while the 4-image compile runs
     assert compiled.wait_until_settled(300)
     assert [(r.shape, r.state) for r in compiled.records() if r.model == "ResNet"] == [("4×3×224×224", compiled.CompileState.READY)]
-    served = cuda_graphs.graphed_forward(model, call, batch).float()
+    served = cuda_graphs.graphed_forward(model, call, batch, GRAPHS_AND_COMPILE).float()
     assert served.shape == (3, 1000)
     assert ((served - expected).abs().max() / expected.abs().max()).item() < 1e-2
     compiled.forget(model)

@@ -52,8 +52,7 @@ DAMAGES = {
 @pytest.mark.parametrize("damage", list(DAMAGES))
 def test_a_load_that_fails_half_way_is_a_clear_failure_and_the_rest_keeps_working(settings, standin_dir, tmp_path, monkeypatch, key, damage):
     folder = broken_copy(standin_dir, tmp_path, key, DAMAGES[damage])
-    monkeypatch.setenv(f"DASH_MODEL_{key.upper()}", str(folder))
-    manager = ModelManager(settings)
+    manager = ModelManager(replace(settings, model_folders=((key.upper(), folder),)))  # DASH_MODEL_<KEY>=folder
     with pytest.raises(ModelUnavailableError) as caught:
         manager.get(MODELS[key])
     message = str(caught.value)

@@ -668,13 +668,13 @@ def test_sentiment_takes_any_text_and_any_lines(manager):
 
 
 def test_a_prompt_of_any_text_is_counted_in_tokens(manager):
-    pipe = manager.get(MODELS["sd15"], allow_standin=True).obj
+    info = manager.get(MODELS["sd15"], allow_standin=True).info
 
     @fuzz(max_examples=25, deadline_s=MODEL_S)
     @given(prompt=st.one_of(texts, st.builds(lambda unit, n: unit * n, st.sampled_from(["a lighthouse, ", "😀", "\u202e"]), st.integers(100, 50_000))))
     def count(prompt):
-        length = generation.prompt_length(pipe, prompt)
-        assert length.tokens >= 0 and length.limit == pipe.tokenizer.model_max_length - 2
+        length = sd_settings.prompt_length(info, prompt)
+        assert length.tokens >= 0 and length.limit == info.tokenizer.model_max_length - 2
         assert length.truncated == (length.tokens > length.limit) and isinstance(length.ignored_text, str)
         generation.check_inputs(GenerationSettings(prompt=prompt, negative_prompt=prompt), CPU.type)  # any prompt is fine
 

@@ -14,7 +14,7 @@ from core.config import Settings
 from core.errors import BadInputError, GpuOutOfMemoryError, InsufficientMemoryError
 from core.formatting import human_bytes
 from core.gpu.queue import queue_for
-from core.models.manager import module_bytes
+from core.models.describe import module_bytes
 from core.models.registry import MODELS
 from core.tasks import generation, sd_pipeline, sd_settings
 from core.tasks.jobs import Job, JobState
@@ -56,9 +56,11 @@ def test_same_seed_same_image_and_image_i_of_a_batch_alone(sd):
     again = generation.generate(sd, SMALL)
     second_alone = generation.generate(sd, batch.settings_for(1))
     other_seed = generation.generate(sd, replace(SMALL, seed=99))
-    np.testing.assert_array_equal(pixels(batch, 0), pixels(again))
-    np.testing.assert_array_equal(pixels(batch, 1), pixels(second_alone))
-    assert not np.array_equal(pixels(again), pixels(other_seed))
+    # The same seed's noise whether alone or in a batch. A batch of two runs other GEMM shapes than one image, and on
+    # some CPUs (oneDNN's blocking) that rounds a pixel one level apart: 1 of 255 at most, never a different image.
+    assert np.abs(pixels(batch, 0).astype(int) - pixels(again)).max() <= 1
+    assert np.abs(pixels(batch, 1).astype(int) - pixels(second_alone)).max() <= 1
+    assert np.abs(pixels(again).astype(int) - pixels(other_seed)).max() > 64
 
 
 def test_no_seed_draws_one_and_reports_it(sd):
@@ -208,11 +210,11 @@ def test_a_lossy_precision_round_trip_restores_the_loaded_weights(sd):
 
 def test_a_prompt_over_77_tokens_runs_and_says_what_was_ignored(sd):
     prompt = "b" * 75 + "xyz"  # the stand-in's tokenizer makes one token per character
-    length = generation.prompt_length(sd.obj, prompt)
+    length = generation.prompt_length(sd.info, prompt)
     assert (length.tokens, length.limit, length.truncated, length.ignored_text) == (78, 75, True, "xyz")
     result = generation.generate(sd, replace(SMALL, prompt=prompt))
     assert result.images and result.notes == ("The prompt is 78 tokens long and the model reads only the first 75: it ignored “xyz”.",)
-    assert not generation.prompt_length(sd.obj, "b" * 75).truncated
+    assert not generation.prompt_length(sd.info, "b" * 75).truncated
 
 
 def test_an_empty_prompt_is_allowed(sd):
@@ -261,7 +263,7 @@ def test_a_blacked_out_image_gets_a_note(sd, monkeypatch):
 
 def test_memory_estimate_grows_with_size_and_shrinks_with_memory_modes(sd):
     def total(**change):
-        return generation.estimate_memory(sd.obj, GenerationSettings(**change), CPU).total_bytes
+        return generation.estimate_memory(sd.info, GenerationSettings(**change)).total_bytes
 
     assert total(width=1024, height=1024) > total() > total(width=256, height=256)
     assert total(num_images=4, memory_mode=MemoryMode.VAE_SLICING) < total(num_images=4)
@@ -376,11 +378,11 @@ def test_counting_a_prompt_never_changes_how_a_running_run_encodes_its_prompts(s
     assert tokenizer is not sd.obj.tokenizer  # the one the page counts with
     assert tokenizer is generation.run_pipeline(sd.obj, Mode.INPAINT, "DDIM").tokenizer  # one copy per pipeline, not per run
     stop, counted = threading.Event(), []
-    expected = generation.prompt_length(sd.obj, "a lighthouse at dawn").tokens
+    expected = generation.prompt_length(sd.info, "a lighthouse at dawn").tokens
 
     def count() -> None:
         while not stop.is_set():
-            counted.append(generation.prompt_length(sd.obj, "a lighthouse at dawn").tokens)
+            counted.append(generation.prompt_length(sd.info, "a lighthouse at dawn").tokens)
 
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
@@ -403,7 +405,7 @@ def test_a_run_estimated_over_the_available_memory_is_refused_before_it_starts_w
     monkeypatch.setattr(generation, "host_memory", lambda: HostMemory(24 * 2**30, 2**30, 0))  # 1 GiB of RAM left
     monkeypatch.setattr(generation, "device_slot", lambda *args: pytest.fail("the refused run reached the queue"))
     large = replace(SMALL, width=1024, height=1024, num_images=2)
-    estimate = generation.estimate_memory(sd.obj, large, CPU)
+    estimate = generation.estimate_memory(sd.info, large)
     with pytest.raises(InsufficientMemoryError) as refused:
         generation.generate(sd, large)
     message = str(refused.value)
@@ -412,5 +414,5 @@ def test_a_run_estimated_over_the_available_memory_is_refused_before_it_starts_w
     # What is free plus the weights the loaded model already holds (the estimate counts them)
     assert human_bytes(2**30 + module_bytes(sd.obj)) in message
     assert "smaller size" in refused.value.remedy and "VAE tiling" in refused.value.remedy
-    assert generation.estimate_memory(sd.obj, SMALL, CPU).total_bytes < 2**30
-    generation.check_memory(sd.obj, SMALL, CPU)  # a run that fits is not refused
+    assert generation.estimate_memory(sd.info, SMALL).total_bytes < 2**30
+    generation.check_memory(sd, SMALL)  # a run that fits is not refused

@@ -87,7 +87,7 @@ def test_resnet50_fp16_agrees_with_fp32(tmp_path: Path, count: int):
     fp32, fp16 = load_both(spec, loading.ModelSource(str(folder), is_local=True))
     torch.testing.assert_close(fp16.obj.conv1.weight.float(), fp32.obj.conv1.weight, rtol=1e-2, atol=1e-4)  # same weights, rounded
     images = photos(count)
-    logits = [imagenet._forward(m.obj, imagenet.preprocess(m, images)) for m in (fp32, fp16)]
+    logits = [imagenet._forward(m.obj, imagenet.preprocess(m, images), m.accel) for m in (fp32, fp16)]
     assert_fp16_agrees(*logits, "resnet50")
     top = int(logits[0][0].argmax())
     saliency32, saliency16 = (imagenet.grad_cam(m, images[0], top).heatmap for m in (fp32, fp16))

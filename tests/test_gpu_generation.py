@@ -17,7 +17,7 @@ from PIL import Image
 
 from bench.bench_generation import build_full_size_ddpm, build_full_size_sd
 from bench.profile_gpu import SYNC_CALLS
-from core.accel import compiled, cuda_graphs
+from core.accel import EAGER, Acceleration, compiled, cuda_graphs
 from core.config import Settings
 from core.errors import GpuOutOfMemoryError
 from core.gpu.queue import queue_for
@@ -79,11 +79,7 @@ def test_fp16_run_at_512(sd):
 def test_cuda_graph_steps_make_the_same_images_as_eager_steps_within_peak_memory(sd):
     graphed = run(sd, BASE, "fp16, CUDA graph")
     graphed_again = run(sd, BASE, "fp16, CUDA graph, captured")
-    cuda_graphs.set_enabled(False)
-    try:
-        eager = run(sd, BASE, "fp16, eager")
-    finally:
-        cuda_graphs.set_enabled(True)
+    eager = run(dataclasses.replace(sd, accel=EAGER), BASE, "fp16, eager")
     assert graphed.unet_path == graphed_again.unet_path == "CUDA graph" and eager.unet_path == "eager"
     difference = np.abs(pixels(graphed) - pixels(eager)).max()
     print(json.dumps({"graph_vs_eager_max_pixel_difference": int(difference)}))
@@ -112,7 +108,7 @@ def test_the_cpu_waits_for_the_gpu_no_more_often_in_a_longer_run(sd, scheduler):
 
 def test_compiled_steps_agree_with_eager_ones_and_serve_runs_once_ready(sd, tmp_path):
     unet = sd.obj.unet
-    compiled.configure(True, tmp_path)
+    sd = dataclasses.replace(sd, accel=Acceleration(cuda_graphs=True, compile=True))
     try:
         queued = run(sd, BASE, "fp16, compile queued in the background")
         assert "compiled" not in queued.unet_path  # the run did not wait for the compile
@@ -124,19 +120,19 @@ def test_compiled_steps_agree_with_eager_ones_and_serve_runs_once_ready(sd, tmp_
                   torch.randn(4, 77, 768, device=CUDA, dtype=torch.float16))
         with torch.inference_mode():
             eager = cuda_graphs.unet_step(unet, *inputs).float()
-            fast = compiled.ready(unet, cuda_graphs.unet_step, inputs)(unet, *inputs).float()
+            fast = compiled.ready(unet, cuda_graphs.unet_step, inputs, True)(unet, *inputs).float()
             latents = torch.randn(2, 4, 64, 64, device=CUDA, dtype=torch.float16)
             eager_decoded = cuda_graphs.vae_decode_step(sd.obj.vae, latents).float()
-            fast_decoded = compiled.ready(sd.obj.vae, cuda_graphs.vae_decode_step, (latents,))(sd.obj.vae, latents).float()
+            fast_decoded = compiled.ready(sd.obj.vae, cuda_graphs.vae_decode_step, (latents,), True)(sd.obj.vae, latents).float()
             ids = torch.randint(0, 49408, (1, 77), device=CUDA)
             eager_encoded = cuda_graphs.text_encoder_step(sd.obj.text_encoder, ids).float()
-            fast_encoded = compiled.ready(sd.obj.text_encoder, cuda_graphs.text_encoder_step, (ids,))(sd.obj.text_encoder, ids).float()
+            fast_encoded = compiled.ready(sd.obj.text_encoder, cuda_graphs.text_encoder_step, (ids,), True)(sd.obj.text_encoder, ids).float()
         errors = {name: ((fast_out - eager_out).abs().max() / eager_out.abs().max()).item() for name, fast_out, eager_out in (
             ("unet_step", fast, eager), ("vae_decode", fast_decoded, eager_decoded), ("text_encoder", fast_encoded, eager_encoded))}
         print(json.dumps({"compiled_vs_eager_max_error_relative_to_largest": errors}))
         assert max(errors.values()) < 1e-2  # fused kernels round differently; a wrong kernel would be off by far more
     finally:
-        compiled.configure(False, tmp_path)
+        compiled.wait_until_settled(600)  # no compile left running into the next test
 
 
 def test_every_memory_mode_runs_lowers_its_peak_and_turns_off_cleanly(sd):

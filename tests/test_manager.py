@@ -11,7 +11,8 @@ import torch
 from core.config import EvictTo, Settings, VramBudget
 from core.errors import ModelUnavailableError
 from core.models import loading, standins
-from core.models.manager import ModelManager, ModelState, module_bytes, release_memory
+from core.models.describe import module_bytes
+from core.models.manager import ModelManager, ModelState, release_memory
 from core.models.memory import DoesNotFitError, MemoryPolicy
 from core.models.registry import MODELS
 

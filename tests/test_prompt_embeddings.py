@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from core.accel import cuda_graphs
+from core.accel import Acceleration, cuda_graphs
 from core.models import standins
 from core.models.registry import MODELS
 from core.tasks import generation, pnginfo
@@ -130,7 +130,7 @@ def test_on_the_gpu_one_text_encoder_graph_serves_every_chunk_exactly(standin_di
     long_prompt, negative = "a (red:1.5) car, " + "b " * 100, "[blurry]"
     eager = both(encode_prompts(tokenizer, text_encoder, long_prompt, negative, cuda, torch.float16))
     diffusers_plain = gpu_pipe.encode_prompt("a red car", cuda, 1, True, negative_prompt="blurry")
-    with cuda_graphs.graphed_text_encoder(text_encoder):  # as core.tasks.generation's run holds it
+    with cuda_graphs.graphed_text_encoder(text_encoder, Acceleration()):  # as core.tasks.generation's run holds it
         graphed = [both(encode_prompts(tokenizer, text_encoder, long_prompt, negative, cuda, torch.float16)) for _ in range(2)]
         plain = both(encode_prompts(tokenizer, text_encoder, "a red car", "blurry", cuda, torch.float16))
     assert eager[0].shape == (1, 3 * WINDOW, text_encoder.config.hidden_size) and eager[0].dtype == torch.float16

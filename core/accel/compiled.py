@@ -70,7 +70,6 @@ def shape_key(inputs: tuple[torch.Tensor, ...]) -> tuple:
 CAPTURE_CLASH = "Offset increment outside graph capture"
 COMPILE_ATTEMPTS = 3
 
-_enabled = False
 _compiler: Callable[[Step], Step] = lambda step: torch.compile(step, mode=COMPILE_MODE, dynamic=False)  # noqa: E731
 _compiled_steps: dict[Step, Step] = {}
 _compiles: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, _Compile]] = weakref.WeakKeyDictionary()
@@ -79,31 +78,25 @@ _queue: queue.Queue[tuple[weakref.ref, Step, tuple[torch.Tensor, ...], tuple]] =
 _worker: threading.Thread | None = None
 
 
-def configure(enabled: bool, cache_dir: Path) -> None:
-    """Compile on CUDA or not (DASH_COMPILE), and where inductor keeps its caches between starts (an operator's own
-    TORCHINDUCTOR_CACHE_DIR wins)."""
+def use_cache_dir(cache_dir: Path) -> None:
+    """Where inductor keeps its caches between starts (DASH_COMPILE_CACHE; an operator's own TORCHINDUCTOR_CACHE_DIR
+    wins). A process-wide variable by nature: inductor reads it at each compile."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    global _enabled
-    _enabled = enabled
     # Importing diffusers or transformers already sets the variable to inductor's default (/tmp/torchinductor_<user>,
     # gone at a reboot): only a value an operator chose is kept. Inductor reads the variable at each compile.
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
 
 
-def is_enabled() -> bool:
-    return _enabled
+def applies_to(inputs: torch.Tensor, enabled: bool) -> bool:
+    """Whether calls on `inputs` are compiled at all: on for the caller (its model's Acceleration), and on the GPU."""
+    return enabled and _on_gpu(inputs)
 
 
-def applies_to(inputs: torch.Tensor) -> bool:
-    """Whether calls on `inputs` are compiled at all (on, and on the GPU)."""
-    return _enabled and _on_gpu(inputs)
-
-
-def ready(module: torch.nn.Module, step: Step, inputs: tuple[torch.Tensor, ...]) -> Step | None:
+def ready(module: torch.nn.Module, step: Step, inputs: tuple[torch.Tensor, ...], enabled: bool) -> Step | None:
     """`step` compiled for `inputs`' shapes, or None while it is not (the first call of a shape queues its compile)."""
-    if not applies_to(inputs[0]):
+    if not applies_to(inputs[0], enabled):
         return None
     key = shape_key(inputs)
     with _lock:

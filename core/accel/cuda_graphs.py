@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.accel import compiled
+from core.accel import Acceleration, compiled
 
 log = logging.getLogger(__name__)
 
@@ -97,19 +97,6 @@ class _ModuleGraphs:
 
 _graphs: weakref.WeakKeyDictionary[torch.nn.Module, _ModuleGraphs] = weakref.WeakKeyDictionary()
 _graphs_lock = threading.Lock()
-_enabled = True
-
-
-def set_enabled(enabled: bool) -> None:
-    """Switch graph replay on or off for the process (DASH_CUDA_GRAPHS); off, every call runs without graphs."""
-    global _enabled
-    _enabled = enabled
-
-
-def is_enabled() -> bool:
-    return _enabled
-
-
 def _graphs_for(module: torch.nn.Module) -> _ModuleGraphs:
     """The module's graphs, emptied (with its compiles) when its weights are no longer where they were captured."""
     with _graphs_lock:
@@ -122,9 +109,9 @@ def _graphs_for(module: torch.nn.Module) -> _ModuleGraphs:
     return entry
 
 
-def _served(module: torch.nn.Module, entry: _ModuleGraphs, step: Step, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, str]:
+def _served(module: torch.nn.Module, entry: _ModuleGraphs, step: Step, inputs: tuple[torch.Tensor, ...], accel: Acceleration) -> tuple[torch.Tensor, str]:
     """`step(module, *inputs)` from a graph where one can serve it, and the path that served it."""
-    fast = compiled.ready(module, step, inputs)
+    fast = compiled.ready(module, step, inputs, accel.compile)
     forward = fast or step
     key = (compiled.shape_key(inputs), fast is not None)
     with _graphs_lock:
@@ -159,7 +146,7 @@ def _capture(forward: Callable[..., torch.Tensor], examples: tuple[torch.Tensor,
         return None
 
 
-def graphed_forward(module: torch.nn.Module, step: Step, inputs: torch.Tensor) -> torch.Tensor:
+def graphed_forward(module: torch.nn.Module, step: Step, inputs: torch.Tensor, accel: Acceleration) -> torch.Tensor:
     """`step(module, inputs)` for a classifier: a single image from a graph, a batch compiled once that is ready.
 
     Batches are compiled at COMPILED_BATCH_SIZES only, a batch of another size padded up to the next one (rows are
@@ -167,14 +154,14 @@ def graphed_forward(module: torch.nn.Module, step: Step, inputs: torch.Tensor) -
     rather than one per size, each of which would hold the GIL for a quarter of a minute.
     """
     count = inputs.shape[0]
-    if _enabled and inputs.is_cuda and count in GRAPHED_BATCH_SIZES:
-        return _served(module, _graphs_for(module), step, (inputs,))[0]
+    if accel.cuda_graphs and inputs.is_cuda and count in GRAPHED_BATCH_SIZES:
+        return _served(module, _graphs_for(module), step, (inputs,), accel)[0]
     with torch.inference_mode():
         bucket = next((size for size in COMPILED_BATCH_SIZES if size >= count), None)
-        if bucket is None or not compiled.applies_to(inputs):
+        if bucket is None or not compiled.applies_to(inputs, accel.compile):
             return step(module, inputs)
         padded = inputs if bucket == count else _padded(inputs, bucket)
-        fast = compiled.ready(module, step, (padded,))
+        fast = compiled.ready(module, step, (padded,), accel.compile)
         return step(module, inputs) if fast is None else fast(module, padded)[:count]
 
 
@@ -221,7 +208,7 @@ def timestep_on(device: torch.device, timestep: torch.Tensor | float) -> torch.T
 
 
 @contextmanager
-def graphed_unet(unet: torch.nn.Module, allowed: bool = True) -> Iterator[UNetCalls]:
+def graphed_unet(unet: torch.nn.Module, accel: Acceleration, allowed: bool = True) -> Iterator[UNetCalls]:
     """Within: the diffusers UNet's plain calls (`return_dict=False`, no extra conditioning) replay CUDA graphs.
 
     For one run holding the device's slot: the UNet's `forward` is swapped for the run and put back after, and nothing
@@ -230,7 +217,7 @@ def graphed_unet(unet: torch.nn.Module, allowed: bool = True) -> Iterator[UNetCa
     """
     calls = UNetCalls({})
     device = next(unet.parameters()).device
-    if not (allowed and device.type == "cuda" and (_enabled or compiled.is_enabled())):
+    if not (allowed and device.type == "cuda" and (accel.cuda_graphs or accel.compile)):
         yield calls  # every call eager, uncounted
         return
     entry = _graphs_for(unet)
@@ -242,9 +229,9 @@ def graphed_unet(unet: torch.nn.Module, allowed: bool = True) -> Iterator[UNetCa
             path, output = "eager", type(unet).forward(unet, sample, timestep, encoder_hidden_states, *args, **kwargs)
         else:
             inputs = (sample, timestep_on(sample.device, timestep), encoder_hidden_states)
-            if _enabled:
-                result, path = _served(unet, entry, unet_step, inputs)
-            elif (fast := compiled.ready(unet, unet_step, inputs)) is not None:
+            if accel.cuda_graphs:
+                result, path = _served(unet, entry, unet_step, inputs, accel)
+            elif (fast := compiled.ready(unet, unet_step, inputs, accel.compile)) is not None:
                 with torch.inference_mode():  # as it was compiled: another grad mode would recompile here
                     result = fast(unet, *inputs)
                 result, path = result.clone(), "compiled"  # a normal tensor again, for the scheduler's in-place steps
@@ -267,13 +254,13 @@ def text_encoder_step(text_encoder: torch.nn.Module, input_ids: torch.Tensor) ->
 
 
 @contextmanager
-def graphed_text_encoder(text_encoder: torch.nn.Module, allowed: bool = True) -> Iterator[None]:
+def graphed_text_encoder(text_encoder: torch.nn.Module, accel: Acceleration, allowed: bool = True) -> Iterator[None]:
     """Within: the pipeline's plain prompt encodings (no attention mask, no hidden states asked for) replay graphs.
 
     A run encodes its prompt and its negative prompt: some two hundred small kernels each, 4.7 ms of launches for
     0.6 ms of GPU work on an H100 (docs/PERFORMANCE.md). As graphed_unet: one run holding the device's slot.
     """
-    if not (allowed and _enabled and next(text_encoder.parameters()).is_cuda):
+    if not (allowed and accel.cuda_graphs and next(text_encoder.parameters()).is_cuda):
         yield
         return
     entry = _graphs_for(text_encoder)
@@ -281,7 +268,7 @@ def graphed_text_encoder(text_encoder: torch.nn.Module, allowed: bool = True) ->
     def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         if attention_mask is not None or any(kwargs.values()) or not input_ids.is_cuda:
             return type(text_encoder).forward(text_encoder, input_ids, attention_mask=attention_mask, **kwargs)
-        return (_served(text_encoder, entry, text_encoder_step, (input_ids,))[0],)
+        return (_served(text_encoder, entry, text_encoder_step, (input_ids,), accel)[0],)
 
     text_encoder.forward = forward
     try:
@@ -296,18 +283,18 @@ def vae_decode_step(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor
 
 
 @contextmanager
-def compiled_vae_decode(vae: torch.nn.Module, allowed: bool = True) -> Iterator[None]:
+def compiled_vae_decode(vae: torch.nn.Module, accel: Acceleration, allowed: bool = True) -> Iterator[None]:
     """Within: the VAE's plain decodes use its compiled decoder once core.accel.compiled has it (queued at the first one).
 
     Not graphed: the decoder is GPU-bound (21.6 of 22.7 ms at 512x512 on an H100) and a graph would keep its largest
     activations, over a GiB, reserved for good. Sliced and tiled decodes keep diffusers' own path.
     """
-    if not (allowed and compiled.is_enabled() and next(vae.parameters()).is_cuda):
+    if not (allowed and accel.compile and next(vae.parameters()).is_cuda):
         yield
         return
 
     def decode(latents: torch.Tensor, return_dict: bool = True, generator: torch.Generator | None = None):
-        fast = None if return_dict or vae.use_slicing or vae.use_tiling else compiled.ready(vae, vae_decode_step, (latents,))
+        fast = None if return_dict or vae.use_slicing or vae.use_tiling else compiled.ready(vae, vae_decode_step, (latents,), accel.compile)
         if fast is None:
             return type(vae).decode(vae, latents, return_dict=return_dict, generator=generator)
         with torch.inference_mode():  # as it was compiled: another grad mode would recompile here

@@ -10,7 +10,6 @@ waiting (a model being loaded or moved is never a victim) and checks under `_loc
 """
 from __future__ import annotations
 
-import gc
 import itertools
 import logging
 import threading
@@ -24,14 +23,14 @@ from typing import Any
 
 import torch
 
-from core.accel import compiled, cuda_graphs
+from core.accel import EAGER, Acceleration, compiled
 from core.config import EvictTo, Settings
 from core.errors import DashboardError, ModelUnavailableError
 from core.models import loading, standins
 from core.models.describe import describe, module_bytes
 from core.models.devices import pick_device, pick_dtype
 from core.models.info import ModelInfo
-from core.models.memory import DoesNotFitError, MemoryPolicy, Placement, Resident, move_model, plan_placement
+from core.models.memory import DoesNotFitError, MemoryPolicy, Placement, Resident, move_model, plan_placement, release_memory
 from core.models.registry import MODELS, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -61,6 +60,7 @@ class LoadedModel:
     memory_bytes: int
     load_s: float
     info: ModelInfo  # what pages and pre-run checks read, on every backend
+    accel: Acceleration = EAGER  # the GPU speed-ups its calls may use (the local manager's settings)
 
     @property
     def is_standin(self) -> bool:
@@ -171,9 +171,8 @@ class ModelManager(CountsUses):
     ) -> None:
         """`gpu_total_bytes` (CUDA index -> card bytes) stands in for the cards torch finds: tests plan without a GPU."""
         self.settings = settings
-        # Process settings: there is one manager per process.
-        cuda_graphs.set_enabled(settings.cuda_graphs)
-        compiled.configure(settings.compile, settings.compile_cache_dir)
+        compiled.use_cache_dir(settings.compile_cache_dir)  # inductor's, for the process
+        self.accel = Acceleration(cuda_graphs=settings.cuda_graphs, compile=settings.compile)
         self.device = pick_device(settings)
         self.policy = policy or MemoryPolicy.from_settings(settings)
         self._loader = loader
@@ -364,7 +363,7 @@ class ModelManager(CountsUses):
         dtype = self.dtype_for(spec)
         obj = self._loader(spec, source, device, dtype, self.settings)
         load_s = time.perf_counter() - started
-        return LoadedModel(spec, obj, device, dtype, source, module_bytes(obj), load_s, describe(obj, dtype))
+        return LoadedModel(spec, obj, device, dtype, source, module_bytes(obj), load_s, describe(obj, dtype), self.accel)
 
     def dtype_for(self, spec: ModelSpec) -> torch.dtype:
         """The dtype `spec` loads in on this manager's device (core.models.devices.pick_dtype)."""
@@ -429,10 +428,3 @@ class ModelManager(CountsUses):
             last_used=entry.last_used if entry else None,
             estimate_measured=measured_bytes is not None,
         )
-
-
-def release_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch._C._cuda_clearCublasWorkspaces()  # one per stream used; they come back on the next matrix product
-        torch.cuda.empty_cache()

@@ -9,7 +9,9 @@ Plain arithmetic over what the manager reports (no torch calls), so every rule i
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import gc
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,3 +148,24 @@ def measure_freed(action: Callable[[], int]) -> Freed:
         reserved_bytes=sum(s.reserved_bytes for s in before_stats) - sum(s.reserved_bytes for s in after_stats),
         process_rss_bytes=before_host.process_rss_bytes - after_host.process_rss_bytes,
     )
+
+
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch._C._cuda_clearCublasWorkspaces()  # one per stream used; they come back on the next matrix product
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def out_of_memory_guard(doing: str, remedy: str | None = None) -> Iterator[None]:
+    """Within: torch's out-of-memory error becomes GpuOutOfMemoryError ("The GPU ran out of memory <doing>"), after
+    what the failed work held is given back. Released after the except block, whose traceback would pin the tensors."""
+    failed = False
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        failed = True
+    if failed:
+        release_memory()
+        raise GpuOutOfMemoryError(f"The GPU ran out of memory {doing}; what it held is released.", remedy=remedy)

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from core.accel import Acceleration
 from core.accel.cuda_graphs import graphed_forward
-from core.errors import BadInputError, GpuOutOfMemoryError
-from core.models.manager import LoadedModel, release_memory
+from core.errors import BadInputError
+from core.models.manager import LoadedModel
+from core.models.memory import out_of_memory_guard
 from core.tasks.images import DecodedImage
 
 # One forward pass holds at most this many images: bounds activation memory for a large multi-file upload.
@@ -44,23 +45,13 @@ class ClassificationRun:
     is_standin: bool  # random weights: the page must say the labels mean nothing
 
 
-@contextmanager
-def gpu_memory_guard(doing: str) -> Iterator[None]:
-    """Turns a CUDA out-of-memory error into GpuOutOfMemoryError, after giving back what the failed run held."""
-    try:
-        yield
-    except torch.OutOfMemoryError as exc:
-        release_memory()
-        raise GpuOutOfMemoryError(f"The GPU ran out of memory {doing}.") from exc
-
-
 def run_batched(model: LoadedModel, images: list[DecodedImage], classify_chunk: Callable[[list[DecodedImage]], list[Classification]]) -> ClassificationRun:
     """`classify_chunk` over `images` in chunks of MAX_BATCH, timed as a whole."""
     if not images:
         raise BadInputError("No image to classify.", remedy="Upload an image, take a photo or pick a sample.")
     started = time.perf_counter()
     results: list[Classification] = []
-    with gpu_memory_guard(f"classifying {len(images)} images with {model.spec.title}"):
+    with out_of_memory_guard(f"classifying {len(images)} images with {model.spec.title}"):
         for start in range(0, len(images), MAX_BATCH):
             results.extend(classify_chunk(images[start : start + MAX_BATCH]))
     return ClassificationRun(
@@ -89,8 +80,8 @@ def _logits(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     return model(pixel_values=pixel_values).logits
 
 
-def _forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    return graphed_forward(model, _logits, inputs["pixel_values"])
+def _forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor], accel: Acceleration) -> torch.Tensor:
+    return graphed_forward(model, _logits, inputs["pixel_values"], accel)
 
 
 def postprocess(logits: torch.Tensor, id2label: dict[int, str], images: list[DecodedImage]) -> list[Classification]:
@@ -101,4 +92,4 @@ def postprocess(logits: torch.Tensor, id2label: dict[int, str], images: list[Dec
 def classify_images(model: LoadedModel, images: list[DecodedImage]) -> ClassificationRun:
     """Every image through the pipeline's model, batched; probabilities for every label of its config, highest first."""
     pipe = model.obj
-    return run_batched(model, images, lambda chunk: postprocess(_forward(pipe.model, preprocess(pipe, chunk)), pipe.model.config.id2label, chunk))
+    return run_batched(model, images, lambda chunk: postprocess(_forward(pipe.model, preprocess(pipe, chunk), model.accel), pipe.model.config.id2label, chunk))

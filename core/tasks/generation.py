@@ -20,12 +20,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from core.accel import compiled, cuda_graphs
-from core.errors import GpuOutOfMemoryError, InsufficientMemoryError
+from core.accel import Acceleration, cuda_graphs
+from core.errors import InsufficientMemoryError
 from core.formatting import human_bytes
 from core.gpu.nvml import host_memory
 from core.gpu.queue import SlotAbandoned, queue_for
-from core.models.manager import LoadedModel, release_memory
+from core.models.manager import LoadedModel
+from core.models.memory import out_of_memory_guard
 from core.tasks import lora
 from core.tasks.jobs import JobCancelled, JobContext
 from core.tasks.lora import LoraChoice
@@ -143,13 +144,13 @@ class StepReporter:
         return tensors
 
 
-def hooks_inside_models_allowed(device: torch.device, graphed: bool) -> bool:
+def hooks_inside_models_allowed(device: torch.device, accel: Acceleration, graphed: bool) -> bool:
     """Whether stop checks may go on the UNet's and VAE's inner modules: only where no CUDA graph capture or
     torch.compile trace can meet them. A hook inside a captured region would run at capture only (and a raise there
     would break the capture); the compile worker traces the shared modules in the background, whoever's run is on.
     So: always on the CPU (neither applies there); on a GPU only with compile off and this run's UNet not graphed.
     A graph replay is checked between calls, which on a GPU are milliseconds apart."""
-    return device.type != "cuda" or not (compiled.is_enabled() or (graphed and cuda_graphs.is_enabled()))
+    return device.type != "cuda" or not (accel.compile or (graphed and accel.cuda_graphs))
 
 
 @contextmanager
@@ -193,15 +194,6 @@ def device_slot(device: torch.device, context: JobContext | None, reporter: Step
             yield
     except SlotAbandoned:
         raise JobCancelled from None
-
-
-def out_of_memory_error(what: str) -> GpuOutOfMemoryError:
-    """Free what an out-of-memory run held (call it outside the except block, whose traceback pins the tensors)."""
-    release_memory()
-    return GpuOutOfMemoryError(
-        f"The GPU ran out of memory making {what}; what the run held is released.",
-        remedy=memory_remedy(on_gpu=True),
-    )
 
 
 def prepare_source(source: SourceImages | None, settings: GenerationSettings) -> tuple[SourceImages | None, tuple[str, ...]]:
@@ -269,53 +261,48 @@ def _run(
     source: SourceImages | None, loras: tuple[LoraChoice, ...], notes: tuple[str, ...],
 ) -> GenerationResult:
     pipe, device = model.obj, model.device
-    out_of_memory = False
-    try:
-        # 3. Put the shared pipeline in this run's precision, adapters and memory mode (casts and adapters need the plain state)
-        report(context, "preparing the model")
-        if pipe.unet.dtype != run_dtype(pipe, settings.precision):
-            restore_plain(pipe, device)
-            set_precision(pipe, settings.precision, device)
-        if loras:
-            restore_plain(pipe, device)
-            lora.apply(pipe, loras)
-        set_memory_mode(pipe, settings.memory_mode, device)
+    with out_of_memory_guard(f"making {settings.num_images} image(s) of {settings.width}x{settings.height}", remedy=memory_remedy(on_gpu=True)):
+        try:
+            # 3. Put the shared pipeline in this run's precision, adapters and memory mode (casts and adapters need the plain state)
+            report(context, "preparing the model")
+            if pipe.unet.dtype != run_dtype(pipe, settings.precision):
+                restore_plain(pipe, device)
+                set_precision(pipe, settings.precision, device)
+            if loras:
+                restore_plain(pipe, device)
+                lora.apply(pipe, loras)
+            set_memory_mode(pipe, settings.memory_mode, device)
 
-        # 4. This run's pipeline over the shared modules, and one generator per image (CPU generators: the same
-        # noise on any device)
-        run_pipe = run_pipeline(pipe, settings.mode, settings.scheduler)
-        seeds = settings.seeds()
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+            # 4. This run's pipeline over the shared modules, and one generator per image (CPU generators: the same
+            # noise on any device)
+            run_pipe = run_pipeline(pipe, settings.mode, settings.scheduler)
+            seeds = settings.seeds()
+            generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
-        # 5. Denoise and decode
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        reporter.started = time.perf_counter()
-        # LoRA layers change the UNet's modules for this run only: a graph of them would be captured for nothing.
-        fast = not loras and settings.memory_mode in GRAPHABLE_MODES
-        with (
-            cuda_graphs.graphed_unet(pipe.unet, allowed=fast) as unet_calls,
-            cuda_graphs.graphed_text_encoder(pipe.text_encoder, allowed=fast),
-            cuda_graphs.compiled_vae_decode(pipe.vae, allowed=fast),
-            stops_within_model_calls(reporter, pipe.unet, pipe.vae, inside=hooks_inside_models_allowed(device, graphed=fast)),
-        ):
-            output = run_pipe(
-                prompt=settings.prompt, negative_prompt=settings.negative_prompt or None,
-                num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, num_images_per_prompt=settings.num_images,
-                generator=generators, callback_on_step_end=reporter, **_mode_arguments(settings, source),
-            )
-        seconds = time.perf_counter() - reporter.started
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    except torch.OutOfMemoryError:
-        out_of_memory = True
-    finally:
-        pipe.maybe_free_model_hooks()  # with model offload: every model back on the CPU, as diffusers does after a call
-        if loras:  # the shared pipeline leaves this run exactly as it came: base weights, no adapter
-            restore_plain(pipe, device)
-            lora.remove(pipe)
-    if out_of_memory:
-        # 6. Out of memory: free what the run held
-        raise out_of_memory_error(f"{settings.num_images} image(s) of {settings.width}x{settings.height}")
+            # 5. Denoise and decode
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            reporter.started = time.perf_counter()
+            # LoRA layers change the UNet's modules for this run only: a graph of them would be captured for nothing.
+            fast = not loras and settings.memory_mode in GRAPHABLE_MODES
+            with (
+                cuda_graphs.graphed_unet(pipe.unet, model.accel, allowed=fast) as unet_calls,
+                cuda_graphs.graphed_text_encoder(pipe.text_encoder, model.accel, allowed=fast),
+                cuda_graphs.compiled_vae_decode(pipe.vae, model.accel, allowed=fast),
+                stops_within_model_calls(reporter, pipe.unet, pipe.vae, inside=hooks_inside_models_allowed(device, model.accel, graphed=fast)),
+            ):
+                output = run_pipe(
+                    prompt=settings.prompt, negative_prompt=settings.negative_prompt or None,
+                    num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, num_images_per_prompt=settings.num_images,
+                    generator=generators, callback_on_step_end=reporter, **_mode_arguments(settings, source),
+                )
+            seconds = time.perf_counter() - reporter.started
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        finally:
+            pipe.maybe_free_model_hooks()  # with model offload: every model back on the CPU, as diffusers does after a call
+            if loras:  # the shared pipeline leaves this run exactly as it came: base weights, no adapter
+                restore_plain(pipe, device)
+                lora.remove(pipe)
 
     # 7. Results, with a note for each image the safety checker blacked out
     flags = output.nsfw_content_detected or [False] * len(output.images)

@@ -10,11 +10,13 @@ import torch
 import torchvision
 from PIL import Image
 
+from core.accel import Acceleration
 from core.accel.cuda_graphs import graphed_forward
 from core.errors import BadInputError
 from core.models.manager import LoadedModel
+from core.models.memory import out_of_memory_guard
 from core.models.registry import MODELS, ModelSpec
-from core.tasks.classify import Classification, ClassificationRun, gpu_memory_guard, run_batched, scores_from_logits
+from core.tasks.classify import Classification, ClassificationRun, run_batched, scores_from_logits
 from core.tasks.images import DecodedImage
 
 DEFAULT_TOP_K = 5
@@ -60,8 +62,8 @@ def _logits(module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return module(batch)
 
 
-def _forward(module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    return graphed_forward(module, _logits, batch)
+def _forward(module: torch.nn.Module, batch: torch.Tensor, accel: Acceleration) -> torch.Tensor:
+    return graphed_forward(module, _logits, batch, accel)
 
 
 def postprocess(logits: torch.Tensor, categories: list[str], images: list[DecodedImage], top_k: int) -> list[Classification]:
@@ -73,7 +75,7 @@ def classify(model: LoadedModel, images: list[DecodedImage], top_k: int = DEFAUL
     names = categories(model.spec)
     if not 1 <= top_k <= len(names):
         raise BadInputError(f"`top_k` must be between 1 and {len(names)}, not {top_k}.")
-    return run_batched(model, images, lambda chunk: postprocess(_forward(model.obj, preprocess(model, chunk)), names, chunk, top_k))
+    return run_batched(model, images, lambda chunk: postprocess(_forward(model.obj, preprocess(model, chunk), model.accel), names, chunk, top_k))
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ def grad_cam(model: LoadedModel, image: DecodedImage, class_index: int) -> Salie
 
     handles = [module.register_forward_hook(keep_feature_map) for module in module_names]
     try:
-        with gpu_memory_guard(f"computing Grad-CAM with {model.spec.title}"), torch.enable_grad():
+        with out_of_memory_guard(f"computing Grad-CAM with {model.spec.title}"), torch.enable_grad():
             batch = preprocess(model, [image]).requires_grad_(True)  # weights are frozen: the graph hangs on the input
             logits = model.obj(batch)
             if "activation" not in last:

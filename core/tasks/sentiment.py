@@ -20,8 +20,9 @@ import pandas as pd
 import torch
 
 from core.config import Settings
-from core.errors import BadInputError, GpuOutOfMemoryError
-from core.models.manager import LoadedModel, release_memory
+from core.errors import BadInputError
+from core.models.manager import LoadedModel
+from core.models.memory import out_of_memory_guard
 from core.models.registry import MODELS, ModelSpec, custom_spec, folder_in_models_root, is_typed_folder, is_valid_repo_id
 from core.tasks.classify import LabelScore
 from core.tasks.jobs import JobContext
@@ -253,7 +254,7 @@ def score_texts(model: LoadedModel, texts: Sequence[str], context: JobContext | 
     started = time.perf_counter()
     done = 0
     slabs = list(_slabs(texts))
-    try:
+    with out_of_memory_guard(f"classifying {len(texts):,} texts"):
         # One worker tokenises slab k+1 (the Rust tokenizer releases the GIL) while this thread runs slab k.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenise") as pool:
             upcoming = pool.submit(preprocess, pipe.tokenizer, slabs[0][1], limit)
@@ -276,9 +277,6 @@ def score_texts(model: LoadedModel, texts: Sequence[str], context: JobContext | 
                 probabilities[start + order] = postprocess(torch.cat(logits))
                 token_counts[start : start + len(slab)] = encoded.token_counts
                 truncated[start : start + len(slab)] = encoded.truncated
-    except torch.OutOfMemoryError as exc:
-        release_memory()
-        raise GpuOutOfMemoryError(f"The GPU ran out of memory classifying {len(texts):,} texts.") from exc
     return SentimentScores(
         model.info.labels, probabilities, token_counts, truncated, limit, time.perf_counter() - started,
         str(model.device), str(model.dtype).removeprefix("torch."), model.spec.title, model.is_standin,

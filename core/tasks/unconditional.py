@@ -18,10 +18,11 @@ from PIL import Image
 from core.checks import check_number
 from core.config import Settings
 from core.models.manager import LoadedModel
+from core.models.memory import out_of_memory_guard
 from core.models.registry import ModelSpec, spec_for_choice
-from core.tasks.generation import StepReporter, device_slot, out_of_memory_error, report, stops_within_model_calls
+from core.tasks.generation import StepReporter, device_slot, report, stops_within_model_calls
 from core.tasks.jobs import JobContext
-from core.tasks.sd_settings import MAX_SEED, GeneratedImage, random_seed, seeds_from
+from core.tasks.sd_settings import MAX_SEED, GeneratedImage, memory_remedy, random_seed, seeds_from
 
 DDPM_MODEL_KEYS = ("ddpm-butterflies", "ddpm-cifar10")
 MAX_STEPS = 1000  # DDPM was trained with 1000 noise levels; fewer steps skip levels (faster, blurrier)
@@ -104,8 +105,7 @@ def generate(
 def _run(model: LoadedModel, settings: UnconditionalSettings, context: JobContext | None, reporter: StepReporter) -> UnconditionalResult:
     pipe, device = model.obj, model.device
     unet = pipe.unet
-    out_of_memory = False
-    try:
+    with out_of_memory_guard(f"making {settings.num_images} image(s)", remedy=memory_remedy(on_gpu=True)):
         # 3. This run's scheduler (the shared one keeps per-run state) and one CPU generator per image
         report(context, "preparing the model")
         scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
@@ -130,10 +130,6 @@ def _run(model: LoadedModel, settings: UnconditionalSettings, context: JobContex
         seconds = time.perf_counter() - reporter.started
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         images = to_pil(samples)
-    except torch.OutOfMemoryError:
-        out_of_memory = True
-    if out_of_memory:
-        raise out_of_memory_error(f"{settings.num_images} image(s)")
 
     # 5. Results
     return UnconditionalResult(
