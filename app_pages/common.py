@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -10,6 +10,7 @@ import streamlit as st
 
 from core.api import (
     BadInputError,
+    Classification,
     DashboardError,
     DecodedImage,
     LabelScore,
@@ -124,3 +125,13 @@ def show_scores(scores: tuple[LabelScore, ...]) -> None:
     for rank, item in enumerate(scores):
         text = f"**{literal(item.label)}: {item.score:.1%}**" if rank == 0 else f"{literal(item.label)}: {item.score:.1%}"
         st.progress(min(max(item.score, 0.0), 1.0), text=text)
+
+
+def show_classifications(images: list[DecodedImage], results: tuple[Classification, ...], heading: Callable[[str], str]) -> None:
+    """Each image beside its scores, under the heading made of its top label."""
+    for decoded, result in zip(images, results, strict=True):
+        image_column, score_column = st.columns([3, 2], gap="large")
+        image_column.image(decoded.image, caption=literal(decoded.caption))
+        with score_column:
+            st.subheader(heading(result.top.label))
+            show_scores(result.scores)

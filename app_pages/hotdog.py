@@ -7,7 +7,15 @@ import io
 import pandas as pd
 import streamlit as st
 
-from app_pages.common import STANDIN_FILE_SUFFIX, image_inputs, literal, model_in_use, require_model, show_error, show_scores
+from app_pages.common import (
+    STANDIN_FILE_SUFFIX,
+    image_inputs,
+    literal,
+    model_in_use,
+    require_model,
+    show_classifications,
+    show_error,
+)
 from core.api import MODELS, DashboardError, DecodedImage, precision_label, tables
 from core.app_state import get_backend
 
@@ -61,9 +69,4 @@ if len(run.results) > 1:
         key="hotdog:csv", on_click="ignore",
     )
 
-for decoded, result in zip(images, run.results, strict=True):
-    image_column, score_column = st.columns([3, 2], gap="large")
-    image_column.image(decoded.image, caption=literal(decoded.caption))
-    with score_column:
-        st.subheader(verdict(result.top.label))
-        show_scores(result.scores)
+show_classifications(images, run.results, verdict)

@@ -7,7 +7,7 @@ from typing import TypeVar
 
 import streamlit as st
 
-from app_pages.common import image_inputs, literal, model_in_use, require_model, show_error, show_scores
+from app_pages.common import image_inputs, literal, model_in_use, require_model, show_classifications, show_error
 from core.api import MODELS, DashboardError, DecodedImage, LoadedModel, imagenet, precision_label
 from core.app_state import get_backend, get_settings
 
@@ -58,12 +58,7 @@ top_tab, saliency_tab, compare_tab = st.tabs(TABS, key="imagenet:view", on_chang
 if top_tab.open:
     with top_tab:
         st.caption(f"{len(images)} image(s) in {run.seconds * 1000:.0f} ms on {run.device} ({precision_label(run.dtype)}), {run.model_title}.")
-        for decoded, result in zip(images, run.results, strict=True):
-            image_column, score_column = st.columns([3, 2], gap="large")
-            image_column.image(decoded.image, caption=literal(decoded.caption))
-            with score_column:
-                st.subheader(literal(result.top.label))
-                show_scores(result.scores)
+        show_classifications(images, run.results, literal)
 
 if saliency_tab.open:
     with saliency_tab:
