@@ -251,10 +251,15 @@ class SharedDenoiser:
             return not self._waiting
 
     def _admit(self, key: tuple, rows_in_use: int) -> list[_Waiting]:
-        """The waiting requests, from the front, that share `key` and fit; the rest hear their new place in line."""
+        """The waiting requests, from the front, that share `key` and fit; the rest hear their new place in line.
+
+        None once another run waits for the device (an image to image run, another model): the batch then ends with
+        the requests it has, and the ones that came later wait for the next, so a stream of them never starves it.
+        """
         admitted = []
+        others_wait = len(queue_for(self.device)) > 1  # the first ticket is this batch's
         with self._changed:
-            while self._waiting and self._waiting[0].request.batch_key == key:
+            while not others_wait and self._waiting and self._waiting[0].request.batch_key == key:
                 rows = self._waiting[0].request.rows
                 if rows_in_use and rows_in_use + rows > self.max_batch_rows:  # a request over the limit runs, alone
                     break

@@ -257,3 +257,25 @@ def test_generate_together_gives_the_solo_runs_result(sd):
     assert shared.settings == solo.settings and shared.unet_path == "eager" and shared.seconds > 0
     assert not shared_batch.shares_batches(replace(settings, mode=generation.Mode.IMAGE_TO_IMAGE), ())
     assert not shared_batch.shares_batches(replace(settings, memory_mode=generation.MemoryMode.VAE_TILING), ())
+
+
+def test_a_solo_run_waiting_for_the_device_ends_the_batch_before_later_requests_join(denoiser):
+    order, queued = [], threading.Event()
+
+    def solo_run() -> None:  # an image to image run, or another model, asks for the device while the batch runs
+        with queue_for(CPU).slot(on_wait=lambda place: queued.set()):
+            order.append("solo run")
+
+    solo = threading.Thread(target=solo_run)
+    later: list = []
+
+    def on_red_step(done, preview):
+        if done == 1 and not later:
+            solo.start()
+            assert queued.wait(WAIT_S)
+            later.append(denoiser.submit(replace(BOAT, steps=2, on_step=lambda done, preview: order.append(f"boat step {done}"))))
+
+    denoiser.submit(replace(RED, steps=3, on_step=on_red_step)).result(WAIT_S)
+    later[0].result(WAIT_S)
+    solo.join(WAIT_S)
+    assert order == ["solo run", "boat step 1", "boat step 2"]
