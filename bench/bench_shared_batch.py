@@ -1,0 +1,118 @@
+"""Many users, one GPU: 8 sessions asking for an image at once, one run after another (today) vs one shared batch.
+
+    python -m bench.bench_shared_batch                       # SD 1.5 architecture, random weights, on the GPU
+    python -m bench.bench_shared_batch --device cpu --standin # the tiny stand-in: a smoke test in under a minute
+
+Full size: SD 1.5's UNet, VAE and CLIP text encoder from ../shared/models/stable-diffusion-v1-5 with random weights,
+as bench.bench_generation builds them. Each session asks one 512x512 image of 25 DPM++ 2M Karras steps with its own
+prompt and seed; all start together (a barrier), through generation.generate (the GPU queue serves them one at a
+time) or through core.shared_batch (one UNet call per step for all). Figures, one JSON line each: the wall time of
+all 8, their p95 latency, a lone request's p95 latency both ways, and the largest pixel difference between the two
+paths' images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.bench_generation import build_full_size_sd
+from bench.common import emit, environment, synchronize
+from core import generation, shared_batch
+from core.config import Settings
+from core.generation import GenerationResult, GenerationSettings, StepReporter
+from core.manager import LoadedModel, ModelManager
+from core.registry import MODELS
+
+PROMPTS = ("a lighthouse at dusk", "a bowl of ramen", "a red fox in snow", "a city at night", "an old sailing ship",
+           "a mountain lake", "a robot reading a book", "a field of sunflowers")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--standin", action="store_true", help="the tiny stand-in model, 64x64, 4 steps")
+    parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--lone-runs", type=int, default=10, help="lone requests timed per path, for the p95")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(json.dumps({"environment": environment(device)}), flush=True)
+    root = Path(tempfile.mkdtemp())
+    settings = Settings(models_root=root / "models", standin_dir=root / "standins", standin_fallback=args.standin, device=device.type, compile=False)
+    if not args.standin:
+        build_full_size_sd(root / "models")
+    model = ModelManager(settings).get(MODELS["sd15"], allow_standin=args.standin)
+    base = GenerationSettings(steps=25, scheduler="DPM++ 2M Karras", width=512, height=512)
+    if args.standin:
+        base = replace(base, steps=4, width=64, height=64)
+    runs = [replace(base, prompt=PROMPTS[i % len(PROMPTS)], seed=i) for i in range(args.sessions)]
+    paths = {"one at a time": lambda s: generation.generate(model, s), "shared batch": lambda s: shared(model, s)}
+
+    for run in paths.values():  # warm-up: CUDA graphs of the solo shape and of the shared batch's bucket
+        at_once(run, runs)
+    results = {name: at_once(run, runs) for name, run in paths.items()}
+    (solo_s, solo_latencies, solo_images), (shared_s, shared_latencies, shared_images) = results.values()
+    details = {"sessions": args.sessions, "steps": base.steps, "size": f"{base.width}x{base.height}", "dtype": str(model.dtype),
+               "unet_path": shared_images[0].unet_path}
+    emit(f"{args.sessions} simultaneous images, all done", solo_s, shared_s, "s", False, **details)
+    emit(f"{args.sessions} simultaneous images, p95 latency", p95(solo_latencies), p95(shared_latencies), "s", False, **details)
+    emit("largest pixel difference, shared vs one at a time", None, largest_difference(solo_images, shared_images), "levels of 255", False)
+    lone = {name: p95([timed(run, runs[0])[0] for _ in range(args.lone_runs)]) for name, run in paths.items()}
+    emit("a lone request, p95 latency", lone["one at a time"], lone["shared batch"], "s", False, runs=args.lone_runs, **details)
+    synchronize(device)
+
+
+def shared(model: LoadedModel, settings: GenerationSettings) -> GenerationResult:
+    """generation.generate's text-to-image run, through the shared denoiser as the integrated generate would call it."""
+    return shared_batch.generate_together(model, settings, None, StepReporter(None, lambda: False, settings.steps), ())
+
+
+def timed(run: Callable[[GenerationSettings], GenerationResult], settings: GenerationSettings) -> tuple[float, GenerationResult]:
+    started = time.perf_counter()
+    result = run(settings)
+    return time.perf_counter() - started, result
+
+
+def at_once(run: Callable[[GenerationSettings], GenerationResult], runs: list[GenerationSettings]) -> tuple[float, list[float], list[GenerationResult]]:
+    """Every run in its own thread, released together: the wall time of all, each one's latency, each one's result."""
+    start = threading.Barrier(len(runs) + 1)
+    outcomes: list[tuple[float, GenerationResult] | None] = [None] * len(runs)
+
+    def session(index: int) -> None:
+        start.wait()
+        outcomes[index] = timed(run, runs[index])
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(len(runs))]
+    for thread in threads:
+        thread.start()
+    started = time.perf_counter()
+    start.wait()
+    for thread in threads:
+        thread.join()
+    wall_s = time.perf_counter() - started
+    assert all(outcomes), "a session failed: see its traceback above"
+    return wall_s, [latency for latency, _ in outcomes], [result for _, result in outcomes]
+
+
+def p95(values: list[float]) -> float:
+    return statistics.quantiles(values, n=20, method="inclusive")[-1] if len(values) > 1 else values[0]
+
+
+def largest_difference(first: list[GenerationResult], second: list[GenerationResult]) -> int:
+    return max(
+        int(np.abs(np.asarray(a.image).astype(np.int16) - np.asarray(b.image).astype(np.int16)).max())
+        for one, other in zip(first, second, strict=True) for a, b in zip(one.images, other.images, strict=True)
+    )
+
+
+if __name__ == "__main__":
+    main()
