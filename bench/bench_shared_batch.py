@@ -27,11 +27,12 @@ import torch
 
 from bench.bench_generation import build_full_size_sd
 from bench.common import emit, environment, synchronize
-from core import generation, shared_batch
 from core.config import Settings
-from core.generation import GenerationResult, GenerationSettings, StepReporter
-from core.manager import LoadedModel, ModelManager
-from core.registry import MODELS
+from core.models.manager import LoadedModel, ModelManager
+from core.models.registry import MODELS
+from core.tasks import generation, shared_batch
+from core.tasks.generation import StepReporter
+from core.tasks.sd_settings import GenerationResult, GenerationSettings
 
 PROMPTS = ("a lighthouse at dusk", "a bowl of ramen", "a red fox in snow", "a city at night", "an old sailing ship",
            "a mountain lake", "a robot reading a book", "a field of sunflowers")

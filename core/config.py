@@ -208,6 +208,9 @@ class Settings:
     # E-mail addresses (lower case) whose logged-in sessions may unload models and empty the cache for everyone
     # (core.access); with login off only a localhost-bound app has an admin, whoever uses it.
     admins: tuple[str, ...] = ()
+    # Text-to-image runs of different sessions that wait at the same time share UNet calls (core.tasks.shared_batch):
+    # each image as its run alone makes it (within rounding), several at once in far less time on a shared GPU.
+    shared_batches: bool = True
     # What happens to the least recently used idle model when a new one does not fit: unloaded, or parked in RAM.
     evict_to: EvictTo = EvictTo.UNLOAD
     # The operator's folder per model (DASH_MODEL_<KEY>), upper-case key -> folder; it wins over every other source.
@@ -252,6 +255,7 @@ class Settings:
         fold_batchnorm = checked(_flag, env.get("DASH_FOLD_BATCHNORM"), True, "DASH_FOLD_BATCHNORM")
         compile_ = checked(_flag, env.get("DASH_COMPILE"), True, "DASH_COMPILE")
         cpu_bf16 = checked(_flag, env.get("DASH_CPU_BF16"), True, "DASH_CPU_BF16")
+        shared_batches = checked(_flag, env.get("DASH_SHARED_BATCH"), True, "DASH_SHARED_BATCH")
         backend = env.get("DASH_BACKEND", "local").strip().lower() or "local"
         if backend not in BACKENDS:
             errors.append(f"DASH_BACKEND must be {' or '.join(BACKENDS)}, not {backend!r}")
@@ -284,6 +288,7 @@ class Settings:
             ray_deployments=ray_deployments,
             admins=admins,
             evict_to=EvictTo(evict_to),
+            shared_batches=shared_batches,
             model_folders=tuple(sorted(
                 (name.removeprefix(MODEL_FOLDER_PREFIX), Path(value.strip()).expanduser())
                 for name, value in env.items() if name.startswith(MODEL_FOLDER_PREFIX) and value.strip()
@@ -328,6 +333,7 @@ def describe(settings: Settings) -> str:
         f"fold BatchNorm:   {'on' if settings.fold_batchnorm else 'off (DASH_FOLD_BATCHNORM)'}",
         f"torch.compile:    {f'on CUDA, in the background, cache {settings.compile_cache_dir}' if settings.compile else 'off (DASH_COMPILE)'}",
         f"CPU bf16:         {'hot dog and sentiment, where the CPU has it natively' if settings.cpu_bf16 else 'off (DASH_CPU_BF16)'}",
+        f"shared batches:   {'text-to-image runs of different sessions share UNet calls' if settings.shared_batches else 'off (DASH_SHARED_BATCH): each run alone'}",
         f"backend:          {_describe_backend(settings)}",
         f"admins:           {', '.join(settings.admins) or 'none listed (DASH_ADMINS); with login off, whoever uses a localhost-bound app'}",
         f"HF token:         {'set' if settings.hf_token else 'not set'}",

@@ -13,13 +13,15 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from core import generation, shared_batch
+from core.accel import Acceleration
 from core.errors import GpuOutOfMemoryError
-from core.generation import GenerationSettings, StepReporter
-from core.gpu_queue import queue_for
-from core.jobs import JobCancelled
-from core.registry import MODELS
-from core.shared_batch import DenoiseRequest, SharedDenoiser
+from core.gpu.queue import queue_for
+from core.models.registry import MODELS
+from core.tasks import generation, sd_pipeline, sd_settings, shared_batch
+from core.tasks.generation import StepReporter
+from core.tasks.jobs import JobCancelled
+from core.tasks.sd_settings import GenerationSettings
+from core.tasks.shared_batch import DenoiseRequest, SharedDenoiser
 
 CPU = torch.device("cpu")
 WAIT_S = 120
@@ -82,7 +84,7 @@ def together(denoiser: SharedDenoiser, *requests: DenoiseRequest) -> list:
 def diffusers_images(sd, request: DenoiseRequest) -> list:
     """The same run through diffusers' own StableDiffusionPipeline call, seeded as generation.generate seeds it."""
     pipe = StableDiffusionPipeline(**sd.obj.components, requires_safety_checker=False)
-    pipe.scheduler = generation.build_scheduler(sd.obj, request.scheduler)
+    pipe.scheduler = sd_pipeline.build_scheduler(sd.obj, request.scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe(
         request.prompt, negative_prompt=request.negative_prompt or None, num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
@@ -240,7 +242,7 @@ def test_out_of_memory_fails_the_batch_with_a_typed_error_and_the_next_batch_run
     with denoiser.held():
         futures = [denoiser.submit(replace(RED, steps=2)), denoiser.submit(replace(BOAT, steps=2))]
     for future in futures:
-        with pytest.raises(GpuOutOfMemoryError, match="ran out of memory making a shared batch of 4 UNet rows at 64x64"):
+        with pytest.raises(GpuOutOfMemoryError, match="ran out of memory in a shared batch at 64x64"):
             future.result(WAIT_S)
     monkeypatch.undo()
     assert alone(denoiser, replace(RED, steps=2)).images
@@ -255,7 +257,22 @@ def test_generate_together_gives_the_solo_runs_result(sd):
     assert max(int(np.abs(pixels(a.image) - pixels(b.image)).max()) for a, b in zip(solo.images, shared.images, strict=True)) <= PIXEL_TOLERANCE
     assert shared.settings == solo.settings and shared.unet_path == "eager" and shared.seconds > 0
     assert not shared_batch.shares_batches(replace(settings, mode=generation.Mode.IMAGE_TO_IMAGE), ())
-    assert not shared_batch.shares_batches(replace(settings, memory_mode=generation.MemoryMode.VAE_TILING), ())
+    assert not shared_batch.shares_batches(replace(settings, memory_mode=sd_settings.MemoryMode.VAE_TILING), ())
+
+
+def test_generate_sends_text_to_image_through_the_shared_denoiser_only_where_it_is_on(sd, monkeypatch):
+    settings = GenerationSettings(prompt="a red bicycle", width=64, height=64, steps=3, seed=7)
+    together = []
+    original = shared_batch.generate_together
+    monkeypatch.setattr(shared_batch, "generate_together", lambda *args: together.append(args[1].seed) or original(*args))
+    assert not sd.accel.shared_batches  # on the CPU a solo run stops mid-step on cancel; shared batches only between steps
+    solo = generation.generate(sd, settings)
+    shared_on = replace(sd, accel=Acceleration(cuda_graphs=False, shared_batches=True))  # as the manager sets it on a GPU
+    shared = generation.generate(shared_on, settings)
+    image_to_image = generation.generate(shared_on, replace(settings, mode=sd_settings.Mode.IMAGE_TO_IMAGE, strength=0.5),
+                                         source=sd_settings.SourceImages(solo.images[0].image))
+    assert together == [7] and image_to_image.images  # text to image joined the shared denoiser; image to image ran alone
+    assert int(np.abs(pixels(solo.images[0].image) - pixels(shared.images[0].image)).max()) <= PIXEL_TOLERANCE
 
 
 def test_a_solo_run_waiting_for_the_device_ends_the_batch_before_later_requests_join(denoiser):

@@ -13,6 +13,8 @@ class Acceleration:
 
     cuda_graphs: bool = True  # exact replay of fixed-shape calls (core.accel.cuda_graphs)
     compile: bool = False  # background torch.compile per input shape (core.accel.compiled), served once ready
+    # Text-to-image runs of different sessions share UNet calls (core.tasks.shared_batch; DASH_SHARED_BATCH).
+    shared_batches: bool = False
 
 
-EAGER = Acceleration(cuda_graphs=False, compile=False)
+EAGER = Acceleration(cuda_graphs=False, compile=False, shared_batches=False)

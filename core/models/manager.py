@@ -172,8 +172,12 @@ class ModelManager(CountsUses):
         """`gpu_total_bytes` (CUDA index -> card bytes) stands in for the cards torch finds: tests plan without a GPU."""
         self.settings = settings
         compiled.use_cache_dir(settings.compile_cache_dir)  # inductor's, for the process
-        self.accel = Acceleration(cuda_graphs=settings.cuda_graphs, compile=settings.compile)
         self.device = pick_device(settings)
+        # Shared batches check a cancel between steps: on a GPU steps are milliseconds, on a CPU a large one takes
+        # minutes, where a solo run's checks inside the UNet stop it within a second.
+        self.accel = Acceleration(
+            cuda_graphs=settings.cuda_graphs, compile=settings.compile, shared_batches=settings.shared_batches and self.device.type == "cuda",
+        )
         self.policy = policy or MemoryPolicy.from_settings(settings)
         self._loader = loader
         self._lock = threading.Lock()

@@ -181,7 +181,7 @@ def report(context: JobContext | None, detail: str) -> None:
         context.report(0, 0, detail)
 
 
-def _place(n: int) -> str:
+def ordinal_place(n: int) -> str:
     return "next in line" if n == 1 else f"{n}{'nd' if n == 2 else 'rd' if n == 3 else 'th'} in line"
 
 
@@ -190,7 +190,7 @@ def device_slot(device: torch.device, context: JobContext | None, reporter: Step
     """Wait for the device's turn (one run at a time per GPU, first come first served), saying the place in line."""
     report(context, "waiting for the device")
     try:
-        with queue_for(device).slot(on_wait=lambda n: report(context, f"waiting for the GPU: {_place(n)}"), cancelled=reporter.stop_requested):
+        with queue_for(device).slot(on_wait=lambda n: report(context, f"waiting for the GPU: {ordinal_place(n)}"), cancelled=reporter.stop_requested):
             yield
     except SlotAbandoned:
         raise JobCancelled from None
@@ -235,10 +235,15 @@ def generate(
     source, resize_notes = prepare_source(source, settings)
     notes = [_prompt_note(model, settings.prompt, "prompt"), _prompt_note(model, settings.negative_prompt, "negative prompt"), *resize_notes]
 
-    # 2. Wait for the device
+    # 2. Wait for the device: alone, or in a batch shared with other sessions' text-to-image runs
     reporter = StepReporter(context, abandoned, settings.denoising_steps)
+    notes = tuple(n for n in notes if n)
+    from core.tasks import shared_batch  # it builds on this module's run pieces
+
+    if model.accel.shared_batches and shared_batch.shares_batches(settings, loras):
+        return shared_batch.generate_together(model, settings, context, reporter, notes)
     with device_slot(device, context, reporter):
-        return _run(model, settings, context, reporter, source, loras, tuple(n for n in notes if n))
+        return _run(model, settings, context, reporter, source, loras, notes)
 
 
 def _prompt_note(model: LoadedModel, text: str, what: str) -> str:

@@ -30,12 +30,26 @@ from typing import Any
 import torch
 from PIL import Image
 
-from core import cuda_graphs, generation
-from core.generation import GeneratedImage, GenerationResult, GenerationSettings, MemoryMode, Mode, Precision, StepReporter
-from core.gpu_queue import SlotAbandoned, queue_for
-from core.jobs import JobCancelled, JobContext
-from core.lora import LoraChoice
-from core.manager import LoadedModel
+from core.accel import EAGER, Acceleration, cuda_graphs
+from core.errors import GpuOutOfMemoryError
+from core.gpu.queue import SlotAbandoned, queue_for
+from core.models.manager import LoadedModel
+from core.models.memory import out_of_memory_guard
+from core.tasks import generation
+from core.tasks.generation import StepReporter
+from core.tasks.jobs import JobCancelled, JobContext
+from core.tasks.lora import LoraChoice
+from core.tasks.sd_pipeline import build_scheduler, keep_timesteps_on_the_cpu, run_pipeline, set_memory_mode, set_precision
+from core.tasks.sd_settings import (
+    DEFAULT_SCHEDULER,
+    GeneratedImage,
+    GenerationResult,
+    GenerationSettings,
+    MemoryMode,
+    Mode,
+    Precision,
+    memory_remedy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +85,7 @@ class DenoiseRequest:
     seeds: tuple[int, ...] = (0,)  # one image per seed, each from its own CPU generator (as generation.generate)
     steps: int = 25
     guidance_scale: float = 7.5  # above 1: classifier-free guidance, two UNet rows per image
-    scheduler: str = generation.DEFAULT_SCHEDULER  # a name in generation.SCHEDULERS; each request builds its own
+    scheduler: str = DEFAULT_SCHEDULER  # a name in SCHEDULERS; each request builds its own
     width: int = 512
     height: int = 512
     precision: Precision = Precision.AUTO
@@ -101,7 +115,7 @@ class DenoiseResult:
     images: tuple[Image.Image, ...]
     nsfw: tuple[bool, ...]  # the model's safety checker blacked the image out (all False without a checker)
     seconds: float  # from joining a batch to the decoded images
-    unet_path: str  # how the batch's UNet calls ran: "eager", "CUDA graph", ... (core.cuda_graphs)
+    unet_path: str  # how the batch's UNet calls ran: "eager", "CUDA graph", ... (core.accel.cuda_graphs)
     peak_memory_bytes: int | None  # torch's peak allocation during the batch (shared with the others); None on the CPU
 
 
@@ -164,12 +178,14 @@ class SharedDenoiser:
         self,
         pipe: Any,
         device: torch.device,
+        accel: Acceleration = EAGER,
         max_batch_rows: int = MAX_BATCH_ROWS,
         collect_window_s: float = COLLECT_WINDOW_S,
         buckets: tuple[int, ...] = BATCH_BUCKETS,
     ) -> None:
         self._pipe = weakref.ref(pipe)  # the model manager may evict the model: a denoiser never keeps it loaded
         self.device = device
+        self.accel = accel  # the model's: CUDA graphs per batch-size bucket where on
         self.max_batch_rows = max_batch_rows
         self.collect_window_s = collect_window_s
         self.buckets = buckets
@@ -278,44 +294,40 @@ class SharedDenoiser:
         if key is None:
             return
         active: list[_Active] = []
-        out_of_memory = False
         try:
-            if pipe is None:
-                raise RuntimeError("the model was unloaded while requests waited for it")
-            # The shared pipeline as a plain run of this precision needs it; then every module stays put for the batch.
-            generation.set_memory_mode(pipe, MemoryMode.NONE, self.device)
-            generation.set_precision(pipe, key[2], self.device)
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
-            helper = generation.run_pipeline(pipe, Mode.TEXT_TO_IMAGE, generation.DEFAULT_SCHEDULER)  # encode, decode
-            with (
-                torch.no_grad(),
-                cuda_graphs.graphed_unet(pipe.unet) as unet_calls,
-                cuda_graphs.graphed_text_encoder(pipe.text_encoder),
-                cuda_graphs.compiled_vae_decode(pipe.vae),
-            ):
-                while True:
-                    active = [entry for entry in active if not _dropped_if_cancelled(entry)]
-                    for entry in self._admit(key, sum(a.request.rows for a in active)):
-                        started = _started(pipe, helper, entry)
-                        if started is not None:
-                            active.append(started)
-                    if not active:
-                        return
-                    self._step(pipe.unet, active)
-                    for entry in [a for a in active if a.finished and not a.future.done()]:
-                        _finish(helper, entry, unet_calls.path, self.device)
-                    active = [a for a in active if not a.future.done()]
-        except torch.OutOfMemoryError:
-            out_of_memory = True
+            with out_of_memory_guard(f"in a shared batch at {key[0]}x{key[1]}", remedy=memory_remedy(on_gpu=True)):
+                if pipe is None:
+                    raise RuntimeError("the model was unloaded while requests waited for it")
+                # The shared pipeline as a plain run of this precision needs it; then every module stays put for the batch.
+                set_memory_mode(pipe, MemoryMode.NONE, self.device)
+                set_precision(pipe, key[2], self.device)
+                if self.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(self.device)
+                helper = run_pipeline(pipe, Mode.TEXT_TO_IMAGE, DEFAULT_SCHEDULER)  # encode, decode
+                with (
+                    torch.no_grad(),
+                    cuda_graphs.graphed_unet(pipe.unet, self.accel) as unet_calls,
+                    cuda_graphs.graphed_text_encoder(pipe.text_encoder, self.accel),
+                    cuda_graphs.compiled_vae_decode(pipe.vae, self.accel),
+                ):
+                    while True:
+                        active = [entry for entry in active if not _dropped_if_cancelled(entry)]
+                        for entry in self._admit(key, sum(a.request.rows for a in active)):
+                            started = _started(pipe, helper, entry)
+                            if started is not None:
+                                active.append(started)
+                        if not active:
+                            return
+                        self._step(pipe.unet, active)
+                        for entry in [a for a in active if a.finished and not a.future.done()]:
+                            _finish(helper, entry, unet_calls.path, self.device)
+                        active = [a for a in active if not a.future.done()]
+        except GpuOutOfMemoryError as error:  # memory already given back by the guard
+            _fail_all([a.future for a in active], error)
         except Exception as error:  # a failure of the whole batch (the model, the UNet): each request in it is told
             log.exception("a shared batch failed")
             # Those waiting for this batch too: the same failure would come back at once.
             _fail_all([a.future for a in active] + self._take_waiting(key), error)
-        if out_of_memory:
-            # Outside the except block, whose traceback pins the batch's tensors.
-            error = generation.out_of_memory_error(f"a shared batch of {sum(a.request.rows for a in active)} UNet rows at {key[0]}x{key[1]}")
-            _fail_all([a.future for a in active], error)
 
     def _take_waiting(self, key: tuple) -> list[Future[DenoiseResult]]:
         """The waiting requests at the front that share `key`, out of the queue."""
@@ -408,7 +420,7 @@ def _prepared(pipe: Any, helper: Any, waiting: _Waiting) -> _Active:
         positive, negative = request.prompt_embeds
     embeds = torch.cat([negative, positive]) if request.guided else positive
     # From the loaded pipeline's own scheduler config, as a solo run builds it (the helper's is another class's).
-    scheduler = generation.keep_timesteps_on_the_cpu(generation.build_scheduler(pipe, request.scheduler))
+    scheduler = keep_timesteps_on_the_cpu(build_scheduler(pipe, request.scheduler))
     scheduler.set_timesteps(request.steps)
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in request.seeds]
     factor = helper.vae_scale_factor
@@ -440,7 +452,7 @@ def denoiser_for(model: LoadedModel) -> SharedDenoiser:
     with _denoisers_lock:
         denoiser = _denoisers.get(model.obj)
         if denoiser is None:
-            denoiser = _denoisers[model.obj] = SharedDenoiser(model.obj, model.device)
+            denoiser = _denoisers[model.obj] = SharedDenoiser(model.obj, model.device, model.accel)
         return denoiser
 
 
@@ -461,7 +473,7 @@ def generate_together(
         prompt=settings.prompt, negative_prompt=settings.negative_prompt, seeds=settings.seeds(), steps=settings.steps,
         guidance_scale=settings.guidance_scale, scheduler=settings.scheduler, width=settings.width, height=settings.height,
         precision=settings.precision, on_step=reporter.step, cancelled=reporter.stop_requested,
-        on_wait=lambda place: generation.report(context, f"waiting for the GPU: {generation._place(place)}"),
+        on_wait=lambda place: generation.report(context, f"waiting for the GPU: {generation.ordinal_place(place)}"),
     )
     generation.report(context, "waiting for the device")
     outcome = denoiser_for(model).submit(request).result()
