@@ -6,13 +6,14 @@
 Full size: SD 1.5's UNet, VAE and CLIP text encoder from ../shared/models/stable-diffusion-v1-5 with random weights,
 as bench.bench_generation builds them. Each session asks one 512x512 image of 25 DPM++ 2M Karras steps with its own
 prompt and seed; all start together (a barrier), through generation.generate (the GPU queue serves them one at a
-time) or through core.shared_batch (one UNet call per step for all). Figures, one JSON line each: the wall time of
+time) or, with the model's Acceleration.shared_batches on, through core.tasks.shared_batch (one UNet call per step for all). Figures, one JSON line each: the wall time of
 all 8, their p95 latency, a lone request's p95 latency both ways, and the largest pixel difference between the two
 paths' images.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -28,10 +29,9 @@ import torch
 from bench.bench_generation import build_full_size_sd
 from bench.common import emit, environment, synchronize
 from core.config import Settings
-from core.models.manager import LoadedModel, ModelManager
+from core.models.manager import ModelManager
 from core.models.registry import MODELS
-from core.tasks import generation, shared_batch
-from core.tasks.generation import StepReporter
+from core.tasks import generation
 from core.tasks.sd_settings import GenerationResult, GenerationSettings
 
 PROMPTS = ("a lighthouse at dusk", "a bowl of ramen", "a red fox in snow", "a city at night", "an old sailing ship",
@@ -56,7 +56,9 @@ def main() -> None:
     if args.standin:
         base = replace(base, steps=4, width=64, height=64)
     runs = [replace(base, prompt=PROMPTS[i % len(PROMPTS)], seed=i) for i in range(args.sessions)]
-    paths = {"one at a time": lambda s: generation.generate(model, s), "shared batch": lambda s: shared(model, s)}
+    alone = dataclasses.replace(model, accel=dataclasses.replace(model.accel, shared_batches=False))  # today's path
+    together = dataclasses.replace(model, accel=dataclasses.replace(model.accel, shared_batches=True))
+    paths = {"one at a time": lambda s: generation.generate(alone, s), "shared batch": lambda s: generation.generate(together, s)}
 
     for run in paths.values():  # warm-up: CUDA graphs of the solo shape and of the shared batch's bucket
         at_once(run, runs)
@@ -70,11 +72,6 @@ def main() -> None:
     lone = {name: p95([timed(run, runs[0])[0] for _ in range(args.lone_runs)]) for name, run in paths.items()}
     emit("a lone request, p95 latency", lone["one at a time"], lone["shared batch"], "s", False, runs=args.lone_runs, **details)
     synchronize(device)
-
-
-def shared(model: LoadedModel, settings: GenerationSettings) -> GenerationResult:
-    """generation.generate's text-to-image run, through the shared denoiser as the integrated generate would call it."""
-    return shared_batch.generate_together(model, settings, None, StepReporter(None, lambda: False, settings.steps), ())
 
 
 def timed(run: Callable[[GenerationSettings], GenerationResult], settings: GenerationSettings) -> tuple[float, GenerationResult]:

@@ -208,9 +208,10 @@ class Settings:
     # E-mail addresses (lower case) whose logged-in sessions may unload models and empty the cache for everyone
     # (core.access); with login off only a localhost-bound app has an admin, whoever uses it.
     admins: tuple[str, ...] = ()
-    # Text-to-image runs of different sessions that wait at the same time share UNet calls (core.tasks.shared_batch):
-    # each image as its run alone makes it (within rounding), several at once in far less time on a shared GPU.
-    shared_batches: bool = True
+    # Text-to-image runs of different sessions that wait at the same time share UNet calls (core.tasks.shared_batch),
+    # each image as its run alone makes it (within rounding). Off by default: on the H100 it does not yet beat runs
+    # taken in turn, and a lone run takes twice as long (docs/BATCHING.md has the figures).
+    shared_batches: bool = False
     # What happens to the least recently used idle model when a new one does not fit: unloaded, or parked in RAM.
     evict_to: EvictTo = EvictTo.UNLOAD
     # The operator's folder per model (DASH_MODEL_<KEY>), upper-case key -> folder; it wins over every other source.
@@ -255,7 +256,7 @@ class Settings:
         fold_batchnorm = checked(_flag, env.get("DASH_FOLD_BATCHNORM"), True, "DASH_FOLD_BATCHNORM")
         compile_ = checked(_flag, env.get("DASH_COMPILE"), True, "DASH_COMPILE")
         cpu_bf16 = checked(_flag, env.get("DASH_CPU_BF16"), True, "DASH_CPU_BF16")
-        shared_batches = checked(_flag, env.get("DASH_SHARED_BATCH"), True, "DASH_SHARED_BATCH")
+        shared_batches = checked(_flag, env.get("DASH_SHARED_BATCH"), False, "DASH_SHARED_BATCH")
         backend = env.get("DASH_BACKEND", "local").strip().lower() or "local"
         if backend not in BACKENDS:
             errors.append(f"DASH_BACKEND must be {' or '.join(BACKENDS)}, not {backend!r}")

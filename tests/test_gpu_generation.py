@@ -230,3 +230,27 @@ def test_unconditional_ddpm_full_size_1000_steps(tmp_path_factory):
                           "peak_allocated_bytes": result.peak_memory_bytes}), flush=True)
         assert len(result.images) == images and np.asarray(result.grid).std() > 0
     manager.unload_all()
+
+
+def test_runs_made_together_in_a_shared_batch_match_their_solo_runs_within_fp16_rounding(sd):
+    """Issue 20: four sessions' text-to-image runs (other prompts, seeds, guidance, steps and schedulers) waiting at
+    once share UNet calls; each image is the one its run makes alone, up to fp16 rounding of other GEMM shapes."""
+    from bench.bench_shared_batch import at_once
+
+    runs = [
+        replace(BASE, num_images=1, prompt="a lighthouse at dawn", seed=1, scheduler="DPM++ 2M Karras", steps=25),
+        replace(BASE, num_images=1, prompt="a bowl of ramen", seed=2, scheduler="PNDM", steps=20, guidance_scale=5.0),
+        replace(BASE, num_images=1, prompt="a red fox in snow", seed=3, scheduler="Euler a", steps=15),
+        replace(BASE, num_images=1, prompt="an old sailing ship", seed=4, scheduler="DDIM", steps=30, guidance_scale=9.0),
+    ]
+    alone = dataclasses.replace(sd, accel=dataclasses.replace(sd.accel, shared_batches=False))
+    together = dataclasses.replace(sd, accel=dataclasses.replace(sd.accel, shared_batches=True))
+    solo = [generation.generate(alone, settings) for settings in runs]
+    at_once(lambda settings: generation.generate(together, settings), runs)  # warm-up: the batch buckets' graphs
+    _, _, shared = at_once(lambda settings: generation.generate(together, settings), runs)
+    differences = [np.abs(pixels(a).astype(np.int16) - pixels(b).astype(np.int16)) for a, b in zip(solo, shared, strict=True)]
+    figures = {"max_pixel_difference": [int(d.max()) for d in differences], "mean_pixel_difference": [round(float(d.mean()), 4) for d in differences],
+               "unet_path": shared[0].unet_path}
+    print(json.dumps({"shared_batch_vs_solo_fp16": figures}))
+    other_seed = np.abs(pixels(solo[0]).astype(np.int16) - pixels(solo[1]).astype(np.int16)).mean()
+    assert max(figures["mean_pixel_difference"]) < 1.0 < other_seed  # rounding, not another image
