@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--standin", action="store_true", help="the tiny stand-in model, 64x64, 4 steps")
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--lone-runs", type=int, default=10, help="lone requests timed per path, for the p95")
+    parser.add_argument("--profile", action="store_true", help="also the timelines of a lone run and of all sessions, both paths")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(json.dumps({"environment": environment(device)}), flush=True)
@@ -71,7 +72,24 @@ def main() -> None:
     emit("largest pixel difference, shared vs one at a time", None, largest_difference(solo_images, shared_images), "levels of 255", False)
     lone = {name: p95([timed(run, runs[0])[0] for _ in range(args.lone_runs)]) for name, run in paths.items()}
     emit("a lone request, p95 latency", lone["one at a time"], lone["shared batch"], "s", False, runs=args.lone_runs, **details)
+    if args.profile:
+        profile_paths(paths, runs)
     synchronize(device)
+
+
+def profile_paths(paths: dict[str, Callable[[GenerationSettings], GenerationResult]], runs: list[GenerationSettings]) -> None:
+    """Where the time goes on each path: the GPU's busy share, the CPU's waits for it, and the costliest CPU calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.profile_gpu import timeline
+
+    for name, run in paths.items():
+        print(json.dumps({"profile": name, "lone": timeline(lambda run=run: run(runs[0]))}), flush=True)
+        print(json.dumps({"profile": name, "all sessions": timeline(lambda run=run: at_once(run, runs))}), flush=True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            at_once(run, runs)
+        top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+        print(json.dumps({"profile": name, "top_cpu_self_ms": {e.key: round(e.self_cpu_time_total / 1000, 1) for e in top}}), flush=True)
 
 
 def timed(run: Callable[[GenerationSettings], GenerationResult], settings: GenerationSettings) -> tuple[float, GenerationResult]:
