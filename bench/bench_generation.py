@@ -59,6 +59,18 @@ def build_full_size_sd(models_root: Path) -> Path:
     return folder
 
 
+def dpm_model_and_settings(device: torch.device, standin: bool) -> tuple[LoadedModel, GenerationSettings]:
+    """The SD1.5 model (full size, random weights; or the tiny stand-in) in a fresh folder, compile off, and the
+    25-step DPM++ 2M Karras 512² settings the per-request targets name (the stand-in: 64², 4 steps)."""
+    root = Path(tempfile.mkdtemp())
+    settings = Settings(models_root=root / "models", standin_dir=root / "standins", standin_fallback=standin, device=device.type, compile=False)
+    if not standin:
+        build_full_size_sd(root / "models")
+    model = ModelManager(settings).get(MODELS["sd15"], allow_standin=standin)
+    base = GenerationSettings(steps=25, scheduler="DPM++ 2M Karras", width=512, height=512)
+    return model, replace(base, steps=4, width=64, height=64) if standin else base
+
+
 def build_full_size_ddpm(models_root: Path) -> Path:
     """The DDPM butterflies model's architecture with random weights, in Hub layout under `models_root`/<repo id>."""
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel

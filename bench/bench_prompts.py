@@ -12,19 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-from bench.bench_generation import build_full_size_sd
+from bench.bench_generation import dpm_model_and_settings
 from bench.common import emit, environment, synchronize
-from core.config import Settings
-from core.models.manager import ModelManager
-from core.models.registry import MODELS
 from core.tasks import generation, sweeps
 from core.tasks.sd_settings import GenerationSettings
 
@@ -40,14 +35,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     print(json.dumps({"environment": environment(device)}), flush=True)
-    root = Path(tempfile.mkdtemp())
-    settings = Settings(models_root=root / "models", standin_dir=root / "standins", standin_fallback=args.standin, device=device.type, compile=False)
-    if not args.standin:
-        build_full_size_sd(root / "models")
-    model = ModelManager(settings).get(MODELS["sd15"], allow_standin=args.standin)
-    base = GenerationSettings(prompt=PLAIN, steps=25, scheduler="DPM++ 2M Karras", width=512, height=512, seed=1)
-    if args.standin:
-        base = replace(base, steps=4, width=64, height=64)
+    model, base = dpm_model_and_settings(device, args.standin)
+    base = replace(base, prompt=PLAIN, seed=1)
 
     def seconds(settings: GenerationSettings) -> float:
         started = time.perf_counter()

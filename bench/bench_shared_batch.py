@@ -16,21 +16,16 @@ import argparse
 import dataclasses
 import json
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.bench_generation import build_full_size_sd
+from bench.bench_generation import dpm_model_and_settings
 from bench.common import emit, environment, synchronize
-from core.config import Settings
-from core.models.manager import ModelManager
-from core.models.registry import MODELS
 from core.tasks import generation
 from core.tasks.sd_settings import GenerationResult, GenerationSettings
 
@@ -48,14 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     print(json.dumps({"environment": environment(device)}), flush=True)
-    root = Path(tempfile.mkdtemp())
-    settings = Settings(models_root=root / "models", standin_dir=root / "standins", standin_fallback=args.standin, device=device.type, compile=False)
-    if not args.standin:
-        build_full_size_sd(root / "models")
-    model = ModelManager(settings).get(MODELS["sd15"], allow_standin=args.standin)
-    base = GenerationSettings(steps=25, scheduler="DPM++ 2M Karras", width=512, height=512)
-    if args.standin:
-        base = replace(base, steps=4, width=64, height=64)
+    model, base = dpm_model_and_settings(device, args.standin)
     runs = [replace(base, prompt=PROMPTS[i % len(PROMPTS)], seed=i) for i in range(args.sessions)]
     alone = dataclasses.replace(model, accel=dataclasses.replace(model.accel, shared_batches=False))  # today's path
     together = dataclasses.replace(model, accel=dataclasses.replace(model.accel, shared_batches=True))
