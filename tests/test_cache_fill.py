@@ -6,11 +6,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from core.config import Settings
-from core.models import cache_fill, standins
+from core.models import cache_fill, loading, standins
 from core.models.cache_fill import select_files
 from core.models.manager import ModelManager
 from core.models.registry import MODELS, ModelSpec
@@ -53,9 +54,14 @@ class StandinHub:
         return target
 
     def fetch_torch_hub(self, spec: ModelSpec) -> tuple[str, ...]:
-        name = cache_fill.torch_hub_dir_name(spec)
+        """The repo (the stand-in's hubconf, which builds random weights) and, as the real fill does, the weights'
+        checkpoint where torch.hub keeps downloads, so that a load finds it within reach offline."""
+        name = loading.torch_hub_dir_name(spec)
         shutil.copytree(standins.ensure_built(spec, self.standin_dir), self.torch_hub_dir / name, dirs_exist_ok=True)
-        return (name,)
+        checkpoint = Path("checkpoints") / Path(urlsplit(loading._hub_weights(spec, allow_pickle=False).url).path).name
+        (self.torch_hub_dir / checkpoint).parent.mkdir(parents=True, exist_ok=True)
+        (self.torch_hub_dir / checkpoint).write_bytes(b"never read: the stand-in hubconf ignores weights")
+        return (name, checkpoint.as_posix())
 
 
 def test_a_bin_only_repo_gets_its_bin_and_nothing_else():
@@ -93,7 +99,7 @@ def test_a_diffusers_repo_gets_each_component_without_variants_or_root_checkpoin
 def test_torch_hub_models_are_not_hub_repos():
     with pytest.raises(ValueError, match="torch.hub"):
         select_files(MODELS["resnet50"], ["hubconf.py"])
-    assert cache_fill.torch_hub_dir_name(MODELS["resnet50"]) == "pytorch_vision_v0.29.1"  # torch.hub's own folder name
+    assert loading.torch_hub_dir_name(MODELS["resnet50"]) == "pytorch_vision_v0.29.1"  # torch.hub's own folder name
 
 
 def test_the_real_client_passes_the_selection_and_the_token(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):

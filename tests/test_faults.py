@@ -112,17 +112,17 @@ def test_out_of_memory_in_one_run_does_not_touch_a_run_queued_behind_it(manager,
 
     sd = manager.get(MODELS["sd15"], allow_standin=True)
     expected = np.asarray(generation.generate(sd, SMALL).images[0].image)
-    release = threading.Event()
+    inside, release = threading.Event(), threading.Event()
     real_forward = sd.obj.unet.forward
 
     def held_then_out_of_memory(*args, **kwargs):
+        inside.set()
         assert release.wait(60)
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(sd.obj.unet, "forward", held_then_out_of_memory)
     failing = Job(lambda context: generation.generate(sd, replace(SMALL, seed=5), context), "failing")
-    while not failing.snapshot().detail.startswith("preparing"):
-        assert not failing.wait(0.01)
+    assert inside.wait(60)  # the failing run is in its UNet call, holding the device
     queued = Job(lambda context: generation.generate(sd, SMALL, context), "queued")
     while "next in line" not in queued.snapshot().detail:
         assert not queued.wait(0.01)

@@ -161,7 +161,7 @@ def test_a_run_whose_session_left_gives_up_its_place_in_the_queue(sd):
 
 def test_out_of_memory_is_caught_released_and_the_app_keeps_working(sd, monkeypatch):
     released = []
-    monkeypatch.setattr(generation, "release_memory", lambda: released.append(True))
+    monkeypatch.setattr("core.models.memory.release_memory", lambda: released.append(True))
 
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")

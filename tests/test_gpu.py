@@ -1,6 +1,7 @@
 """core.gpu.nvml: the NVML layer against a fake NVML (zero, one, two GPUs; missing; raising), and on the device against nvidia-smi."""
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import subprocess
@@ -97,11 +98,15 @@ def test_allocator_is_empty_and_actions_free_nothing_without_cuda():
 
 def test_host_memory_sees_this_process_grow():
     before = gpu.host_memory()
-    block = b"x" * (64 * MIB)  # written, so resident
+    # A fresh mapping, each page written: resident for sure (a bytes object could reuse memory that earlier tests freed
+    # and the allocator kept, and the process would not grow).
+    block = mmap.mmap(-1, 64 * MIB)
+    for offset in range(0, 64 * MIB, mmap.PAGESIZE):
+        block[offset] = 1
     after = gpu.host_memory()
     assert before.total_bytes > before.available_bytes > 0 and before.used_bytes > 0
     assert after.process_rss_bytes - before.process_rss_bytes >= 60 * MIB
-    del block
+    block.close()
 
 
 # --- on the device ------------------------------------------------------------------------------------------------

@@ -62,11 +62,6 @@ def select_files(spec: ModelSpec, repo_files: list[str]) -> tuple[str, ...]:
     return tuple(sorted(str(path) for path in chosen))
 
 
-def torch_hub_dir_name(spec: ModelSpec) -> str:
-    """The folder torch.hub keeps a GitHub repo in: "pytorch/vision:v0.29.1" -> "pytorch_vision_v0.29.1"."""
-    return spec.repo_id.replace(":", "/").replace("/", "_")
-
-
 class Hub(Protocol):
     """Where models come from; the tests put stand-in models behind the same three calls."""
 
@@ -118,7 +113,7 @@ class HubClient:
                 raise
             # GitHub unreachable or rate-limited: the loader then uses torchvision's own copy, which needs only the weights.
             weights.get_state_dict(progress=False)
-        names = [torch_hub_dir_name(spec)] + ([f"checkpoints/{Path(weights.url).name}"] if weights else [])
+        names = [loading.torch_hub_dir_name(spec)] + ([f"checkpoints/{Path(weights.url).name}"] if weights else [])
         return tuple(name for name in names if (self.torch_hub_dir / name).exists())
 
 

@@ -162,8 +162,8 @@ def _load_torch_hub(spec: ModelSpec, source: ModelSource, device: torch.device, 
     if source.is_local:
         model = torch.hub.load(source.location, spec.hub_entry, source="local", weights=weights)
     else:
-        model = _load_from_github(spec, weights) if reachability.SERVERS.reachable(GITHUB) else None
-        if model is None:  # GitHub unreachable or rate-limited: the same network and weights enum ship inside torchvision
+        model = _load_from_github(spec, weights) if reachability.SERVERS.reachable(GITHUB) else _load_from_cached_repo(spec, weights)
+        if model is None:  # GitHub unreachable or rate-limited, no copy: the same network and weights ship inside torchvision
             import torchvision
 
             model = torchvision.models.get_model(spec.hub_entry, weights=weights)
@@ -176,6 +176,19 @@ def _load_torch_hub(spec: ModelSpec, source: ModelSource, device: torch.device, 
         torch.backends.cudnn.benchmark = True
     # NHWC convolutions, in cuDNN and in oneDNN on the CPU (ResNet50 on 2 cores: 16 images 390 ms instead of 640-760 ms)
     return model.to(memory_format=torch.channels_last)
+
+
+def torch_hub_dir_name(spec: ModelSpec) -> str:
+    """The folder torch.hub keeps a GitHub repo in: "pytorch/vision:v0.29.1" -> "pytorch_vision_v0.29.1"."""
+    return spec.repo_id.replace(":", "/").replace("/", "_")
+
+
+def _load_from_cached_repo(spec: ModelSpec, weights: Any) -> torch.nn.Module | None:
+    """The repo's copy in torch.hub's folder (`python -m core.models.cache_fill` puts it there), run without GitHub."""
+    folder = Path(torch.hub.get_dir()) / torch_hub_dir_name(spec)
+    if not (folder / "hubconf.py").is_file():
+        return None
+    return torch.hub.load(str(folder), spec.hub_entry, source="local", weights=weights)
 
 
 def _load_from_github(spec: ModelSpec, weights: Any) -> torch.nn.Module | None:
