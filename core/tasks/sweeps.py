@@ -245,7 +245,7 @@ class SweepPlan:
 
     @property
     def total_steps(self) -> int:
-        return sum(cell.settings.denoising_steps for cell in self.cells)
+        return sum(cell.settings.total_denoising_steps for cell in self.cells)  # a hires pass's steps too
 
     def estimated_seconds(self, steps_per_s: float) -> float:
         """The sweep's time at the rate of a run of the same size (GenerationResult.steps_per_s, decoding included)."""
@@ -494,6 +494,7 @@ class SweepResult:
     grid: Image.Image
     grid_png: bytes  # with the axes and the first cell's settings
     cancelled: bool
+    is_standin: bool  # a stand-in model (random weights) made the cells
 
 
 GenerateOne = Callable[[GenerationSettings, tuple[LoraChoice, ...]], Sequence[Image.Image]]
@@ -530,4 +531,4 @@ def run_sweep(
         on_cell_done(len(results), len(plan.cells), results[-1])
     grid = grid_image([result.image for result in results], plan)
     grid_png = pnginfo.png_with_parameters(grid, grid_parameters_text(plan, model_name, is_standin=is_standin))
-    return SweepResult(plan, tuple(results), grid, grid_png, stopped)
+    return SweepResult(plan, tuple(results), grid, grid_png, stopped, is_standin)
