@@ -557,7 +557,7 @@ def show_latest(entry: GalleryEntry) -> None:
     if isinstance(result, UnconditionalResult):
         st.image(result.grid, caption=f"Seeds {result.settings.seed} to {result.images[-1].seed}", width=min(384, 8 * result.grid.width), output_format="PNG")
     else:
-        st.image([image.image for image in result.images], caption=[f"Seed {image.seed}" for image in result.images], width=min(512, result.settings.width), output_format="PNG")
+        st.image([image.image for image in result.images], caption=[f"Seed {image.seed}" for image in result.images], width=min(512, result.settings.output_size[0]), output_format="PNG")
 
 
 # Page ---------------------------------------------------------------------------------------------------------
