@@ -17,6 +17,8 @@ import streamlit as st
 from PIL import Image
 
 from app_pages.common import STANDIN_FILE_SUFFIX, literal, require_model, show_error
+from app_pages.generate_hires import fill_hires_inputs, hires_inputs, with_hires_inputs
+from app_pages.generate_sweep import sweep_section
 from core.api import (
     MODELS,
     BadInputError,
@@ -126,6 +128,7 @@ def fill_form(settings: GenerationSettings, model: str | None = None) -> None:
         state[key("seed")] = settings.seed
     state[key("scheduler")], state[key("precision")], state[key("memory_mode")] = settings.scheduler, settings.precision, settings.memory_mode
     state[key("mode")], state[key("strength")] = settings.mode.value, float(settings.strength)
+    fill_hires_inputs(settings)
     if model:
         known = {spec.repo_id: name for name, spec in MODELS.items() if name in generation.SD_MODEL_KEYS}
         state[key("model")] = known.get(model, CUSTOM)
@@ -149,14 +152,14 @@ def fill_from_png() -> None:
 def form_settings() -> GenerationSettings:
     state = st.session_state
     mode = Mode(state[key("mode")]) if state[key("mode")] != UNCONDITIONAL else Mode.TEXT_TO_IMAGE
-    return GenerationSettings(
+    return with_hires_inputs(GenerationSettings(
         mode=mode, strength=float(state[key("strength")]),
         prompt=state[key("prompt")], negative_prompt=state[key("negative")],
         steps=int(state[key("steps")]), guidance_scale=float(state[key("guidance")]),
         width=int(state[key("width")]), height=int(state[key("height")]), num_images=int(state[key("num_images")]),
         seed=None if state[key("random_seed")] else int(state[key("seed")]),
         scheduler=state[key("scheduler")], precision=Precision(state[key("precision")]), memory_mode=MemoryMode(state[key("memory_mode")]),
-    )
+    ))
 
 
 def session_gone() -> Callable[[], bool]:
@@ -513,6 +516,7 @@ def stable_diffusion_form(mode: Mode, run: Run | None) -> None:
     )
     memory_column.selectbox("Memory mode", generation.memory_modes_for(device.type), key=key("memory_mode"))
     loras = lora_section()
+    hires_inputs(mode)
     try:
         estimate = generation.estimate_memory(model.info, form_settings())
         st.caption(f"Estimated {device.type.upper()} memory for this run: about {human_bytes(estimate.total_bytes)} "
@@ -521,6 +525,8 @@ def stable_diffusion_form(mode: Mode, run: Run | None) -> None:
         pass  # the settings are refused with a message when the user presses Generate
     st.button("Generate", type="primary", key=key("start"), icon="🎨", disabled=run is not None, on_click=start_run,
               args=(spec, model, source, loras))
+    if mode is Mode.TEXT_TO_IMAGE:
+        sweep_section(spec, model.is_standin, form_settings(), loras, busy=run is not None, abandoned=session_gone())
 
 
 def unconditional_form(run: Run | None) -> None:
@@ -551,7 +557,7 @@ def show_latest(entry: GalleryEntry) -> None:
     if isinstance(result, UnconditionalResult):
         st.image(result.grid, caption=f"Seeds {result.settings.seed} to {result.images[-1].seed}", width=min(384, 8 * result.grid.width), output_format="PNG")
     else:
-        st.image([image.image for image in result.images], caption=[f"Seed {image.seed}" for image in result.images], width=min(512, result.settings.width), output_format="PNG")
+        st.image([image.image for image in result.images], caption=[f"Seed {image.seed}" for image in result.images], width=min(512, result.settings.output_size[0]), output_format="PNG")
 
 
 # Page ---------------------------------------------------------------------------------------------------------

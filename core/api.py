@@ -31,13 +31,13 @@ from core.models.devices import machine_info
 from core.models.manager import LoadedModel, ModelState, ModelStatus
 from core.models.memory import Freed, measure_freed
 from core.models.registry import MODELS, ModelSpec
-from core.tasks import imagenet, lora, outpaint, pnginfo, sentiment, tables, unconditional
+from core.tasks import imagenet, lora, outpaint, pnginfo, sentiment, sweeps, tables, unconditional
 from core.tasks import sd_settings as generation
 from core.tasks.classify import Classification, ClassificationRun, LabelScore
 from core.tasks.images import DecodedImage, decode_image, mask_overlay, shape_mask
 from core.tasks.jobs import Job, JobContext, JobState
 from core.tasks.lora import LoraAdapter, LoraChoice
-from core.tasks.sd_settings import GenerationResult, GenerationSettings, MemoryMode, Mode, Precision, SourceImages
+from core.tasks.sd_settings import GenerationResult, GenerationSettings, HiresUpscaler, MemoryMode, Mode, Precision, SourceImages
 from core.tasks.unconditional import UnconditionalResult, UnconditionalSettings
 
 if TYPE_CHECKING:
@@ -54,9 +54,9 @@ __all__ = [
     # inputs, results and long runs
     "DecodedImage", "decode_image", "shape_mask", "mask_overlay", "Classification", "ClassificationRun", "LabelScore",
     "Job", "JobContext", "JobState", "LoraAdapter", "LoraChoice", "GenerationSettings", "GenerationResult", "MemoryMode",
-    "Mode", "Precision", "SourceImages", "UnconditionalSettings", "UnconditionalResult",
+    "Mode", "Precision", "SourceImages", "HiresUpscaler", "UnconditionalSettings", "UnconditionalResult",
     # each task's settings, limits, checks and helpers
-    "generation", "unconditional", "lora", "pnginfo", "model_card", "outpaint", "sentiment", "tables", "imagenet",
+    "generation", "unconditional", "lora", "pnginfo", "sweeps", "model_card", "outpaint", "sentiment", "tables", "imagenet",
     # the GPU as NVML and torch see it, the background compiles, formatting
     "gpu", "GpuMonitor", "GpuReport", "GpuSnapshot", "HistorySampler", "Sample", "take_sample", "compiled",
     "human_bytes", "precision_label",

@@ -227,7 +227,7 @@ def test_each_cells_png_reads_back_as_that_cells_settings():
     plan = plan_sweep(BASE, parse_axis(AxisKind.SCHEDULER, "Euler a, PNDM"), parse_axis(AxisKind.LORA_WEIGHT, "0.5, 1", adapter="style", name="Y"),
                       loras=(LoraChoice(style),))
     for cell in plan.cells:
-        text = pnginfo.read_parameters(sweeps.cell_png(solid(cell.settings)[0], cell, MODEL))
+        text = pnginfo.read_parameters(sweeps.cell_png(solid(cell.settings)[0], cell, MODEL, is_standin=False))
         parsed = pnginfo.parse_parameters(text)
         assert parsed.model == MODEL
         assert parsed.settings == replace(cell.settings, loras=())  # the reader leaves LoRAs to the user (named only)
@@ -236,7 +236,7 @@ def test_each_cells_png_reads_back_as_that_cells_settings():
 
 def test_the_grid_png_names_its_axes_and_reads_back_as_its_first_cell():
     plan = plan_sweep(BASE, cfg(), parse_axis(AxisKind.PROMPT_SR, "red, blue, green", name="Y"))
-    text = pnginfo.read_parameters(sweeps.run_sweep(plan, solid, MODEL).grid_png)
+    text = pnginfo.read_parameters(sweeps.run_sweep(plan, solid, MODEL, is_standin=False).grid_png)
     assert text.endswith('Script: X/Y plot, X Type: CFG scale, X Values: "5, 7, 9", Y Type: Prompt S/R, Y Values: "red, blue, green"')
     assert pnginfo.parse_parameters(text).settings == plan.cells[0].settings
 
@@ -247,7 +247,7 @@ def test_the_grid_png_names_its_axes_and_reads_back_as_its_first_cell():
 def test_run_sweep_makes_every_cell_in_order_and_reports_each():
     plan = plan_sweep(BASE, cfg(), seed_axis())
     reported = []
-    result = sweeps.run_sweep(plan, solid, MODEL, on_cell_done=lambda done, total, cell: reported.append((done, total, cell.cell.settings.guidance_scale)))
+    result = sweeps.run_sweep(plan, solid, MODEL, is_standin=False, on_cell_done=lambda done, total, cell: reported.append((done, total, cell.cell.settings.guidance_scale)))
     assert reported == [(1, 6, 5.0), (2, 6, 7.0), (3, 6, 9.0), (4, 6, 5.0), (5, 6, 7.0), (6, 6, 9.0)]
     assert not result.cancelled and [r.cell for r in result.cells] == list(plan.cells)
     layout = sweeps.grid_layout(plan)
@@ -268,7 +268,7 @@ def test_a_cancelled_sweep_keeps_the_cells_made_and_greys_the_rest(how):
             raise JobCancelled
         return solid(settings)
 
-    result = sweeps.run_sweep(plan, generate_one, MODEL, cancelled=lambda: len(calls) == 3 and how == "between cells")
+    result = sweeps.run_sweep(plan, generate_one, MODEL, is_standin=False, cancelled=lambda: len(calls) == 3 and how == "between cells")
     assert result.cancelled and len(result.cells) == 3
     assert len(calls) == (3 if how == "between cells" else 4)  # no cell starts after the stop
     layout = sweeps.grid_layout(plan)
@@ -284,7 +284,7 @@ def test_a_two_by_two_sweep_on_the_standin_model(manager):
     def generate_one(settings, loras):
         return [image.image for image in generation.generate(sd, settings, loras=loras).images]
 
-    result = sweeps.run_sweep(plan, generate_one, sd.spec.repo_id)
+    result = sweeps.run_sweep(plan, generate_one, sd.spec.repo_id, is_standin=sd.is_standin)
     pixels = [np.asarray(cell.image) for cell in result.cells]
     assert all(image.shape == (64, 64, 3) for image in pixels)
     assert not np.array_equal(pixels[0], pixels[1]) and not np.array_equal(pixels[0], pixels[2])  # CFG and seed both tell

@@ -36,6 +36,7 @@ from core.tasks.sd_settings import (
     GeneratedImage,
     GenerationResult,
     GenerationSettings,
+    HiresUpscaler,
     Mode,
     SourceImages,
     check_inputs,
@@ -107,6 +108,11 @@ class StepReporter:
         self.started = time.perf_counter()
         self.last_preview = -math.inf
         self.first_step_begun = False
+        self.label = "step"
+
+    def begin_pass(self, label: str, steps: int) -> None:
+        """A further denoising pass (the hires fix's): progress counts its own steps, under its own label."""
+        self.label, self.steps, self.started, self.last_preview = label, steps, time.perf_counter(), -math.inf
 
     def stop_requested(self) -> bool:
         return (self.context is not None and self.context.cancelled) or self.abandoned()
@@ -132,7 +138,7 @@ class StepReporter:
             return
         now = time.perf_counter()
         rate = done / (now - self.started) if done else 0.0
-        detail = f"step {done} of {self.steps}" + (f" · {rate:.2f} it/s · about {(self.steps - done) / rate:.0f} s left" if rate else "")
+        detail = f"{self.label} {done} of {self.steps}" + (f" · {rate:.2f} it/s · about {(self.steps - done) / rate:.0f} s left" if rate else "")
         image = None
         if done and (now - self.last_preview >= PREVIEW_EVERY_S or done == self.steps):
             image, self.last_preview = preview(), now
@@ -283,11 +289,14 @@ def _run(
             run_pipe = run_pipeline(pipe, settings.mode, settings.scheduler)
             seeds = settings.seeds()
             generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+            # A variation starts from noise of its own; a hires fix keeps the first pass's latents (or images) for the second
+            variation = {"latents": variation_latents(run_pipe, settings, run_dtype(pipe, settings.precision))} if settings.varied else {}
+            first_pass_output = {"output_type": "latent" if settings.hires_upscaler is HiresUpscaler.LATENT else "pil"} if settings.hires else {}
 
             # 5. Denoise and decode
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            reporter.started = time.perf_counter()
+            run_started = reporter.started = time.perf_counter()
             # LoRA layers change the UNet's modules for this run only: a graph of them would be captured for nothing.
             fast = not loras and settings.memory_mode in GRAPHABLE_MODES
             with (
@@ -299,9 +308,11 @@ def _run(
                 output = run_pipe(
                     prompt=settings.prompt, negative_prompt=settings.negative_prompt or None,
                     num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, num_images_per_prompt=settings.num_images,
-                    generator=generators, callback_on_step_end=reporter, **_mode_arguments(settings, source),
+                    generator=generators, callback_on_step_end=reporter, **_mode_arguments(settings, source), **variation, **first_pass_output,
                 )
-            seconds = time.perf_counter() - reporter.started
+                if settings.hires:
+                    output = hires_pass(pipe, settings, output.images, reporter)
+            seconds = time.perf_counter() - run_started
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         finally:
             pipe.maybe_free_model_hooks()  # with model offload: every model back on the CPU, as diffusers does after a call
@@ -318,6 +329,49 @@ def _run(
     return GenerationResult(
         images=images, settings=settings, model_name=model.spec.repo_id, model_title=model.spec.title, is_standin=model.is_standin,
         device=str(device), dtype=str(pipe.unet.dtype).removeprefix("torch."), seconds=seconds,
-        steps_per_s=settings.denoising_steps / seconds if seconds > 0 else 0.0, peak_memory_bytes=peak, notes=notes,
+        steps_per_s=settings.total_denoising_steps / seconds if seconds > 0 else 0.0, peak_memory_bytes=peak, notes=notes,
         unet_path=unet_calls.path,
+    )
+
+
+def variation_latents(run_pipe: Any, settings: GenerationSettings, dtype: torch.dtype) -> torch.Tensor:
+    """The starting noise of a varied run: for each image slerp(noise(seed), noise(variation seed), strength), each
+    noise drawn as diffusers draws a seed's (a CPU generator, the run's dtype), so that strength 0 is exactly the
+    seed's image and 1 the variation seed's."""
+    shape = (1, run_pipe.unet.config.in_channels, settings.height // run_pipe.vae_scale_factor, settings.width // run_pipe.vae_scale_factor)
+
+    def noise(seed: int) -> torch.Tensor:
+        return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=dtype).float()
+
+    pairs = zip(settings.seeds(), settings.variation_seeds(), strict=True)
+    return torch.cat([slerp(noise(seed), noise(variation_seed), settings.variation_strength).to(dtype) for seed, variation_seed in pairs])
+
+
+def slerp(low: torch.Tensor, high: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation from `low` (t = 0) to `high` (t = 1), each tensor taken as one vector: the blend keeps
+    the length of Gaussian noise, which a straight mix does not (at t = 0.5 it is 0.71 of it, and the image washes out).
+    Each weight is a ratio of sines computed before it multiplies, so the ends are exact."""
+    dot = float(low.flatten() @ high.flatten() / (low.norm() * high.norm()))
+    if dot > 0.9995:  # (nearly) one direction, as from one seed twice: no angle to turn through
+        return torch.lerp(low, high, t)
+    omega = math.acos(dot)
+    return math.sin((1 - t) * omega) / math.sin(omega) * low + math.sin(t * omega) / math.sin(omega) * high
+
+
+def hires_pass(pipe: Any, settings: GenerationSettings, first_pass: Any, reporter: StepReporter) -> Any:
+    """The hires fix's second pass, as AUTOMATIC1111's: the first pass's latents interpolated (or its images decoded and
+    Lanczos-upscaled) to `settings.output_size`, then image to image over the same shared modules at `hires_strength`,
+    each image with its own seed's generator again."""
+    width, height = settings.output_size
+    if settings.hires_upscaler is HiresUpscaler.LATENT:
+        scale = pipe.vae_scale_factor
+        upscaled = torch.nn.functional.interpolate(first_pass.float(), size=(height // scale, width // scale), mode="bilinear").to(first_pass.dtype)
+    else:
+        upscaled = [image.resize((width, height), Image.Resampling.LANCZOS) for image in first_pass]
+    reporter.begin_pass("hires step", settings.hires_denoising_steps)
+    img2img = run_pipeline(pipe, Mode.IMAGE_TO_IMAGE, settings.scheduler)
+    return img2img(
+        prompt=settings.prompt, negative_prompt=settings.negative_prompt or None, image=upscaled, strength=settings.hires_strength,
+        num_inference_steps=settings.hires_steps or settings.steps, guidance_scale=settings.guidance_scale, num_images_per_prompt=settings.num_images,
+        generator=[torch.Generator("cpu").manual_seed(seed) for seed in settings.seeds()], callback_on_step_end=reporter,
     )

@@ -21,7 +21,16 @@ from PIL import Image, PngImagePlugin
 from core.errors import BadInputError
 from core.tasks import sd_settings
 from core.tasks.images import MAX_PIXELS
-from core.tasks.sd_settings import SCHEDULERS, GenerationSettings, MemoryMode, Mode, Precision, SourceImages
+from core.tasks.sd_settings import (
+    HIRES_UPSCALER_A1111_NAMES,
+    SCHEDULERS,
+    GenerationSettings,
+    HiresUpscaler,
+    MemoryMode,
+    Mode,
+    Precision,
+    SourceImages,
+)
 
 PARAMETERS_KEY = "parameters"
 NEGATIVE_PREFIX = "Negative prompt:"
@@ -76,6 +85,15 @@ def parameters_text(settings: GenerationSettings, model: str, *, is_standin: boo
     if settings.mode is not Mode.TEXT_TO_IMAGE:
         pairs["Mode"] = settings.mode.value
         pairs["Denoising strength"] = _number(settings.strength)  # AUTOMATIC1111's name for img2img strength
+    if settings.varied:
+        pairs["Variation seed"] = settings.variation_seed
+        pairs["Variation seed strength"] = _number(settings.variation_strength)
+    if settings.hires:  # A1111's keys; its "Denoising strength" of a text-to-image run is the hires pass's
+        pairs["Denoising strength"] = _number(settings.hires_strength)
+        pairs["Hires upscale"] = _number(settings.hires_scale)
+        if settings.hires_steps:
+            pairs["Hires steps"] = settings.hires_steps
+        pairs["Hires upscaler"] = HIRES_UPSCALER_A1111_NAMES[settings.hires_upscaler]
     if settings.loras:  # adapters are the session's files: recorded by name, never re-loaded from here
         pairs["LoRA"] = ", ".join(f"{name}:{_number(weight)}" for name, weight in settings.loras)
     pairs |= _standin_pair(is_standin) | {"Version": SOFTWARE}
@@ -161,6 +179,7 @@ def parse_parameters(text: str) -> ParsedParameters:
     defaults = GenerationSettings()
     try:
         mode = _read(pairs, "Mode", Mode, defaults.mode, _one_of(Mode))
+        hires_scale = _read(pairs, "Hires upscale", float, defaults.hires_scale, "a number")
         width, height = _read(pairs, "Size", _size, (defaults.width, defaults.height), f"WIDTHxHEIGHT in {_WHOLE}s")
         settings = GenerationSettings(
             prompt="\n".join(prompt_lines),
@@ -174,8 +193,14 @@ def parse_parameters(text: str) -> ParsedParameters:
             precision=_read(pairs, "Precision", Precision, defaults.precision, _one_of(Precision)),
             memory_mode=_read(pairs, "Memory mode", MemoryMode, defaults.memory_mode, _one_of(MemoryMode)),
             mode=mode,
-            # In a text-to-image PNG from AUTOMATIC1111 this is the hires fix's strength, which this app does not have.
+            # In a text-to-image PNG (A1111's too) "Denoising strength" is the hires pass's; it means nothing without one.
             strength=defaults.strength if mode is Mode.TEXT_TO_IMAGE else _read(pairs, "Denoising strength", float, defaults.strength, "a number"),
+            variation_seed=_read(pairs, "Variation seed", _whole, None, _WHOLE),
+            variation_strength=_read(pairs, "Variation seed strength", float, 0.0, "a number") if "Variation seed" in pairs else 0.0,
+            hires_scale=hires_scale,
+            hires_steps=_read(pairs, "Hires steps", _whole, defaults.hires_steps, _WHOLE),
+            hires_strength=_read(pairs, "Denoising strength", float, defaults.hires_strength, "a number") if hires_scale > 1 and mode is Mode.TEXT_TO_IMAGE else defaults.hires_strength,
+            hires_upscaler=_read(pairs, "Hires upscaler", _hires_upscaler, defaults.hires_upscaler, "one of: " + ", ".join(HIRES_UPSCALER_A1111_NAMES.values())),
         )
         # Refuse what no run accepts, by the run's own rule, so the form never gets (and silently clamps) a value past
         # its limits; the precision and memory mode depend on the machine and are checked when the run starts.
@@ -250,6 +275,16 @@ def _one_of(choices: type[StrEnum]) -> str:
 def _shown(value: str) -> str:
     """A value for a message: quoted, and cut short if a hostile file made it long."""
     return repr(value if len(value) <= 60 else value[:60] + "…")
+
+
+def _hires_upscaler(name: str) -> HiresUpscaler:
+    """Ours from A1111's upscaler name: its latent upscalers ("Latent", "Latent (bicubic)") all interpolate latents;
+    of its image upscalers this app has Lanczos only."""
+    if name.startswith("Latent"):
+        return HiresUpscaler.LATENT
+    if name == HIRES_UPSCALER_A1111_NAMES[HiresUpscaler.IMAGE]:
+        return HiresUpscaler.IMAGE
+    raise ValueError(name)
 
 
 def _scheduler_from_sampler(sampler: str) -> str:

@@ -28,6 +28,7 @@ MAX_GUIDANCE = 30.0
 MAX_IMAGES = 8
 MAX_SEED = 2**53 - 1  # the largest whole number a browser's number input holds exactly
 MIN_STRENGTH = 0.01  # image to image at 1 % already keeps the input; below, no step of a 100-step run is left
+MAX_HIRES_SCALE = 2.0  # A1111's slider goes to 4, but SD 1.x at 1024 px already needs a GPU and shows repeated subjects
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,15 @@ _GPU_ONLY_MODES = (MemoryMode.MODEL_OFFLOAD, MemoryMode.SEQUENTIAL_OFFLOAD)
 GRAPHABLE_MODES = (MemoryMode.NONE, MemoryMode.VAE_SLICING, MemoryMode.VAE_TILING)
 
 
+class HiresUpscaler(StrEnum):
+    LATENT = "latent"  # interpolate the first pass's latents, then denoise them again at the larger size
+    IMAGE = "image"  # decode the first pass, upscale the picture (Lanczos), then image to image at the larger size
+
+
+# The upscaler names AUTOMATIC1111 writes in PNG metadata for ours.
+HIRES_UPSCALER_A1111_NAMES = {HiresUpscaler.LATENT: "Latent", HiresUpscaler.IMAGE: "Lanczos"}
+
+
 class Mode(StrEnum):
     TEXT_TO_IMAGE = "text to image"
     IMAGE_TO_IMAGE = "image to image"  # start from a noised input image; `strength` says how much noise
@@ -101,19 +111,62 @@ class GenerationSettings:
     mode: Mode = Mode.TEXT_TO_IMAGE
     strength: float = 0.75  # image to image and inpaint: 1 repaints from pure noise (AUTOMATIC1111's default 0.75)
     loras: tuple[tuple[str, float], ...] = ()  # (adapter name, weight), as written to PNG metadata
+    # Variation (text to image): the starting noise is slerp(noise(seed), noise(variation_seed), variation_strength),
+    # as AUTOMATIC1111's subseed: 0 is the seed's image, 1 the variation seed's, between them a blend of the two.
+    variation_seed: int | None = None  # None with a strength above 0: drawn when the run starts, like the seed
+    variation_strength: float = 0.0  # 0: off
+    # Hires fix (text to image): a second pass at hires_scale times the size, denoising the upscaled first pass again.
+    hires_scale: float = 1.0  # 1: off
+    hires_steps: int = 0  # the second pass's steps before strength (as A1111's "Hires steps"); 0: the same as `steps`
+    hires_strength: float = 0.7  # how much of the upscaled image is repainted (A1111's default denoising strength)
+    hires_upscaler: HiresUpscaler = HiresUpscaler.LATENT
 
     @property
     def denoising_steps(self) -> int:
-        """The steps that really run: from an input image diffusers skips the first (1 - strength) of them."""
+        """The steps that really run in the first pass: from an input image diffusers skips the first (1 - strength) of them."""
         if self.mode is Mode.TEXT_TO_IMAGE:
             return self.steps
         return min(int(self.steps * self.strength), self.steps)
 
+    @property
+    def varied(self) -> bool:
+        return self.variation_strength > 0
+
+    @property
+    def hires(self) -> bool:
+        return self.hires_scale > 1
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """The images' size: with the hires fix, the size times the scale, down to a multiple of 8 (the latents' grid)."""
+        if not self.hires:
+            return self.width, self.height
+        return int(self.width * self.hires_scale) // 8 * 8, int(self.height * self.hires_scale) // 8 * 8
+
+    @property
+    def hires_denoising_steps(self) -> int:
+        """The steps the hires pass runs: image to image of `hires_steps` (or `steps`) at `hires_strength`."""
+        if not self.hires:
+            return 0
+        return min(int((self.hires_steps or self.steps) * self.hires_strength), self.hires_steps or self.steps)
+
+    @property
+    def total_denoising_steps(self) -> int:
+        return self.denoising_steps + self.hires_denoising_steps
+
     def seeds(self) -> tuple[int, ...]:
         return seeds_from(self.seed, self.num_images)
 
+    def variation_seeds(self) -> tuple[int, ...]:
+        """Image i's variation seed is variation_seed + i, as its seed is seed + i (AUTOMATIC1111's subseeds)."""
+        return seeds_from(self.variation_seed, self.num_images)
+
     def with_seed(self) -> GenerationSettings:
-        return self if self.seed is not None else replace(self, seed=random_seed())
+        """These settings with the seed, and a used variation's seed, drawn where they were left random."""
+        settings = self if self.seed is not None else replace(self, seed=random_seed())
+        if settings.varied and settings.variation_seed is None:
+            settings = replace(settings, variation_seed=random_seed())
+        return settings
 
 
 # On a CPU, SD 1.x's own 512x512 in 25 steps takes minutes, even with the stand-in model (83 s a step on this
@@ -242,6 +295,7 @@ def check_inputs(settings: GenerationSettings, device_type: str, source: SourceI
             )
         if source is None:
             raise BadInputError(f"{s.mode.capitalize()} needs an input image.", remedy="Upload an image or pick one from the gallery.")
+    _check_variation_and_hires(s)
     if s.mode is Mode.INPAINT:
         if source.mask is None:
             raise BadInputError("Inpaint needs a mask: white where the picture is repainted.", remedy="Draw a mask on the image or upload one.")
@@ -250,6 +304,30 @@ def check_inputs(settings: GenerationSettings, device_type: str, source: SourceI
                 f"The mask is {source.mask.width}x{source.mask.height} pixels but the image is {source.image.width}x{source.image.height}.",
                 remedy="Upload a mask of the image's size, or draw one.",
             )
+
+
+def _check_variation_and_hires(s: GenerationSettings) -> None:
+    check_number("variation_strength", s.variation_strength, 0, 1)
+    if s.variation_seed is not None:
+        check_number("variation_seed", s.variation_seed, 0, MAX_SEED, whole=True)
+    check_number("hires_scale", s.hires_scale, 1, MAX_HIRES_SCALE)
+    check_number("hires_steps", s.hires_steps, 0, MAX_STEPS, whole=True)
+    check_number("hires_strength", s.hires_strength, MIN_STRENGTH, 1)
+    if s.hires_upscaler not in tuple(HiresUpscaler):
+        raise BadInputError(f"`hires_upscaler` {s.hires_upscaler!r} is not one of {', '.join(HiresUpscaler)}.")
+    for name, used in (("variation_strength", s.varied), ("hires_scale", s.hires)):
+        if used and s.mode is not Mode.TEXT_TO_IMAGE:
+            raise BadInputError(f"`{name}` {getattr(s, name):g} applies to text to image only, and this run is {s.mode}.",
+                                remedy=f"Set `{name}` to {0 if name == 'variation_strength' else 1} (off), or switch to text to image.")
+    if not s.hires:
+        return
+    width, height = s.output_size
+    if max(width, height) > MAX_SIDE_PX:
+        raise BadInputError(f"`hires_scale` {s.hires_scale:g} makes {s.width}x{s.height} into {width}x{height}, more than {MAX_SIDE_PX} pixels a side.",
+                            remedy=f"Use a scale of at most {MAX_SIDE_PX / max(s.width, s.height):.2f}, or a smaller size.")
+    if s.hires_denoising_steps < 1:
+        raise BadInputError(f"`hires_strength` {s.hires_strength:g} of {s.hires_steps or s.steps} hires steps leaves no step to run.",
+                            remedy=f"Use at least {math.ceil(1 / s.hires_strength)} hires steps or a higher hires strength.")
 
 
 # A fast tokenizer keeps its padding and truncation settings on the object and sets them on every call: counting a
@@ -281,14 +359,15 @@ def estimate_memory(info: ModelInfo, settings: GenerationSettings) -> MemoryEsti
         weights = max(sizes.values())
     elif settings.memory_mode is MemoryMode.SEQUENTIAL_OFFLOAD:
         weights = 0.02 * weights  # one layer at a time
-    pixels = settings.width * settings.height
+    width, height = settings.output_size  # the hires pass's size, the larger one, when it is on
+    pixels = width * height
     decoded_images = 1 if settings.memory_mode in (MemoryMode.VAE_SLICING, MemoryMode.SEQUENTIAL_OFFLOAD) else settings.num_images
     if settings.memory_mode is MemoryMode.VAE_TILING:
         pixels = min(pixels, 512 * 512)
     # The VAE decoder holds about a dozen 128-channel full-size feature maps; the UNet's peak (CFG doubles the
     # batch) at 1/8 size is smaller. Calibrated against SD 1.5 at 512x512 (about 1 GB of activations in fp16).
     vae_bytes = decoded_images * pixels * 128 * 12 * dtype_bytes
-    unet_bytes = 2 * settings.num_images * (settings.width * settings.height // 64) * 1280 * 8 * dtype_bytes
+    unet_bytes = 2 * settings.num_images * (width * height // 64) * 1280 * 8 * dtype_bytes
     if settings.memory_mode is MemoryMode.ATTENTION_SLICING:
         unet_bytes //= 2
     return MemoryEstimate(int(weights), int(vae_bytes + unet_bytes))

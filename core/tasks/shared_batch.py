@@ -457,8 +457,9 @@ def denoiser_for(model: LoadedModel) -> SharedDenoiser:
 
 
 def shares_batches(settings: GenerationSettings, loras: tuple[LoraChoice, ...]) -> bool:
-    """Whether a run can share UNet calls: text to image on the plain pipeline (adapters and memory modes change it)."""
-    return settings.mode is Mode.TEXT_TO_IMAGE and not loras and settings.memory_mode is MemoryMode.NONE
+    """Whether a run can share UNet calls: text to image on the plain pipeline (adapters and memory modes change it),
+    from its seeds' own noise (no variation) in one pass (no hires fix)."""
+    return settings.mode is Mode.TEXT_TO_IMAGE and not loras and settings.memory_mode is MemoryMode.NONE and not settings.varied and not settings.hires
 
 
 def generate_together(

@@ -2,7 +2,7 @@
 
     axis = parse_axis(AxisKind.CFG_SCALE, "5-9 [3]")              # 5, 7, 9
     plan = plan_sweep(base, axis, parse_axis(AxisKind.SEED, "1-2"), loras)  # each cell's settings, checked
-    result = run_sweep(plan, generate_one, model_name)             # cells one at a time, cancel between them
+    result = run_sweep(plan, generate_one, model_name, is_standin=False)  # cells one at a time, cancel between them
 
 Values are written as in A1111: "1, 2, 5", a range "1-5" (ends included), a range with a step "10-30 (+10)", a range
 with a count "5-9 [3]". Prompt S/R's first value is the text searched for; each value (the first too) replaces it in
@@ -245,7 +245,7 @@ class SweepPlan:
 
     @property
     def total_steps(self) -> int:
-        return sum(cell.settings.denoising_steps for cell in self.cells)
+        return sum(cell.settings.total_denoising_steps for cell in self.cells)  # a hires pass's steps too
 
     def estimated_seconds(self, steps_per_s: float) -> float:
         """The sweep's time at the rate of a run of the same size (GenerationResult.steps_per_s, decoding included)."""
@@ -453,7 +453,7 @@ def _draw_lines(draw: ImageDraw.ImageDraw, font: Font, lines: tuple[str, ...], l
         y += layout.line_px
 
 
-def grid_parameters_text(plan: SweepPlan, model_name: str) -> str:
+def grid_parameters_text(plan: SweepPlan, model_name: str, *, is_standin: bool) -> str:
     """The grid PNG's `parameters`: the first cell's settings (a run that can be made again), and the axes with A1111's
     keys ("Script: X/Y plot, X Type: CFG scale, X Values: "5, 7, 9"), which core.tasks.pnginfo's reader ignores."""
     pairs = {"Script": "X/Y plot"}
@@ -462,7 +462,7 @@ def grid_parameters_text(plan: SweepPlan, model_name: str) -> str:
             pairs[f"{name} Type"] = axis.title
             pairs[f"{name} Values"] = axis_values_text(axis)
     extra = ", ".join(f"{key}: {pnginfo._quote(value)}" for key, value in pairs.items())  # pnginfo's own quoting rule
-    return f"{pnginfo.parameters_text(plan.cells[0].settings, model_name)}, {extra}"
+    return f"{pnginfo.parameters_text(plan.cells[0].settings, model_name, is_standin=is_standin)}, {extra}"
 
 
 def axis_values_text(axis: Axis) -> str:
@@ -474,9 +474,10 @@ def axis_values_text(axis: Axis) -> str:
     return ", ".join(field(value) for value in axis.values)
 
 
-def cell_png(image: Image.Image, cell: SweepCell, model_name: str) -> bytes:
-    """A cell's image as a PNG carrying that cell's own settings: dropped back on the page, it makes the cell again."""
-    return pnginfo.png_bytes(image, cell.settings, model_name)
+def cell_png(image: Image.Image, cell: SweepCell, model_name: str, *, is_standin: bool) -> bytes:
+    """A cell's image as a PNG carrying that cell's own settings: dropped back on the page, it makes the cell again.
+    `is_standin` when a stand-in model (random weights) made it: the PNG then says so."""
+    return pnginfo.png_bytes(image, cell.settings, model_name, is_standin=is_standin)
 
 
 @dataclass(frozen=True)
@@ -493,6 +494,7 @@ class SweepResult:
     grid: Image.Image
     grid_png: bytes  # with the axes and the first cell's settings
     cancelled: bool
+    is_standin: bool  # a stand-in model (random weights) made the cells
 
 
 GenerateOne = Callable[[GenerationSettings, tuple[LoraChoice, ...]], Sequence[Image.Image]]
@@ -502,6 +504,8 @@ def run_sweep(
     plan: SweepPlan,
     generate_one: GenerateOne,
     model_name: str,
+    *,
+    is_standin: bool,
     on_cell_done: Callable[[int, int, SweepCellResult], None] = lambda done, total, result: None,
     cancelled: Callable[[], bool] = lambda: False,
 ) -> SweepResult:
@@ -523,8 +527,8 @@ def run_sweep(
         except JobCancelled:
             stopped = True
             break
-        results.append(SweepCellResult(cell, image, cell_png(image, cell, model_name)))
+        results.append(SweepCellResult(cell, image, cell_png(image, cell, model_name, is_standin=is_standin)))
         on_cell_done(len(results), len(plan.cells), results[-1])
     grid = grid_image([result.image for result in results], plan)
-    grid_png = pnginfo.png_with_parameters(grid, grid_parameters_text(plan, model_name))
-    return SweepResult(plan, tuple(results), grid, grid_png, stopped)
+    grid_png = pnginfo.png_with_parameters(grid, grid_parameters_text(plan, model_name, is_standin=is_standin))
+    return SweepResult(plan, tuple(results), grid, grid_png, stopped, is_standin)
