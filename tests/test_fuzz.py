@@ -37,7 +37,7 @@ from streamlit.testing.v1 import AppTest
 
 from core.errors import BadInputError, DashboardError
 from core.models.registry import MODELS
-from core.tasks import generation, lora, pnginfo, sd_settings, sentiment, tables, unconditional
+from core.tasks import generation, lora, pnginfo, prompt_syntax, sd_settings, sentiment, tables, unconditional
 from core.tasks.images import MAX_PIXELS, decode_image
 from core.tasks.lora import LoraAdapter, LoraChoice
 from core.tasks.sd_settings import SCHEDULERS, GenerationSettings, MemoryMode, Mode, Precision, SourceImages
@@ -673,10 +673,13 @@ def test_a_prompt_of_any_text_is_counted_in_tokens(manager):
     @fuzz(max_examples=25, deadline_s=MODEL_S)
     @given(prompt=st.one_of(texts, st.builds(lambda unit, n: unit * n, st.sampled_from(["a lighthouse, ", "😀", "\u202e"]), st.integers(100, 50_000))))
     def count(prompt):
-        length = sd_settings.prompt_length(info, prompt)
-        assert length.tokens >= 0 and length.limit == info.tokenizer.model_max_length - 2
-        assert length.truncated == (length.tokens > length.limit) and isinstance(length.ignored_text, str)
-        generation.check_inputs(GenerationSettings(prompt=prompt, negative_prompt=prompt), CPU.type)  # any prompt is fine
+        try:
+            usage = sd_settings.prompt_usage(info, prompt)
+            generation.check_inputs(GenerationSettings(prompt=prompt, negative_prompt=prompt), CPU.type)
+        except BadInputError as error:  # a weight that is no number, or past the length limits: refused with a message
+            assert str(error)
+        else:
+            assert usage.tokens >= 0 and 1 <= usage.chunks <= prompt_syntax.MAX_CHUNKS
 
     count()
 
