@@ -17,6 +17,7 @@ import streamlit as st
 from PIL import Image
 
 from app_pages.common import STANDIN_FILE_SUFFIX, literal, require_model, show_error
+from app_pages.generate_prompt import prompt_caption
 from core.api import (
     MODELS,
     BadInputError,
@@ -177,7 +178,7 @@ def start_run(spec: ModelSpec, model: LoadedModel, source: SourceImages | None, 
         settings = form_settings()
         generation.check_inputs(settings, get_backend().device.type, source)
         get_backend().check_memory(model, settings)
-        lora.check_choices(loras)
+        lora.check_choices(generation.with_lora_tags(settings.prompt, loras))  # the run applies the tags' weights itself
     except BadInputError as error:
         st.session_state[OUTCOME_KEY] = error
         return
@@ -490,11 +491,7 @@ def stable_diffusion_form(mode: Mode, run: Run | None) -> None:
         st.slider("Strength: how much of the input is repainted (1 = all of it)", generation.MIN_STRENGTH, 1.0, step=0.01, key=key("strength"))
     st.text_area("Prompt", key=key("prompt"), height=90, placeholder="a watercolour painting of a lighthouse at dawn")
     st.text_area("Negative prompt", key=key("negative"), height=68, placeholder="blurry, low quality")
-    prompt_length = generation.prompt_length(model.info, st.session_state[key("prompt")])
-    if prompt_length.truncated:
-        st.warning(f"The prompt is {prompt_length.tokens} tokens and the model reads the first {prompt_length.limit}: “{literal(prompt_length.ignored_text)}” will be ignored.")
-    else:
-        st.caption(f"Prompt: {prompt_length.tokens} of {prompt_length.limit} tokens")
+    prompt_caption(model, st.session_state[key("prompt")], st.session_state[key("negative")])
     steps_column, guidance_column, images_column = st.columns(3)
     steps_column.number_input("Steps", 1, generation.MAX_STEPS, key=key("steps"))
     guidance_column.number_input("Guidance scale (CFG)", 0.0, generation.MAX_GUIDANCE, step=0.5, key=key("guidance"))

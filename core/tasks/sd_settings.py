@@ -282,7 +282,7 @@ def with_lora_tags(prompt: str, choices: Sequence[LoraChoice]) -> tuple[LoraChoi
     if unknown:
         have = ", ".join(f"`{name}`" for name in by_name) if by_name else "none"
         raise BadInputError(
-            f"The prompt asks for the LoRA `{unknown[0]}` (`<lora:{unknown[0]}:…>`), but this session has no adapter of that name; its adapters: {have}.",
+            f"The prompt's tag asks for the LoRA `{unknown[0]}`, but this session has no adapter of that name; its adapters: {have}.",
             remedy="Add the adapter under “LoRA adapters”, or change the tag's name to one of yours.",
         )
     return tuple(replace(choice, weight=tags[name].weight) if name in tags else choice for name, choice in by_name.items())
