@@ -219,7 +219,9 @@ def test_a_plain_prompt_gives_exactly_what_diffusers_makes_from_the_text(sd):
 def test_a_weighted_prompt_changes_the_image_and_weight_one_is_the_plain_prompt(sd):
     plain = generation.generate(sd, SMALL)
     weighted = generation.generate(sd, replace(SMALL, prompt="a (red:1.5) bicycle"))
-    assert np.abs(pixels(weighted).astype(int) - pixels(plain)).max() > 0
+    assert np.abs(pixels(weighted).astype(int) - pixels(plain)).max() > 0 and pixels(weighted).std() > 0  # a picture, not black
+    long_weighted = generation.generate(sd, replace(SMALL, prompt="a [red] " + "bicycle, " * 30 + "BREAK (road:1.2)"))
+    assert pixels(long_weighted).std() > 0  # the stand-in's centred text encoder made the kept mean inf once
     np.testing.assert_array_equal(pixels(generation.generate(sd, replace(SMALL, prompt="a (red:1.0) bicycle"))), pixels(plain))
     assert weighted.settings.prompt == "a (red:1.5) bicycle"  # written to the PNG as typed, as AUTOMATIC1111 does
 
