@@ -18,6 +18,8 @@ from PIL import Image
 
 from app_pages.common import STANDIN_FILE_SUFFIX, literal, require_model, show_error
 from app_pages.generate_hires import fill_hires_inputs, hires_inputs, with_hires_inputs
+from app_pages.generate_inpaint import MASK_INPUTS, inpaint_source
+from app_pages.generate_prompt import prompt_caption
 from app_pages.generate_sweep import sweep_section
 from core.api import (
     MODELS,
@@ -41,12 +43,10 @@ from core.api import (
     generation,
     human_bytes,
     lora,
-    mask_overlay,
     model_card,
     pnginfo,
     precision_label,
     queue_for,
-    shape_mask,
     unconditional,
 )
 from core.app_state import get_backend, get_settings
@@ -83,7 +83,6 @@ def key(name: str) -> str:
 # Each mode's inputs beyond the prompt and seed, to keep while another mode is shown.
 SD_INPUTS = ("prompt", "negative", "steps", "guidance", "width", "height", "num_images", "scheduler", "precision", "memory_mode", "model", "custom", "lora_source")
 IMAGE_INPUTS = ("strength", "source_origin", "source_gallery")
-MASK_INPUTS = ("mask_origin", "mask_shape", "mask_x", "mask_y")
 DDPM_INPUTS = ("ddpm_images", "ddpm_steps", "ddpm_model", "ddpm_custom")
 
 
@@ -180,7 +179,7 @@ def start_run(spec: ModelSpec, model: LoadedModel, source: SourceImages | None, 
         settings = form_settings()
         generation.check_inputs(settings, get_backend().device.type, source)
         get_backend().check_memory(model, settings)
-        lora.check_choices(loras)
+        lora.check_choices(generation.with_lora_tags(settings.prompt, loras))  # the run applies the tags' weights itself
     except BadInputError as error:
         st.session_state[OUTCOME_KEY] = error
         return
@@ -353,25 +352,6 @@ def source_image_input() -> Image.Image | None:
     return images[st.selectbox("Image from the gallery", list(images), key=key("source_gallery"))]
 
 
-def mask_input(image: Image.Image) -> Image.Image | None:
-    """The inpainting mask (white is repainted): a rectangle or ellipse placed with sliders, or an uploaded picture."""
-    how = st.radio("Mask: white is repainted", ["Draw a shape", "Upload a mask"], horizontal=True, key=key("mask_origin"))
-    if how == "Draw a shape":
-        shape_column, x_column, y_column = st.columns([1.3, 2, 2])
-        shape = shape_column.selectbox("Shape", ["rectangle", "ellipse"], key=key("mask_shape"))
-        left, right = x_column.slider("From left to right edge (%)", 0, 100, (25, 75), key=key("mask_x"))
-        top, bottom = y_column.slider("From top to bottom edge (%)", 0, 100, (25, 75), key=key("mask_y"))
-        return shape_mask(image.size, (left, top, right, bottom), ellipse=shape == "ellipse")
-    upload = st.file_uploader("Mask image, the size of the input image (white = repaint)", type=IMAGE_TYPES, key=key("mask_upload"))
-    if upload is None:
-        return None
-    try:
-        return decode_image(upload.getvalue(), upload.name).image.convert("L")
-    except BadInputError as error:
-        show_error(error)
-        return None
-
-
 def add_lora(read: Callable[[], LoraAdapter]) -> None:
     """Read an adapter for this session (replacing one of the same name), or keep the message why not."""
     st.session_state[LORA_ERROR_KEY] = None
@@ -485,19 +465,15 @@ def stable_diffusion_form(mode: Mode, run: Run | None) -> None:
     source = None
     if mode is not Mode.TEXT_TO_IMAGE:
         image = source_image_input()
-        if image is not None:
-            mask = mask_input(image) if mode is Mode.INPAINT else None
-            st.image(mask_overlay(image, mask) if mask is not None else image, width=256,
-                     caption=f"{image.width}×{image.height}" + (" · red is repainted" if mask is not None else ""))
-            source = SourceImages(image, mask)
+        if mode is Mode.INPAINT:
+            source = inpaint_source(image, key, IMAGE_TYPES)
+        elif image is not None:
+            st.image(image, width=256, caption=f"{image.width}×{image.height}")
+            source = SourceImages(image)
         st.slider("Strength: how much of the input is repainted (1 = all of it)", generation.MIN_STRENGTH, 1.0, step=0.01, key=key("strength"))
     st.text_area("Prompt", key=key("prompt"), height=90, placeholder="a watercolour painting of a lighthouse at dawn")
     st.text_area("Negative prompt", key=key("negative"), height=68, placeholder="blurry, low quality")
-    prompt_length = generation.prompt_length(model.info, st.session_state[key("prompt")])
-    if prompt_length.truncated:
-        st.warning(f"The prompt is {prompt_length.tokens} tokens and the model reads the first {prompt_length.limit}: “{literal(prompt_length.ignored_text)}” will be ignored.")
-    else:
-        st.caption(f"Prompt: {prompt_length.tokens} of {prompt_length.limit} tokens")
+    prompt_caption(model, st.session_state[key("prompt")], st.session_state[key("negative")])
     steps_column, guidance_column, images_column = st.columns(3)
     steps_column.number_input("Steps", 1, generation.MAX_STEPS, key=key("steps"))
     guidance_column.number_input("Guidance scale (CFG)", 0.0, generation.MAX_GUIDANCE, step=0.5, key=key("guidance"))

@@ -31,7 +31,7 @@ from core.models.devices import machine_info
 from core.models.manager import LoadedModel, ModelState, ModelStatus
 from core.models.memory import Freed, measure_freed
 from core.models.registry import MODELS, ModelSpec
-from core.tasks import imagenet, lora, outpaint, pnginfo, sentiment, sweeps, tables, unconditional
+from core.tasks import imagenet, lora, outpaint, pnginfo, prompt_syntax, sentiment, sweeps, tables, unconditional
 from core.tasks import sd_settings as generation
 from core.tasks.classify import Classification, ClassificationRun, LabelScore
 from core.tasks.images import DecodedImage, decode_image, mask_overlay, shape_mask
@@ -56,7 +56,7 @@ __all__ = [
     "Job", "JobContext", "JobState", "LoraAdapter", "LoraChoice", "GenerationSettings", "GenerationResult", "MemoryMode",
     "Mode", "Precision", "SourceImages", "HiresUpscaler", "UnconditionalSettings", "UnconditionalResult",
     # each task's settings, limits, checks and helpers
-    "generation", "unconditional", "lora", "pnginfo", "sweeps", "model_card", "outpaint", "sentiment", "tables", "imagenet",
+    "generation", "unconditional", "lora", "pnginfo", "prompt_syntax", "sweeps", "model_card", "outpaint", "sentiment", "tables", "imagenet",
     # the GPU as NVML and torch see it, the background compiles, formatting
     "gpu", "GpuMonitor", "GpuReport", "GpuSnapshot", "HistorySampler", "Sample", "take_sample", "compiled",
     "human_bytes", "precision_label",

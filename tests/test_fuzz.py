@@ -37,7 +37,7 @@ from streamlit.testing.v1 import AppTest
 
 from core.errors import BadInputError, DashboardError
 from core.models.registry import MODELS
-from core.tasks import generation, lora, pnginfo, sd_settings, sentiment, tables, unconditional
+from core.tasks import generation, lora, pnginfo, prompt_syntax, sd_settings, sentiment, tables, unconditional
 from core.tasks.images import MAX_PIXELS, decode_image
 from core.tasks.lora import LoraAdapter, LoraChoice
 from core.tasks.sd_settings import SCHEDULERS, GenerationSettings, MemoryMode, Mode, Precision, SourceImages
@@ -673,10 +673,13 @@ def test_a_prompt_of_any_text_is_counted_in_tokens(manager):
     @fuzz(max_examples=25, deadline_s=MODEL_S)
     @given(prompt=st.one_of(texts, st.builds(lambda unit, n: unit * n, st.sampled_from(["a lighthouse, ", "😀", "\u202e"]), st.integers(100, 50_000))))
     def count(prompt):
-        length = sd_settings.prompt_length(info, prompt)
-        assert length.tokens >= 0 and length.limit == info.tokenizer.model_max_length - 2
-        assert length.truncated == (length.tokens > length.limit) and isinstance(length.ignored_text, str)
-        generation.check_inputs(GenerationSettings(prompt=prompt, negative_prompt=prompt), CPU.type)  # any prompt is fine
+        try:
+            usage = sd_settings.prompt_usage(info, prompt)
+            generation.check_inputs(GenerationSettings(prompt=prompt, negative_prompt=prompt), CPU.type)
+        except BadInputError as error:  # a weight that is no number, or past the length limits: refused with a message
+            assert str(error)
+        else:
+            assert usage.tokens >= 0 and 1 <= usage.chunks <= prompt_syntax.MAX_CHUNKS
 
     count()
 
@@ -882,7 +885,8 @@ def test_generate_page_takes_any_dropped_png_and_prompt_and_keeps_its_gallery(ap
         at.text_area(key="generate:prompt").input(prompt).run()
         assert not at.exception, at.exception
         assert at.session_state["generate:gallery"] is gallery
-        assert any(caption.value.startswith("Prompt: ") for caption in at.caption) or any("tokens and the model reads" in w.value for w in at.warning)
+        # The tokens and chunks, or the one message for a prompt the run would refuse (over the length limits, a bad weight).
+        assert any(caption.value.startswith("Prompt: ") for caption in at.caption) or any("prompt" in error.value for error in at.error)
 
     drop()
     type_prompt()

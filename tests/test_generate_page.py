@@ -93,11 +93,6 @@ def test_bad_settings_get_a_message_and_no_run(app_env, form, message):
     assert any(literal(message) in error.value for error in at.error)
 
 
-def test_a_long_prompt_is_flagged_before_the_run(app_env):
-    at = open_page(prompt="x" * 80)
-    assert any("80 tokens" in warning.value and "will be ignored" in warning.value for warning in at.warning)
-
-
 def test_cancel_while_waiting_drops_the_run_and_says_so(app_env, monkeypatch):
     release = threading.Event()
     real_generate = generation.generate

@@ -208,13 +208,37 @@ def test_a_lossy_precision_round_trip_restores_the_loaded_weights(sd):
         assert torch.equal(value, loaded[name]), name
 
 
-def test_a_prompt_over_77_tokens_runs_and_says_what_was_ignored(sd):
-    prompt = "b" * 75 + "xyz"  # the stand-in's tokenizer makes one token per character
-    length = generation.prompt_length(sd.info, prompt)
-    assert (length.tokens, length.limit, length.truncated, length.ignored_text) == (78, 75, True, "xyz")
-    result = generation.generate(sd, replace(SMALL, prompt=prompt))
-    assert result.images and result.notes == ("The prompt is 78 tokens long and the model reads only the first 75: it ignored “xyz”.",)
-    assert not generation.prompt_length(sd.info, "b" * 75).truncated
+def test_a_plain_prompt_gives_exactly_what_diffusers_makes_from_the_text(sd):
+    result = generation.generate(sd, replace(SMALL, negative_prompt="blurry"))
+    run_pipe = generation.run_pipeline(sd.obj, Mode.TEXT_TO_IMAGE, SMALL.scheduler)
+    theirs = run_pipe(prompt=SMALL.prompt, negative_prompt="blurry", num_inference_steps=SMALL.steps, guidance_scale=SMALL.guidance_scale,
+                      width=64, height=64, generator=[torch.Generator("cpu").manual_seed(SMALL.seed)])
+    np.testing.assert_array_equal(pixels(result), np.asarray(theirs.images[0]))
+
+
+def test_a_weighted_prompt_changes_the_image_and_weight_one_is_the_plain_prompt(sd):
+    plain = generation.generate(sd, SMALL)
+    weighted = generation.generate(sd, replace(SMALL, prompt="a (red:1.5) bicycle"))
+    assert np.abs(pixels(weighted).astype(int) - pixels(plain)).max() > 0 and pixels(weighted).std() > 0  # a picture, not black
+    long_weighted = generation.generate(sd, replace(SMALL, prompt="a [red] " + "bicycle, " * 30 + "BREAK (road:1.2)"))
+    assert pixels(long_weighted).std() > 0  # the stand-in's centred text encoder made the kept mean inf once
+    np.testing.assert_array_equal(pixels(generation.generate(sd, replace(SMALL, prompt="a (red:1.0) bicycle"))), pixels(plain))
+    assert weighted.settings.prompt == "a (red:1.5) bicycle"  # written to the PNG as typed, as AUTOMATIC1111 does
+
+
+def test_a_prompt_past_75_tokens_is_read_whole(sd):
+    cut = generation.generate(sd, replace(SMALL, prompt="b" * 75))  # the stand-in's tokenizer makes one token per character
+    long = generation.generate(sd, replace(SMALL, prompt="b" * 75 + "xyz"))
+    assert long.notes == () and np.abs(pixels(long).astype(int) - pixels(cut)).max() > 0  # the last 3 tokens count
+    usage = generation.prompt_usage(sd.info, "b" * 75 + "xyz")
+    assert (usage.tokens, usage.chunks, usage.caption) == (78, 2, "78 tokens, 2 chunks")
+
+
+def test_bad_prompt_syntax_is_refused_before_any_work_quoting_it(sd):
+    with pytest.raises(BadInputError, match=r"In the negative prompt: The weight '1\.2\.3' in the emphasis `:1\.2\.3\)`"):
+        generation.generate(sd, replace(SMALL, negative_prompt="(dust:1.2.3)"))
+    with pytest.raises(BadInputError, match="In the prompt: The LoRA tag `<lora:x:1:2>`"):
+        generation.check_inputs(replace(SMALL, prompt="a cat <lora:x:1:2>"), "cpu")
 
 
 def test_an_empty_prompt_is_allowed(sd):
@@ -370,7 +394,7 @@ def test_each_modes_pipeline_shares_the_loaded_modules_without_casting_them(mana
 
 
 def test_counting_a_prompt_never_changes_how_a_running_run_encodes_its_prompts(sd):
-    """Found under load: prompt_length on the shared tokenizer switched its padding off under a run encoding with
+    """Found under load: counting a prompt on the shared tokenizer switched its padding off under a run encoding with
     padding to 77, which then failed in torch.cat. Counting runs beside encoding here, with thread switches forced."""
     import sys
 
@@ -378,11 +402,11 @@ def test_counting_a_prompt_never_changes_how_a_running_run_encodes_its_prompts(s
     assert tokenizer is not sd.obj.tokenizer  # the one the page counts with
     assert tokenizer is generation.run_pipeline(sd.obj, Mode.INPAINT, "DDIM").tokenizer  # one copy per pipeline, not per run
     stop, counted = threading.Event(), []
-    expected = generation.prompt_length(sd.info, "a lighthouse at dawn").tokens
+    expected = generation.prompt_usage(sd.info, "a lighthouse at dawn").tokens
 
     def count() -> None:
         while not stop.is_set():
-            counted.append(generation.prompt_length(sd.info, "a lighthouse at dawn").tokens)
+            counted.append(generation.prompt_usage(sd.info, "a lighthouse at dawn").tokens)
 
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)

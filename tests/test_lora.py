@@ -70,6 +70,21 @@ def test_one_sessions_lora_never_reaches_another_sessions_images(sd, adapter):
     np.testing.assert_array_equal(pixels(session_b.result), base)
 
 
+def test_a_prompts_lora_tag_sets_the_session_adapters_weight_for_the_run(sd, adapter):
+    tagged = generation.generate(sd, replace(SMALL, prompt="a red bicycle<lora:my-lora:0.5>"), loras=(LoraChoice(adapter, 0.0),))
+    half = generation.generate(sd, SMALL, loras=(LoraChoice(adapter, 0.5),))
+    np.testing.assert_array_equal(pixels(tagged), pixels(half))  # the tag's text is not encoded; its weight is used
+    assert not np.array_equal(pixels(tagged), pixels(generation.generate(sd, SMALL, loras=(LoraChoice(adapter, 0.0),))))
+    assert tagged.settings.loras == (("my-lora", 0.5),) and tagged.settings.prompt == "a red bicycle<lora:my-lora:0.5>"  # the PNG keeps it as typed
+
+
+def test_a_lora_tag_naming_no_adapter_of_the_session_is_refused_with_the_ones_it_has(sd, adapter):
+    with pytest.raises(BadInputError, match=r"LoRA `film-grain` .* no adapter of that name; its adapters: `my-lora`\."):
+        generation.generate(sd, replace(SMALL, prompt="a fox <lora:film-grain:0.6>"), loras=(LoraChoice(adapter),))
+    with pytest.raises(BadInputError, match="its adapters: none"):
+        generation.generate(sd, replace(SMALL, prompt="a fox <lora:film-grain>"))
+
+
 def test_a_lora_for_another_base_model_is_refused_and_changes_nothing(sd, settings, tmp_path: Path):
     make_standin_lora(Path(sd.source.location), tmp_path / "sdxl-like", cross_attention_dim=64)
     wrong = lora.read_source(str(tmp_path / "sdxl-like"), settings)

@@ -176,7 +176,7 @@ def test_text_to_image_matches_the_local_backend(local, remote):
     here, served = both(local, remote, MODELS["sd15"])
     settings = GenerationSettings(prompt="a red bicycle", width=64, height=64, steps=3, seed=1234, num_images=2)
     # What the generation page reads: the replica's description (tokenizer, components) is the local one's.
-    assert sd_settings.prompt_length(served.info, "a red bicycle") == sd_settings.prompt_length(here.info, "a red bicycle")
+    assert sd_settings.prompt_usage(served.info, "a (red) bicycle") == sd_settings.prompt_usage(here.info, "a (red) bicycle")
     assert sd_settings.estimate_memory(served.info, settings) == sd_settings.estimate_memory(here.info, settings)
     assert served.info.has_safety_checker == here.info.has_safety_checker
     ours, theirs = local.generate(here, settings), remote.generate(served, settings)

@@ -30,6 +30,8 @@ from core.models.memory import out_of_memory_guard
 from core.tasks import lora
 from core.tasks.jobs import JobCancelled, JobContext
 from core.tasks.lora import LoraChoice
+from core.tasks.prompt_embeddings import encode_prompts
+from core.tasks.prompt_syntax import CHUNK_TOKENS, Fragment, parse_prompt
 from core.tasks.sd_pipeline import restore_plain, run_dtype, run_pipeline, set_memory_mode, set_precision, torch_modules
 from core.tasks.sd_settings import (
     GRAPHABLE_MODES,
@@ -42,7 +44,8 @@ from core.tasks.sd_settings import (
     check_inputs,
     estimate_memory,
     memory_remedy,
-    prompt_length,
+    prompt_usage,
+    with_lora_tags,
 )
 
 log = logging.getLogger(__name__)
@@ -228,35 +231,38 @@ def generate(
 ) -> GenerationResult:
     """Make `settings.num_images` images with the shared SD pipeline in `model`, in `settings.mode`.
 
-    `loras` are this run's adapters: on the shared pipeline only while the run holds the device, so no other
-    session's images ever see them. Raises BadInputError before any work, JobCancelled when cancelled (partial
+    Prompts are read as AUTOMATIC1111 reads them (weights, BREAK, any length: docs/PROMPTS.md). `loras` are the
+    session's adapters, each at the weight a `<lora:name:weight>` tag of the prompt gives it, else its own; they are
+    on the shared pipeline only while the run holds the device, so no other session's images ever see them. Raises BadInputError before any work, JobCancelled when cancelled (partial
     results dropped), and GpuOutOfMemoryError (memory already released) when the device runs out of memory.
     """
     device = model.device
     # 1. Check inputs
     check_inputs(settings, device.type, source)
     check_memory(model, settings)
+    loras = with_lora_tags(settings.prompt, loras)
     lora.check_choices(loras)
     settings = replace(settings.with_seed(), loras=tuple((choice.adapter.name, choice.weight) for choice in loras))
-    source, resize_notes = prepare_source(source, settings)
-    notes = [_prompt_note(model, settings.prompt, "prompt"), _prompt_note(model, settings.negative_prompt, "negative prompt"), *resize_notes]
+    source, notes = prepare_source(source, settings)
 
     # 2. Wait for the device: alone, or in a batch shared with other sessions' text-to-image runs
     reporter = StepReporter(context, abandoned, settings.denoising_steps)
-    notes = tuple(n for n in notes if n)
     from core.tasks import shared_batch  # it builds on this module's run pieces
 
-    if model.accel.shared_batches and shared_batch.shares_batches(settings, loras):
+    if model.accel.shared_batches and shared_batch.shares_batches(settings, loras) and _read_alike_by_diffusers(model, settings):
         return shared_batch.generate_together(model, settings, context, reporter, notes)
     with device_slot(device, context, reporter):
         return _run(model, settings, context, reporter, source, loras, notes)
 
 
-def _prompt_note(model: LoadedModel, text: str, what: str) -> str:
-    length = prompt_length(model.info, text)
-    if not length.truncated:
-        return ""
-    return f"The {what} is {length.tokens} tokens long and the model reads only the first {length.limit}: it ignored “{length.ignored_text}”."
+def _read_alike_by_diffusers(model: LoadedModel, settings: GenerationSettings) -> bool:
+    """Whether diffusers' own prompt encoding, which the shared batch uses, reads both prompts as this app does: plain
+    text (no brackets, escapes, BREAK or tags) of at most one chunk each."""
+    sides = ((settings.prompt, True), (settings.negative_prompt, False))
+    return all(
+        parse_prompt(text, read_tags).parts in ((), (Fragment(text, 1.0),)) and prompt_usage(model.info, text).tokens <= CHUNK_TOKENS
+        for text, read_tags in sides
+    )
 
 
 def _mode_arguments(settings: GenerationSettings, source: SourceImages | None) -> dict[str, Any]:
@@ -305,13 +311,17 @@ def _run(
                 cuda_graphs.compiled_vae_decode(pipe.vae, model.accel, allowed=fast),
                 stops_within_model_calls(reporter, pipe.unet, pipe.vae, inside=hooks_inside_models_allowed(device, model.accel, graphed=fast)),
             ):
+                # Each 77-token chunk through the (graphed) text encoder, weights applied: a prompt of any length read whole.
+                embeddings = encode_prompts(
+                    run_pipe.tokenizer, run_pipe.text_encoder, settings.prompt, settings.negative_prompt, run_pipe._execution_device, run_pipe.text_encoder.dtype,
+                )
                 output = run_pipe(
-                    prompt=settings.prompt, negative_prompt=settings.negative_prompt or None,
+                    prompt_embeds=embeddings.prompt_embeds, negative_prompt_embeds=embeddings.negative_prompt_embeds,
                     num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, num_images_per_prompt=settings.num_images,
                     generator=generators, callback_on_step_end=reporter, **_mode_arguments(settings, source), **variation, **first_pass_output,
                 )
                 if settings.hires:
-                    output = hires_pass(pipe, settings, output.images, reporter)
+                    output = hires_pass(pipe, settings, output.images, reporter, embeddings)
             seconds = time.perf_counter() - run_started
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         finally:
@@ -358,10 +368,10 @@ def slerp(low: torch.Tensor, high: torch.Tensor, t: float) -> torch.Tensor:
     return math.sin((1 - t) * omega) / math.sin(omega) * low + math.sin(t * omega) / math.sin(omega) * high
 
 
-def hires_pass(pipe: Any, settings: GenerationSettings, first_pass: Any, reporter: StepReporter) -> Any:
+def hires_pass(pipe: Any, settings: GenerationSettings, first_pass: Any, reporter: StepReporter, embeddings: Any) -> Any:
     """The hires fix's second pass, as AUTOMATIC1111's: the first pass's latents interpolated (or its images decoded and
     Lanczos-upscaled) to `settings.output_size`, then image to image over the same shared modules at `hires_strength`,
-    each image with its own seed's generator again."""
+    each image with its own seed's generator again, and the first pass's prompt encodings (weights and chunks)."""
     width, height = settings.output_size
     if settings.hires_upscaler is HiresUpscaler.LATENT:
         scale = pipe.vae_scale_factor
@@ -371,7 +381,7 @@ def hires_pass(pipe: Any, settings: GenerationSettings, first_pass: Any, reporte
     reporter.begin_pass("hires step", settings.hires_denoising_steps)
     img2img = run_pipeline(pipe, Mode.IMAGE_TO_IMAGE, settings.scheduler)
     return img2img(
-        prompt=settings.prompt, negative_prompt=settings.negative_prompt or None, image=upscaled, strength=settings.hires_strength,
+        prompt_embeds=embeddings.prompt_embeds, negative_prompt_embeds=embeddings.negative_prompt_embeds, image=upscaled, strength=settings.hires_strength,
         num_inference_steps=settings.hires_steps or settings.steps, guidance_scale=settings.guidance_scale, num_images_per_prompt=settings.num_images,
         generator=[torch.Generator("cpu").manual_seed(seed) for seed in settings.seeds()], callback_on_step_end=reporter,
     )

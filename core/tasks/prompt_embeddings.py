@@ -64,4 +64,9 @@ def emphasize(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     back in the model's dtype, so that the rescale does not add half-precision rounding of its own."""
     original = hidden.float()
     weighted = original * weights.float()[None, :, None]
-    return (weighted * (original.mean() / weighted.mean())).to(hidden.dtype)
+    scale = original.mean() / weighted.mean()
+    if not torch.isfinite(scale):
+        # A weighted mean of exactly 0 (a text encoder whose outputs are centred, as the stand-in's layer norm makes
+        # them) holds no scale to keep: dividing by it made the embeddings inf, and the image came out black.
+        return weighted.to(hidden.dtype)
+    return (weighted * scale).to(hidden.dtype)

@@ -1,5 +1,5 @@
-"""Stable Diffusion runs described and checked before any work: the settings, their limits, the result types, token
-counts and memory estimates. Plain Python without torch, so pnginfo, sweeps and pages import it cheaply.
+"""Stable Diffusion runs described and checked before any work: the settings, their limits, the result types, the
+prompts' syntax, token counts and LoRA tags, and memory estimates. Plain Python without torch, so pnginfo, sweeps and pages import it cheaply.
 """
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import importlib.util
 import math
 import secrets
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -18,6 +19,11 @@ from core.config import Settings
 from core.errors import BadInputError
 from core.models.info import ModelInfo
 from core.models.registry import ModelSpec, spec_for_choice
+from core.tasks import prompt_syntax
+from core.tasks.prompt_syntax import LoraTag, PromptUsage, parse_prompt
+
+if TYPE_CHECKING:
+    from core.tasks.lora import LoraChoice
 
 SD_MODEL_KEYS = ("sd15", "sd14", "mr-potato-head")
 
@@ -198,17 +204,6 @@ class SourceImages:
 
 
 @dataclass(frozen=True)
-class PromptLength:
-    tokens: int  # without the start and end tokens
-    limit: int  # what the text encoder reads (75 for CLIP's 77 positions)
-    ignored_text: str  # the words past the limit, which the model never sees
-
-    @property
-    def truncated(self) -> bool:
-        return self.tokens > self.limit
-
-
-@dataclass(frozen=True)
 class MemoryEstimate:
     weights_bytes: int  # on the device during the run (less with an offload mode)
     activations_bytes: int  # rough: latents, attention and the VAE decode at this size and batch
@@ -266,9 +261,11 @@ def memory_modes_for(device_type: str) -> tuple[MemoryMode, ...]:
 def check_inputs(settings: GenerationSettings, device_type: str, source: SourceImages | None = None) -> None:
     """Refuse bad settings before any work, naming the argument and its value (an empty prompt is fine).
 
-    Image to image needs `source.image`; inpaint needs its `mask` too, the size of the image.
+    The prompts are read as AUTOMATIC1111 reads them (docs/PROMPTS.md): a weight that is no number is refused with
+    the text that holds it. Image to image needs `source.image`; inpaint needs its `mask` too, the size of the image.
     """
     s = settings
+    check_prompt_syntax(s.prompt, s.negative_prompt)
     for name, high in (("steps", MAX_STEPS), ("num_images", MAX_IMAGES)):
         check_number(name, getattr(s, name), 1, high, whole=True)
     check_number("guidance_scale", s.guidance_scale, 0, MAX_GUIDANCE)
@@ -330,6 +327,15 @@ def _check_variation_and_hires(s: GenerationSettings) -> None:
                             remedy=f"Use at least {math.ceil(1 / s.hires_strength)} hires steps or a higher hires strength.")
 
 
+def check_prompt_syntax(prompt: str, negative_prompt: str) -> None:
+    """BadInputError, saying which prompt, for a weight or LoRA tag that is no number or a prompt over the length limit."""
+    for what, text, read_tags in (("prompt", prompt, True), ("negative prompt", negative_prompt, False)):
+        try:
+            parse_prompt(text, read_tags)
+        except BadInputError as error:
+            raise BadInputError(f"In the {what}: {error}", remedy=error.remedy) from None
+
+
 # A fast tokenizer keeps its padding and truncation settings on the object and sets them on every call: counting a
 # prompt with the tokenizer a run is encoding with (padded to 77) would hand that run unpadded ids. So runs encode
 # with a private copy per pipeline (one run at a time per pipeline, by the queue), and the page's counting uses the
@@ -337,14 +343,27 @@ def _check_variation_and_hires(s: GenerationSettings) -> None:
 counting_lock = threading.Lock()
 
 
-def prompt_length(info: ModelInfo, prompt: str) -> PromptLength:
-    """How many tokens `prompt` is, and what the text encoder will not read (CLIP sees 77 tokens, start and end included)."""
-    tokenizer = info.tokenizer
-    limit = tokenizer.model_max_length - 2
+def prompt_usage(info: ModelInfo, prompt: str) -> PromptUsage:
+    """How many tokens `prompt` is and in how many 75-token chunks the model reads it (all of it: see docs/PROMPTS.md).
+    BadInputError for bad syntax or a prompt over the chunk limit."""
     with counting_lock:
-        ids = tokenizer(prompt, truncation=False, add_special_tokens=False, verbose=False).input_ids
-        ignored = tokenizer.decode(ids[limit:]).strip() if len(ids) > limit else ""
-    return PromptLength(len(ids), limit, ignored)
+        return prompt_syntax.prompt_usage(info.tokenizer, prompt)
+
+
+def with_lora_tags(prompt: str, choices: Sequence[LoraChoice]) -> tuple[LoraChoice, ...]:
+    """The session's adapters with the weights the prompt's `<lora:name:weight>` tags give them (the last tag of a
+    name wins); untagged adapters keep their own weight. BadInputError for a tag naming no adapter of the session,
+    with the names it has."""
+    by_name = {choice.adapter.name: choice for choice in choices}
+    tags: dict[str, LoraTag] = {tag.name: tag for tag in parse_prompt(prompt).loras}
+    unknown = [name for name in tags if name not in by_name]
+    if unknown:
+        have = ", ".join(f"`{name}`" for name in by_name) if by_name else "none"
+        raise BadInputError(
+            f"The prompt's tag asks for the LoRA `{unknown[0]}`, but this session has no adapter of that name; its adapters: {have}.",
+            remedy="Add the adapter under “LoRA adapters”, or change the tag's name to one of yours.",
+        )
+    return tuple(replace(choice, weight=tags[name].weight) if name in tags else choice for name, choice in by_name.items())
 
 
 def estimate_memory(info: ModelInfo, settings: GenerationSettings) -> MemoryEstimate:
