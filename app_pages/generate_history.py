@@ -26,8 +26,8 @@ from core.api import (
 )
 from core.app_state import get_image_history
 
-PAGE_SIZE = 8  # images per page of the history
-COLUMNS = 4
+PAGE_SIZE = 9  # images per page of the history
+COLUMNS = 3  # wide enough for each image's three buttons
 QUERY_KEY, PAGE_KEY, ERROR_KEY = "generate:history_query", "generate:history_page", "generate:history_error"
 
 
@@ -97,12 +97,12 @@ def show_image(owner: str, entry: HistoryEntry, fill_form: Callable[[GenerationS
     with st.container(border=True, key=f"generate:history:{entry.id}"):
         st.image(stored.png_bytes, width="stretch")
         st.caption(described(entry.record) + f"  \n{time.strftime('%Y-%m-%d %H:%M', time.localtime(entry.created_at))} · {human_bytes(entry.byte_size)}")
-        use_column, download_column, delete_column = st.columns(3)
-        use_column.button("Use settings", key=f"generate:history_use:{entry.id}", on_click=use_settings, args=(entry.record.parameters, fill_form),
-                          help="Fill the form with this image's settings")
+        st.button("Use settings", key=f"generate:history_use:{entry.id}", on_click=use_settings, args=(entry.record.parameters, fill_form),
+                  help="Fill the form with this image's settings", icon="↩️", width="stretch")
+        download_column, delete_column = st.columns(2)
         download_column.download_button("PNG", stored.png_bytes, file_name=f"history-seed{entry.record.seed}-{entry.id[:8]}.png", mime="image/png",
-                                        key=f"generate:history_download:{entry.id}", icon="⬇️", on_click="ignore")
-        delete_column.button("Delete", key=f"generate:history_delete:{entry.id}", on_click=delete, args=(owner, entry.id), icon="🗑️")
+                                        key=f"generate:history_download:{entry.id}", icon="⬇️", on_click="ignore", width="stretch")
+        delete_column.button("Delete", key=f"generate:history_delete:{entry.id}", on_click=delete, args=(owner, entry.id), icon="🗑️", width="stretch")
 
 
 def history_panel(owner: str | None, fill_form: Callable[[GenerationSettings, str | None], None]) -> None:
@@ -119,7 +119,7 @@ def history_panel(owner: str | None, fill_form: Callable[[GenerationSettings, st
                f"of its {human_bytes(everyone.max_bytes)} limit for all users; past it the oldest images are removed first.")
     if st.session_state.get(ERROR_KEY):
         show_error(st.session_state[ERROR_KEY])
-    query = st.text_input("Search prompts", key=QUERY_KEY, on_change=first_page, placeholder="lighthouse")
+    query = st.text_input("Search prompts", key=QUERY_KEY, on_change=first_page, placeholder="any part of a prompt")
     total = history.count(owner, query)
     pages = max(1, math.ceil(total / PAGE_SIZE))
     page = min(max(st.session_state.get(PAGE_KEY, 0), 0), pages - 1)  # a search or a delete may leave fewer pages

@@ -77,8 +77,8 @@ def queue_panel(owner: str, device_word: str) -> None:
     for job in waiting:
         run = runs.get(job.id)
         with st.container(border=True, key=f"generate:queued:{job.id}"):
-            text_column, cancel_column = st.columns([4, 1], vertical_alignment="center")
-            text_column.markdown(f"**Run {job.id}** · {literal(job.name)} · {place_phrase(job, device_word)}"
+            text_column, cancel_column = st.columns([5, 2], vertical_alignment="center")
+            text_column.markdown(f"**Job {job.id}** · {literal(job.name)} · {place_phrase(job, device_word)}"
                                  + ("" if run is not None else " · from another tab"))
             cancel_column.button("Cancel", key=f"generate:cancel:{job.id}", on_click=board.cancel, args=(owner, job.id), icon="⏹️")
             snapshot = job.snapshot

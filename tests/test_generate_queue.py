@@ -54,11 +54,12 @@ def wait_until(condition: Callable[[], bool]) -> None:
 
 
 def places(at: AppTest) -> list[int | None]:
-    return [job.place for job in get_job_board().jobs(at.session_state["generate:session_owner"])]
+    """The places of the session's unfinished runs, oldest first."""
+    return [job.place for job in get_job_board().jobs(at.session_state["generate:session_owner"]) if not job.finished]
 
 
 def queue_lines(at: AppTest) -> list[str]:
-    """The queue panel's heading and one line per queued run (the gallery's "**Run n** · model" lines are not these)."""
+    """The queue panel's heading and one line per queued job."""
     return [element.value for element in at.markdown if element.value.startswith("**Your queue**") or " · image generation · " in element.value]
 
 
@@ -72,7 +73,7 @@ def test_two_runs_queued_while_the_device_is_busy_both_finish_into_the_gallery(d
     wait_until(lambda: places(at) == [1, 2])
     at.run()
     assert queue_lines(at) == ["**Your queue** (2 runs) · turns on the CPU go round the users",
-                               f"**Run {first}** · image generation · place 1 in line", f"**Run {second}** · image generation · place 2 in line"]
+                               f"**Job {first}** · image generation · place 1 in line", f"**Job {second}** · image generation · place 2 in line"]
 
     device_held.set()
     wait_for_generation_runs(at, WAIT_S)
@@ -91,10 +92,10 @@ def test_cancel_one_of_two_queued_runs_the_other_finishes(device_held):
     wait_until(lambda: places(at) == [1, 2])
     at.run().button(key=f"generate:cancel:{first}").click().run()
     assert get_job_board().wait(first, WAIT_S)
-    wait_until(lambda: places(at) in ([1], []))  # the cancelled run left the line: the other moved up
+    wait_until(lambda: places(at) == [1])  # the cancelled run left the line: the other moved up
     at.run()
     assert any("Cancelled" in info.value for info in at.info)
-    assert queue_lines(at)[1:] == [f"**Run {second}** · image generation · place 1 in line"]
+    assert queue_lines(at)[1:] == [f"**Job {second}** · image generation · place 1 in line"]
 
     device_held.set()
     wait_for_generation_runs(at, WAIT_S)
