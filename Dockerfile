@@ -27,6 +27,7 @@ ENV HF_HOME=/data/huggingface \
     TORCH_HOME=/data/torch \
     DASH_STANDIN_DIR=/data/standins \
     DASH_COMPILE_CACHE=/data/inductor \
+    DASH_HISTORY_DIR=/data/history \
     HF_HUB_DISABLE_TELEMETRY=1
 
 # Only for the Space: its proxy makes uploads fail the XSRF check (403), so this image turns the check off.

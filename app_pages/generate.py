@@ -1,13 +1,16 @@
 """Image generation on the shared GPU, one run at a time per GPU: Stable Diffusion text to image, image to image and
 inpaint (core.tasks.generation, with this session's LoRA adapters), and unconditional DDPM models (core.tasks.unconditional).
 
-A run is a core.tasks.jobs.Job kept in session state; a fragment polls it for progress, the preview and the place in the
-GPU queue, and reruns the page once when it ends. Results go to this session's gallery, newest first, each image a
-PNG that carries its settings; dropping such a PNG on the page fills the form with them.
+Each run goes on the process's job board (app_pages/generate_queue.py): a user may add several while one runs, and the
+GPU's turns go round the users. The queue panel polls the board for places, progress and the preview, and reruns the
+page when one of this session's runs ends. Results go to this session's gallery, newest first, and to the user's
+history on disk (app_pages/generate_history.py), each image a PNG that carries its settings; dropping such a PNG on the
+page, or "Use settings" in the history, fills the form with them.
 """
 from __future__ import annotations
 
 import io
+import secrets
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,11 +19,13 @@ from typing import TYPE_CHECKING
 import streamlit as st
 from PIL import Image
 
+from app_pages import generate_history, generate_queue
 from app_pages.common import STANDIN_FILE_SUFFIX, literal, require_model, show_error
 from app_pages.generate_hires import fill_hires_inputs, hires_inputs, with_hires_inputs
 from app_pages.generate_inpaint import MASK_INPUTS, inpaint_source
 from app_pages.generate_prompt import prompt_caption
 from app_pages.generate_sweep import sweep_section
+from app_pages.identity import session_owner
 from core.api import (
     MODELS,
     BadInputError,
@@ -28,6 +33,7 @@ from core.api import (
     GenerationResult,
     GenerationSettings,
     Job,
+    JobContext,
     JobState,
     LoadedModel,
     LoraAdapter,
@@ -54,19 +60,13 @@ from core.app_state import get_backend, get_settings
 if TYPE_CHECKING:
     import torch
 
-RUN_KEY, GALLERY_KEY, OUTCOME_KEY, PNG_ERROR_KEY = "generate:run", "generate:gallery", "generate:outcome", "generate:png_error"
+GALLERY_KEY, OUTCOME_KEY, PNG_ERROR_KEY = "generate:gallery", "generate:outcome", "generate:png_error"
 LORAS_KEY, LORA_ERROR_KEY = "generate:loras", "generate:lora_error"
 CUSTOM = "custom"
 UNCONDITIONAL = "unconditional (DDPM)"
 GALLERY_LIMIT = 24  # runs kept per session; older ones drop off the end
 DDPM_DEFAULTS = UnconditionalSettings()
 IMAGE_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
-
-
-@dataclass(frozen=True)
-class Run:
-    job: Job[GenerationResult | UnconditionalResult]
-    preview_width: int  # how wide the preview is shown
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,18 @@ def session_gone() -> Callable[[], bool]:
     return lambda: not runtime.is_active_session(session_id)
 
 
-def start_run(spec: ModelSpec, model: LoadedModel, source: SourceImages | None, loras: tuple[LoraChoice, ...]) -> None:
+def submit_run(owner: str, work: Callable[[JobContext], GenerationResult | UnconditionalResult], name: str, preview_width: int,
+               gone: Callable[[], bool]) -> None:
+    """Add the run to the owner's queue, or keep the message why not (the owner has too many queued)."""
+    try:
+        generate_queue.submit(owner, work, name, preview_width, abandoned=gone)
+    except BadInputError as error:
+        st.session_state[OUTCOME_KEY] = error
+        return
+    st.session_state[OUTCOME_KEY] = None
+
+
+def start_run(spec: ModelSpec, model: LoadedModel, source: SourceImages | None, loras: tuple[LoraChoice, ...], owner: str) -> None:
     allow_standin = model.is_standin
     try:
         settings = form_settings()
@@ -189,11 +200,10 @@ def start_run(spec: ModelSpec, model: LoadedModel, source: SourceImages | None, 
         with get_backend().use(spec, allow_standin=allow_standin) as model:
             return get_backend().generate(model, settings, context, abandoned=gone, source=source, loras=loras)
 
-    st.session_state[OUTCOME_KEY] = None
-    st.session_state[RUN_KEY] = Run(Job(work, "image generation"), min(640, 256 * settings.num_images))
+    submit_run(owner, work, "image generation", min(640, 256 * settings.num_images), gone)
 
 
-def start_unconditional_run(spec: ModelSpec, allow_standin: bool) -> None:
+def start_unconditional_run(spec: ModelSpec, allow_standin: bool, owner: str) -> None:
     state = st.session_state
     settings = UnconditionalSettings(int(state[key("ddpm_images")]), int(state[key("ddpm_steps")]), None if state[key("random_seed")] else int(state[key("seed")]))
     try:
@@ -207,8 +217,7 @@ def start_unconditional_run(spec: ModelSpec, allow_standin: bool) -> None:
         with get_backend().use(spec, allow_standin=allow_standin) as model:
             return get_backend().generate_unconditional(model, settings, context, abandoned=gone)
 
-    state[OUTCOME_KEY] = None
-    state[RUN_KEY] = Run(Job(work, "unconditional generation"), 320)
+    submit_run(owner, work, "unconditional generation", 320, gone)
 
 
 def pngs_of(result: GenerationResult | UnconditionalResult) -> tuple[bytes, ...]:
@@ -218,15 +227,15 @@ def pngs_of(result: GenerationResult | UnconditionalResult) -> tuple[bytes, ...]
     return tuple(pnginfo.png_bytes(image.image, result.settings_for(i), result.model_name, is_standin=result.is_standin) for i, image in enumerate(result.images))
 
 
-def finish_run(run: Run) -> None:
-    """Move a finished run's images to the gallery (or keep its error) and forget the run."""
-    snapshot = run.job.snapshot()
-    del st.session_state[RUN_KEY]
-    if snapshot.state is JobState.DONE and run.job.result is not None:
-        result = run.job.result
+def finish_run(job: Job[GenerationResult | UnconditionalResult], owner: str | None) -> None:
+    """Move a finished run's images to the gallery and the owner's history (or keep its error)."""
+    snapshot = job.snapshot()
+    if snapshot.state is JobState.DONE and job.result is not None:
+        result = job.result
         gallery: list[GalleryEntry] = st.session_state.setdefault(GALLERY_KEY, [])
         gallery.insert(0, GalleryEntry(gallery[0].number + 1 if gallery else 1, result, pngs_of(result)))
         del gallery[GALLERY_LIMIT:]
+        generate_history.keep(owner, result, gallery[0].pngs)
         st.session_state[OUTCOME_KEY] = result
     elif snapshot.state is JobState.CANCELLED:
         st.session_state[OUTCOME_KEY] = cancelled_message(get_backend().device)
@@ -248,25 +257,6 @@ def device_word(device: torch.device) -> str:
 
 def images_phrase(count: int) -> str:
     return f"{count} image{'' if count == 1 else 's'}"
-
-
-def capitalised(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
-@st.fragment(run_every=0.5)
-def run_progress() -> None:
-    """Queue place, progress, preview and Cancel, refreshed without rerunning the page; the end reruns it once."""
-    run: Run | None = st.session_state.get(RUN_KEY)
-    if run is None:
-        return
-    if run.job.finished:
-        st.rerun()
-    snapshot = run.job.snapshot()
-    st.progress(snapshot.fraction, text=literal(capitalised(snapshot.detail)))
-    if snapshot.preview is not None:
-        st.image(snapshot.preview, caption="Preview of the current step (a rough decode for Stable Diffusion)", width=run.preview_width)
-    st.button("Cancel", key=key("cancel"), on_click=run.job.cancel, icon="⏹️")
 
 
 def settings_line(settings: GenerationSettings) -> str:
@@ -443,7 +433,7 @@ def cpu_warning(is_standin: bool) -> str:
             "which finishes in under a minute; larger sizes and more steps take much longer.")
 
 
-def stable_diffusion_form(mode: Mode, run: Run | None) -> None:
+def stable_diffusion_form(mode: Mode, owner: str) -> None:
     # Above the model: a PNG that names a model this app refuses must not hide the way to drop another one.
     st.file_uploader("Drop a PNG made by this app (or AUTOMATIC1111) to fill the form with its settings", type=["png"], key=key("png"), on_change=fill_from_png)
     if st.session_state.get(PNG_ERROR_KEY):
@@ -499,13 +489,13 @@ def stable_diffusion_form(mode: Mode, run: Run | None) -> None:
                    f"(weights {human_bytes(estimate.weights_bytes)}, working memory {human_bytes(estimate.activations_bytes)}).")
     except DashboardError:
         pass  # the settings are refused with a message when the user presses Generate
-    st.button("Generate", type="primary", key=key("start"), icon="🎨", disabled=run is not None, on_click=start_run,
-              args=(spec, model, source, loras))
+    st.button("Generate", type="primary", key=key("start"), icon="🎨", on_click=start_run, args=(spec, model, source, loras, owner),
+              help="Adds a run to your queue; you may add more while it runs.")
     if mode is Mode.TEXT_TO_IMAGE:
-        sweep_section(spec, model.is_standin, form_settings(), loras, busy=run is not None, abandoned=session_gone())
+        sweep_section(spec, model.is_standin, form_settings(), loras, abandoned=session_gone())
 
 
-def unconditional_form(run: Run | None) -> None:
+def unconditional_form(owner: str) -> None:
     spec, model = chosen_model(unconditional.DDPM_MODEL_KEYS, "Another DDPM model (repo id or folder)", unconditional.model_spec_for, prefix="ddpm_")
     st.caption(f"**{literal(model.spec.title)}** on {model.device} ({precision_label(model.dtype)}) from {literal(model.source.label)}. "
                "No prompt: the model draws samples like its training images.")
@@ -513,7 +503,8 @@ def unconditional_form(run: Run | None) -> None:
     images_column.number_input("Images", 1, unconditional.MAX_IMAGES, key=key("ddpm_images"))
     steps_column.number_input("Denoising steps", 1, unconditional.MAX_STEPS, key=key("ddpm_steps"), help="DDPM's own schedule has 1000; fewer skip noise levels (faster, blurrier)")
     seed_inputs()
-    st.button("Generate", type="primary", key=key("start"), icon="🦋", disabled=run is not None, on_click=start_unconditional_run, args=(spec, model.is_standin))
+    st.button("Generate", type="primary", key=key("start"), icon="🦋", on_click=start_unconditional_run, args=(spec, model.is_standin, owner),
+              help="Adds a run to your queue; you may add more while it runs.")
 
 
 def show_outcome() -> None:
@@ -540,28 +531,28 @@ def show_latest(entry: GalleryEntry) -> None:
 
 st.title("🎨 Image generation")
 st.caption("Stable Diffusion 1.x (text to image, image to image, inpaint, with LoRA adapters) and unconditional DDPM models, through diffusers. "
-           "Runs take turns on the GPU: one at a time, first come first served.")
+           "Runs take turns on the GPU, one at a time: add several, and the turns go round the users.")
 form_defaults()
+history_owner = session_owner()  # None until the browser has sent its id: nothing is kept on disk for it then
+# The queue needs an owner from the first run on: without a login or a browser id, the session is its own owner.
+queue_owner = history_owner or st.session_state.setdefault(key("session_owner"), f"session:{secrets.token_hex(16)}")
 mode_name = st.radio("Mode", [m.value for m in Mode] + [UNCONDITIONAL], horizontal=True, key=key("mode"))
 keep_hidden_inputs(mode_name)
-run: Run | None = st.session_state.get(RUN_KEY)
-if run is not None and run.job.finished:
-    finish_run(run)
-    run = None
+for finished_job in generate_queue.take_finished():
+    finish_run(finished_job, history_owner)
 
 form_column, output_column = st.columns([1, 1], gap="large")
 with form_column:
     if mode_name == UNCONDITIONAL:
-        unconditional_form(run)
+        unconditional_form(queue_owner)
     else:
-        stable_diffusion_form(Mode(mode_name), run)
+        stable_diffusion_form(Mode(mode_name), queue_owner)
 
 with output_column:
-    if run is not None:
-        run_progress()
+    generate_queue.queue_panel(queue_owner, device_word(get_backend().device))
     show_outcome()
     gallery: list[GalleryEntry] = st.session_state.get(GALLERY_KEY, [])
-    if gallery and run is None:
+    if gallery and not generate_queue.session_runs():
         show_latest(gallery[0])
 
 if gallery:
@@ -571,3 +562,5 @@ if gallery:
     download.download_button("Download all (zip)", zip_of(gallery), file_name="generated-images.zip", mime="application/zip", key=key("zip"), icon="🗂️", on_click="ignore")
     for entry in gallery:
         show_entry(entry)
+
+generate_history.history_panel(history_owner, fill_form)

@@ -34,7 +34,7 @@ def axis_inputs(name: str, kinds: list[str], loras: tuple[LoraChoice, ...]) -> s
     return sweeps.parse_axis(kind, text, adapter, name) if text.strip() else None
 
 
-def sweep_section(spec: ModelSpec, allow_standin: bool, base: GenerationSettings, loras: tuple[LoraChoice, ...], busy: bool,
+def sweep_section(spec: ModelSpec, allow_standin: bool, base: GenerationSettings, loras: tuple[LoraChoice, ...],
                   abandoned: Callable[[], bool]) -> None:
     """The "X/Y plot" expander: axes, the plan's size and time, the Run button, and the sweep's progress or result."""
     sweep_run: Job[sweeps.SweepResult] | None = st.session_state.get(SWEEP_RUN_KEY)
@@ -56,7 +56,7 @@ def sweep_section(spec: ModelSpec, allow_standin: bool, base: GenerationSettings
             st.caption("Type the X values to plan a sweep.")
         else:
             plan_caption(plan)
-        st.button("Run X/Y plot", key="generate:sweep_start", icon="🔬", disabled=plan is None or busy or sweep_run is not None,
+        st.button("Run X/Y plot", key="generate:sweep_start", icon="🔬", disabled=plan is None or sweep_run is not None,
                   on_click=start_sweep, args=(spec, allow_standin, plan, abandoned))
         if sweep_run is not None:
             sweep_progress()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core.api import Access, Login, decide_access
+from app_pages import browser_id
+from core.api import Access, Login, browser_owner, decide_access, user_owner
 from core.app_state import get_settings
 
 
@@ -21,6 +22,16 @@ def current_login() -> Login | None:
     if not st.user.get("is_logged_in"):
         return None
     return Login(st.user.get("email"), st.user.get("email_verified"))
+
+
+def session_owner() -> str | None:
+    """Whose images and runs these are: the logged-in user's e-mail, else this browser's id (drawn here as a
+    zero-height component); None on a session's first run, before the browser has answered."""
+    login = current_login() if login_configured() else None
+    if login is not None and login.email:
+        return user_owner(login.email)
+    browser = browser_id.browser_id()
+    return browser_owner(browser) if browser else None
 
 
 def session_access() -> Access:

@@ -34,7 +34,9 @@ from core.models.registry import MODELS, ModelSpec
 from core.tasks import imagenet, lora, outpaint, pnginfo, prompt_syntax, sentiment, sweeps, tables, unconditional
 from core.tasks import sd_settings as generation
 from core.tasks.classify import Classification, ClassificationRun, LabelScore
+from core.tasks.image_history import HistoryEntry, ImageHistory, ImageRecord, browser_owner, user_owner
 from core.tasks.images import DecodedImage, decode_image, mask_overlay, shape_mask
+from core.tasks.job_board import BoardJob, JobBoard, NotYourJobError
 from core.tasks.jobs import Job, JobContext, JobState
 from core.tasks.lora import LoraAdapter, LoraChoice
 from core.tasks.sd_settings import GenerationResult, GenerationSettings, HiresUpscaler, MemoryMode, Mode, Precision, SourceImages
@@ -55,6 +57,8 @@ __all__ = [
     "DecodedImage", "decode_image", "shape_mask", "mask_overlay", "Classification", "ClassificationRun", "LabelScore",
     "Job", "JobContext", "JobState", "LoraAdapter", "LoraChoice", "GenerationSettings", "GenerationResult", "MemoryMode",
     "Mode", "Precision", "SourceImages", "HiresUpscaler", "UnconditionalSettings", "UnconditionalResult",
+    # every user's queued runs and kept images
+    "JobBoard", "BoardJob", "NotYourJobError", "ImageHistory", "ImageRecord", "HistoryEntry", "user_owner", "browser_owner",
     # each task's settings, limits, checks and helpers
     "generation", "unconditional", "lora", "pnginfo", "prompt_syntax", "sweeps", "model_card", "outpaint", "sentiment", "tables", "imagenet",
     # the GPU as NVML and torch see it, the background compiles, formatting

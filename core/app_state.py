@@ -36,3 +36,16 @@ def get_history() -> api.HistorySampler:
     sampler = api.HistorySampler(partial(api.take_sample, get_gpu_monitor()))
     sampler.start()
     return sampler
+
+
+@st.cache_resource(show_spinner=False)
+def get_image_history() -> api.ImageHistory:
+    """Every generated image with its settings, on disk (DASH_HISTORY_DIR), shared by every session of the process."""
+    settings = get_settings()
+    return api.ImageHistory(settings.history_dir, settings.history_max_bytes)
+
+
+@st.cache_resource(show_spinner=False)
+def get_job_board() -> api.JobBoard:
+    """Every user's generation runs, queued and running, with turns shared between users (core.tasks.job_board)."""
+    return api.JobBoard(max_unfinished_per_owner=get_settings().max_queued_runs)

@@ -151,6 +151,15 @@ def _upload_limit_mb(environ: dict[str, str], streamlit_config: Path) -> int:
     return int(text)
 
 
+def _positive_int(value: str | None, default: int, variable: str) -> int:
+    text = (value or "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) <= 0:
+        raise SettingsError(f"{variable} must be a whole number above 0, not {value!r}")
+    return int(text)
+
+
 def _flag(value: str | None, default: bool, variable: str) -> bool:
     if value is None or value.strip() == "":
         return default
@@ -212,6 +221,13 @@ class Settings:
     # each image as its run alone makes it (within rounding). Off by default: on the H100 it does not yet beat runs
     # taken in turn, and a lone run takes twice as long (docs/BATCHING.md has the figures).
     shared_batches: bool = False
+    # Every generated image with its settings (core.tasks.image_history): SQLite and PNG files, per user or browser.
+    # On a Space it belongs on the persistent volume (the Dockerfile sets /data/history).
+    history_dir: Path = Path.home() / ".cache" / "model-dashboard" / "history"
+    # PNG bytes the history keeps in all, every owner together; the oldest images go first past it.
+    history_max_bytes: int = 2 * 2**30
+    # Runs one user (or browser) may have queued or running at once; one more is refused with a message.
+    max_queued_runs: int = 10
     # What happens to the least recently used idle model when a new one does not fit: unloaded, or parked in RAM.
     evict_to: EvictTo = EvictTo.UNLOAD
     # The operator's folder per model (DASH_MODEL_<KEY>), upper-case key -> folder; it wins over every other source.
@@ -262,6 +278,8 @@ class Settings:
             errors.append(f"DASH_BACKEND must be {' or '.join(BACKENDS)}, not {backend!r}")
         ray_deployments = checked(_ray_deployments, env.get("DASH_RAY_DEPLOYMENTS", ""))
         admins = checked(parse_admins, env.get("DASH_ADMINS", ""))
+        history_max_bytes = checked(_positive_int, env.get("DASH_HISTORY_MAX_BYTES"), cls.history_max_bytes, "DASH_HISTORY_MAX_BYTES")
+        max_queued_runs = checked(_positive_int, env.get("DASH_MAX_QUEUED_RUNS"), cls.max_queued_runs, "DASH_MAX_QUEUED_RUNS")
         evict_to = env.get("DASH_EVICT_TO", "").strip().lower() or EvictTo.UNLOAD.value
         if evict_to not in {e.value for e in EvictTo}:
             errors.append(f"DASH_EVICT_TO must be unload or cpu, not {evict_to!r}")
@@ -269,6 +287,7 @@ class Settings:
             raise SettingsError("\n".join(errors))
         standin_dir = env.get("DASH_STANDIN_DIR", "").strip()
         compile_cache_dir = env.get("DASH_COMPILE_CACHE", "").strip()
+        history_dir = env.get("DASH_HISTORY_DIR", "").strip()
         return cls(
             models_root=models_root,
             standin_dir=Path(standin_dir).expanduser() if standin_dir else cls.standin_dir,
@@ -290,6 +309,9 @@ class Settings:
             admins=admins,
             evict_to=EvictTo(evict_to),
             shared_batches=shared_batches,
+            history_dir=Path(history_dir).expanduser() if history_dir else cls.history_dir,
+            history_max_bytes=history_max_bytes,
+            max_queued_runs=max_queued_runs,
             model_folders=tuple(sorted(
                 (name.removeprefix(MODEL_FOLDER_PREFIX), Path(value.strip()).expanduser())
                 for name, value in env.items() if name.startswith(MODEL_FOLDER_PREFIX) and value.strip()
@@ -335,6 +357,8 @@ def describe(settings: Settings) -> str:
         f"torch.compile:    {f'on CUDA, in the background, cache {settings.compile_cache_dir}' if settings.compile else 'off (DASH_COMPILE)'}",
         f"CPU bf16:         {'hot dog and sentiment, where the CPU has it natively' if settings.cpu_bf16 else 'off (DASH_CPU_BF16)'}",
         f"shared batches:   {'text-to-image runs of different sessions share UNet calls' if settings.shared_batches else 'off (DASH_SHARED_BATCH): each run alone'}",
+        f"image history:    {settings.history_dir}, at most {settings.history_max_bytes / 2**30:.1f} GiB (oldest removed first)",
+        f"queued runs:      at most {settings.max_queued_runs} per user",
         f"backend:          {_describe_backend(settings)}",
         f"admins:           {', '.join(settings.admins) or 'none listed (DASH_ADMINS); with login off, whoever uses a localhost-bound app'}",
         f"HF token:         {'set' if settings.hf_token else 'not set'}",

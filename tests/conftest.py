@@ -67,7 +67,9 @@ def app_env(monkeypatch: pytest.MonkeyPatch, standin_dir: Path):
 
 @pytest.fixture(scope="session")
 def app_url(tmp_path_factory: pytest.TempPathFactory, standin_dir: Path):
-    with running_app(tmp_path_factory.mktemp("app") / "streamlit.log", DASH_STANDIN_DIR=str(standin_dir), DASH_STANDIN_FALLBACK="1", DASH_CPU_BF16="0") as url:
+    app_dir = tmp_path_factory.mktemp("app")
+    with running_app(app_dir / "streamlit.log", DASH_STANDIN_DIR=str(standin_dir), DASH_STANDIN_FALLBACK="1", DASH_CPU_BF16="0",
+                     DASH_HISTORY_DIR=str(app_dir / "history")) as url:  # the generated images' history, not the user's cache
         yield url
 
 

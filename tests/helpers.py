@@ -80,3 +80,15 @@ class DeviceHolder:
         self.running.set()
         assert self.release.wait(self.wait_s)
         return False
+
+
+def wait_for_generation_runs(at, timeout_s: float) -> list[int]:
+    """Wait until every run the generation page's AppTest session queued has ended; their job ids, oldest first.
+    (The page collects them into its gallery at its next run.)"""
+    from core.app_state import get_job_board
+
+    job_ids = list(at.session_state["generate:runs"])
+    assert job_ids, "no run was queued"
+    for job_id in job_ids:
+        assert get_job_board().wait(job_id, timeout_s)
+    return job_ids

@@ -40,7 +40,7 @@ def test_type_a_prompt_generate_watch_progress_and_see_the_image(app_url, page):
     screenshot(page, "generate-running", settle=False)
     page.get_by_text(re.compile(r"1 image in [\d.]+ s · seed \d+")).wait_for(timeout=WAIT_MS)
     page.get_by_text("This session's images (1), newest first").wait_for(timeout=WAIT_MS)
-    expect(page.locator("[data-testid='stImage'] img")).to_have_count(2)  # the result, and its gallery entry
+    expect(page.locator("[data-testid='stImage'] img")).to_have_count(3)  # the result, its gallery entry and its history entry
     wait_for_app_idle(page)
     assert page.locator("[data-testid='stException']").count() == 0
     assert page.get_by_role("button", name="Cancel").count() == 0  # the run is over

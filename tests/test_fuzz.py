@@ -42,6 +42,7 @@ from core.tasks.images import MAX_PIXELS, decode_image
 from core.tasks.lora import LoraAdapter, LoraChoice
 from core.tasks.sd_settings import SCHEDULERS, GenerationSettings, MemoryMode, Mode, Precision, SourceImages
 from core.tasks.unconditional import UnconditionalSettings
+from helpers import wait_for_generation_runs
 
 HOME = str(Path(__file__).resolve().parent.parent / "Home.py")
 CPU = torch.device("cpu")
@@ -840,7 +841,7 @@ def open_generate_page_with_one_image() -> AppTest:
         at.number_input(key=f"generate:{name}").set_value(value)
     at.text_area(key="generate:prompt").input("a lighthouse").run()
     at.button(key="generate:start").click().run()
-    assert at.session_state["generate:run"].job.wait(PAGE_S)
+    wait_for_generation_runs(at, PAGE_S)
     at.run()
     assert len(at.session_state["generate:gallery"]) == 1
     return at

@@ -8,9 +8,10 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from app_pages.common import literal
+from core.app_state import get_job_board
 from core.tasks import generation, pnginfo, sd_settings
-from core.tasks.jobs import JobState
 from core.tasks.sd_settings import GenerationSettings
+from helpers import wait_for_generation_runs
 
 HOME = str(Path(__file__).resolve().parent.parent / "Home.py")
 WAIT_S = 60
@@ -37,8 +38,7 @@ def open_page(**form) -> AppTest:
 def generate(at: AppTest) -> AppTest:
     """Press Generate, let the background job end, and rerun as the page's fragment does when it sees the end."""
     at.button(key=key("start")).click().run()
-    run = at.session_state[key("run")]
-    assert run.job.wait(WAIT_S)
+    wait_for_generation_runs(at, WAIT_S)
     return at.run()
 
 
@@ -104,14 +104,14 @@ def test_cancel_while_waiting_drops_the_run_and_says_so(app_env, monkeypatch):
     monkeypatch.setattr(generation, "generate", held)
     at = open_page(prompt="never finished", seed=3)
     at.button(key=key("start")).click().run()
-    assert at.get("progress") and at.button(key=key("start")).disabled
-    job = at.session_state[key("run")].job
-    at.button(key=key("cancel")).click().run()
+    assert at.get("progress") and not at.button(key=key("start")).disabled  # more runs may be added meanwhile
+    (job_id,) = at.session_state[key("runs")]
+    at.button(key=key(f"cancel:{job_id}")).click().run()
     release.set()
-    assert job.wait(WAIT_S) and job.snapshot().state is JobState.CANCELLED
+    assert get_job_board().wait(job_id, WAIT_S)
     at.run()
     assert any("Cancelled" in info.value for info in at.info)
-    assert key("gallery") not in at.session_state and not at.button(key=key("start")).disabled
+    assert key("gallery") not in at.session_state and not at.session_state[key("runs")]
 
 
 def test_dropping_a_png_fills_the_form_with_its_settings(app_env):
@@ -312,9 +312,9 @@ def test_a_cancel_calls_the_device_free_only_when_no_other_run_holds_it(app_env)
         assert holding.wait(WAIT_S)
         at = open_page(prompt="behind another run", seed=4)
         at.button(key=key("start")).click().run()
-        job = at.session_state[key("run")].job
-        at.button(key=key("cancel")).click().run()
-        assert job.wait(WAIT_S) and job.snapshot().state is JobState.CANCELLED
+        (job_id,) = at.session_state[key("runs")]
+        at.button(key=key(f"cancel:{job_id}")).click().run()
+        assert get_job_board().wait(job_id, WAIT_S)
         at.run()
         cancelled = [info.value for info in at.info if "Cancelled" in info.value]
         assert cancelled and "free" not in cancelled[0] and "went to the next run" in cancelled[0]
@@ -322,7 +322,7 @@ def test_a_cancel_calls_the_device_free_only_when_no_other_run_holds_it(app_env)
         release.set()
         other.join(WAIT_S)
     at.button(key=key("start")).click().run()  # the device free again: a new run says so when cancelled
-    job = at.session_state[key("run")].job
-    at.button(key=key("cancel")).click().run()
-    assert job.wait(WAIT_S)
+    (job_id,) = at.session_state[key("runs")]
+    at.button(key=key(f"cancel:{job_id}")).click().run()
+    assert get_job_board().wait(job_id, WAIT_S)
     assert any("is free" in info.value for info in at.run().info)

