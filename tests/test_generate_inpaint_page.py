@@ -10,6 +10,7 @@ from PIL import Image
 from test_generate_page import generate, key, open_page, picture, png_of
 
 from app_pages import mask_painter
+from helpers import wait_for_generation_runs
 
 
 def inpaint_page(**form):
@@ -34,7 +35,7 @@ def test_a_painted_mask_is_the_runs_mask(app_env, monkeypatch: pytest.MonkeyPatc
     at = inpaint_page(prompt="a red door", seed=9)
     at.radio(key=key("mask_origin")).set_value("Paint").run()
     at.button(key=key("start")).click().run()
-    assert not at.error and at.session_state[key("run")].job.wait(60)  # the painted mask was accepted: the run started
+    assert not at.error and wait_for_generation_runs(at, 60)  # the painted mask was accepted: the run was queued
     at = at.run()
     assert not at.exception and not at.error
     assert at.session_state[key("gallery")][0].result.settings.mode.value == "inpaint"
@@ -45,7 +46,7 @@ def test_nothing_painted_is_refused_as_no_mask(app_env, monkeypatch: pytest.Monk
     at = inpaint_page(prompt="a red door", seed=9)
     at.radio(key=key("mask_origin")).set_value("Paint").run()
     at.button(key=key("start")).click().run()
-    assert key("run") not in at.session_state and any("Inpaint needs a mask" in error.value for error in at.error)
+    assert not at.session_state[key("runs")] and any("Inpaint needs a mask" in error.value for error in at.error)
 
 
 def test_extending_the_canvas_sets_the_runs_size_and_repaints_the_new_area(app_env):
@@ -66,7 +67,7 @@ def test_amounts_that_extend_nothing_or_not_by_eights_get_one_message(app_env):
     at.radio(key=key("mask_origin")).set_value("Extend the canvas").run()
     assert [error.value.split("\n\n")[0] for error in at.error] == ["Nothing to outpaint: \\`left\\`, \\`right\\`, \\`top\\` and \\`bottom\\` are all 0."]
     at.button(key=key("start")).click().run()
-    assert key("run") not in at.session_state and not at.exception
+    assert not at.session_state[key("runs")] and not at.exception
 
 
 def test_switching_mask_options_and_modes_loses_nothing(app_env, monkeypatch: pytest.MonkeyPatch):

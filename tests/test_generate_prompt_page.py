@@ -22,7 +22,7 @@ def test_bad_syntax_is_said_under_the_prompt_and_refused_at_generate_keeping_the
     message = "In the prompt: The weight '1.2.3' in the emphasis `:1.2.3)` is not a number."
     assert [error.value.split("\n\n")[0] for error in at.error] == [literal(message)]
     at.button(key=key("start")).click().run()
-    assert key("run") not in at.session_state and not at.exception
+    assert not at.session_state[key("runs")] and not at.exception
     assert any(literal(message) in error.value for error in at.error)
     assert at.text_area(key=key("prompt")).value == "a (red:1.2.3) car"
 
@@ -30,7 +30,7 @@ def test_bad_syntax_is_said_under_the_prompt_and_refused_at_generate_keeping_the
 def test_a_lora_tag_naming_no_adapter_of_the_session_is_refused_naming_it(app_env):
     at = open_page(prompt="a fox <lora:film-grain:0.6>", seed=3)
     at.button(key=key("start")).click().run()
-    assert key("run") not in at.session_state
+    assert not at.session_state[key("runs")]
     message = "The prompt's tag asks for the LoRA `film-grain`, but this session has no adapter of that name; its adapters: none."
     assert [error.value.split("\n\n")[0] for error in at.error] == [literal(message)]
 
