@@ -165,7 +165,9 @@ def test_fp32_and_bf16_runs_then_fp16_weights_come_back_exactly(sd):
     assert_plain(sd.obj)
 
 
-def test_a_real_out_of_memory_is_reported_and_the_gpu_keeps_serving(sd):
+def test_a_real_out_of_memory_is_reported_and_the_gpu_keeps_serving(sd, monkeypatch):
+    # Admission control (issue 17.4) refuses this run before it starts; the out-of-memory path is what is tested here.
+    monkeypatch.setattr(generation, "check_memory", lambda model, settings: None)
     before = torch.cuda.memory_allocated(CUDA)
     huge = replace(BASE, width=2048, height=2048, num_images=8, steps=1)
     try:

@@ -39,7 +39,9 @@ def encode_prompts(
     """
     positive = tokenize_prompt(tokenizer, prompt)
     negative = tokenize_prompt(tokenizer, negative_prompt, read_tags=False)  # A1111 reads tags from the prompt only
-    with torch.inference_mode():
+    # no_grad as diffusers' own pipelines run, not inference_mode: the text encoder's CUDA graph keeps static input
+    # tensors, and one captured under inference_mode refuses the copies of a later caller outside it (shared batches).
+    with torch.no_grad():
         sides = [[_encode_chunk(text_encoder, chunk, device) for chunk in side.chunks] for side in (positive, negative)]
         longest = max(len(side) for side in sides)
         if any(len(side) < longest for side in sides):
