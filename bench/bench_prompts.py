@@ -59,7 +59,7 @@ def main() -> None:
     plan = sweeps.plan_sweep(base, sweeps.parse_axis(sweeps.AxisKind.CFG_SCALE, "4-10 [4]", name="X"),
                              sweeps.parse_axis(sweeps.AxisKind.SEED, "1-4", name="Y"))
     one_by_one = timed(lambda: [generation.generate(model, cell.settings) for cell in plan.cells], device)
-    swept = timed(lambda: sweeps.run_sweep(plan, lambda s, loras: [i.image for i in generation.generate(model, s).images], model.spec.repo_id), device)
+    swept = timed(lambda: sweeps.run_sweep(plan, lambda s, loras: [i.image for i in generation.generate(model, s).images], model.spec.repo_id, is_standin=model.is_standin), device)
     emit("4x4 X/Y plot (CFG x seed), 16 images and the grid", one_by_one, swept, "s", False, cells=len(plan.cells), **details)
 
 
