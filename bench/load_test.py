@@ -434,22 +434,29 @@ class AppTestSession:
         started = time.perf_counter()
         apptest_run(at.button(key="generate:start").click())
         self.check_page()
-        if "generate:run" not in at.session_state:  # the run ended before the click's own rerun did: already in the gallery
+        from core.app_state import get_job_board
+
+        runs = at.session_state["generate:runs"] if "generate:runs" in at.session_state else {}
+        if not runs:  # the run ended before the click's own rerun did: already in the gallery
             return self.check_generated(run_number, prompt, started, QueueFigures(0.0, 0.0, 0, time.perf_counter() - started))
-        job = at.session_state["generate:run"].job
-        left_s, first_waiting_s, place = None, None, 0
-        while not job.wait(0.05):  # a bounded wait on the job itself, looking at its place in line in between
-            snapshot = job.snapshot()
+        job_id, run = max(runs.items())  # this click's run: the session's newest on the board
+        board = get_job_board()
+        left_s, first_waiting_s, place, snapshot = None, None, 0, None
+        while not board.wait(job_id, 0.05):  # a bounded wait on the job itself, looking at its place in line in between
+            listed = next((job for job in board.jobs(run.owner) if job.id == job_id), None)
+            if listed is None:
+                break
+            snapshot = listed.snapshot
             if queue_place(snapshot.detail):
                 place = max(place, queue_place(snapshot.detail))
                 first_waiting_s = snapshot.elapsed_s if first_waiting_s is None else first_waiting_s
             elif left_s is None and not (snapshot.detail == "starting" or snapshot.detail.startswith("waiting for")):
                 left_s = snapshot.elapsed_s
             if time.perf_counter() - started > REQUEST_TIMEOUT_S:
-                job.cancel()
+                board.cancel(run.owner, job_id)
                 raise LoadFailure(f"the generation still runs after {REQUEST_TIMEOUT_S} s: {snapshot.detail}")
         if left_s is None:  # it ended between two looks, so it left the queue no later than its end
-            left_s = job.snapshot().elapsed_s
+            left_s = snapshot.elapsed_s if snapshot is not None else time.perf_counter() - started
         apptest_run(at)  # as the page's fragment does when it sees the end
         shown_waiting_s = left_s - first_waiting_s if first_waiting_s is not None else 0.0
         return self.check_generated(run_number, prompt, started, QueueFigures(left_s, shown_waiting_s, place, None))
