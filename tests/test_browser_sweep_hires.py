@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 from playwright.sync_api import expect
 from test_browser_generate import WAIT_MS, set_number
 
@@ -21,6 +22,20 @@ def open_small_form(app_url, page) -> None:
         set_number(page, label, value)
 
 
+def choose(page, label: str, option: str) -> None:
+    """Pick `option` in the selectbox labelled `label`. A click that lands while the script reruns leaves the list
+    closed (seen in CI on a loaded 2-core machine), so the list is opened again until the option shows."""
+    box = page.locator("[data-testid='stSelectbox']").filter(has_text=label)
+    for _ in range(3):
+        box.click()
+        try:
+            page.get_by_role("option", name=option).click(timeout=10_000)
+            return
+        except PlaywrightTimeoutError:
+            wait_for_app_idle(page)
+    raise AssertionError(f"the {label!r} list never showed {option!r}")
+
+
 def test_a_two_by_two_sweep_shows_its_labelled_grid(app_url, page):
     open_small_form(app_url, page)
     page.get_by_text("X/Y plot", exact=True).click()
@@ -28,8 +43,7 @@ def test_a_two_by_two_sweep_shows_its_labelled_grid(app_url, page):
     x_values.fill("1, 2")
     x_values.press("Enter")
     wait_for_app_idle(page)
-    page.locator("[data-testid='stSelectbox']").filter(has_text="Y type").click()
-    page.get_by_role("option", name="CFG scale").click()
+    choose(page, "Y type", "CFG scale")
     wait_for_app_idle(page)
     y_values = page.get_by_label("Y values", exact=True)
     y_values.fill("1, 9")
