@@ -224,11 +224,39 @@ def whole_runs(root: Path) -> None:
                                   "wall_ms": round(wall_ms, 1), **timeline(run)}), flush=True)
 
 
+@torch.inference_mode()
+def unet_rows(root: Path) -> None:
+    """What a shared batch can gain (issue 20): the UNet step and the VAE decode per row as the batch grows, graphed
+    eager and graphed compiled, as the app loads SD 1.5 (fp16, channels-last). If 16 rows cost more than 4 times 2
+    rows, 8 images together cannot be done 2 times sooner than one after another, whatever the scheduling."""
+    build_full_size_sd(root)
+    pipe = ModelManager(Settings(models_root=root, standin_dir=root / "standins", compile=False)).get(MODELS["sd15"]).obj
+    unet, vae = pipe.unet, pipe.vae
+    for compile_mode in (None, "default"):
+        for rows in (2, 4, 8, 16):
+            if compile_mode and rows not in (2, 16):
+                continue
+            sample = torch.randn(rows, 4, 64, 64, device=CUDA, dtype=unet.dtype)
+            inputs = (sample, torch.full((rows,), 500.0, device=CUDA), torch.randn(rows, 77, 768, device=CUDA, dtype=unet.dtype))
+            started = time.perf_counter()
+            step = torch.compile(cuda_graphs.unet_step, mode=compile_mode, dynamic=False) if compile_mode else cuda_graphs.unet_step
+            graph = cuda_graphs._Graph(lambda *t, f=step: f(unet, *t), inputs)
+            measure("SD1.5 UNet step, CUDA graph", lambda g=graph, i=inputs: g(*i), rows=rows, compile=compile_mode,
+                    setup_s=round(time.perf_counter() - started, 1))
+            del graph
+        for images in (1, 8):
+            latents = torch.randn(images, 4, 64, 64, device=CUDA, dtype=vae.dtype)
+            decode = torch.compile(cuda_graphs.vae_decode_step, mode=compile_mode, dynamic=False) if compile_mode else cuda_graphs.vae_decode_step
+            measure("SD1.5 VAE decode 512x512", lambda d=decode, x=latents: d(vae, x), repeats=5, images=images, compile=compile_mode)
+        torch._dynamo.reset()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--compile", nargs="*", metavar="MODE", help="time torch.compile in these modes instead")
     parser.add_argument("--vit", action="store_true", help="ViT-base's attention implementations only")
     parser.add_argument("--pipeline", action="store_true", help="whole SD images on the app's path only")
+    parser.add_argument("--rows", action="store_true", help="the UNet step and VAE decode per row as the batch grows only")
     args = parser.parse_args()
     print(json.dumps({"environment": environment(CUDA)}), flush=True)
     root = Path(tempfile.mkdtemp())
@@ -237,6 +265,9 @@ def main() -> None:
         return
     if args.pipeline:
         whole_runs(root)
+        return
+    if args.rows:
+        unet_rows(root)
         return
     if args.compile is not None:
         compiled(root, args.compile)
