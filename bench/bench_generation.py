@@ -59,11 +59,12 @@ def build_full_size_sd(models_root: Path) -> Path:
     return folder
 
 
-def dpm_model_and_settings(device: torch.device, standin: bool) -> tuple[LoadedModel, GenerationSettings]:
-    """The SD1.5 model (full size, random weights; or the tiny stand-in) in a fresh folder, compile off, and the
-    25-step DPM++ 2M Karras 512² settings the per-request targets name (the stand-in: 64², 4 steps)."""
+def dpm_model_and_settings(device: torch.device, standin: bool, compile_: bool = False) -> tuple[LoadedModel, GenerationSettings]:
+    """The SD1.5 model (full size, random weights; or the tiny stand-in) in a fresh folder, compile off unless asked,
+    and the 25-step DPM++ 2M Karras 512² settings the per-request targets name (the stand-in: 64², 4 steps)."""
     root = Path(tempfile.mkdtemp())
-    settings = Settings(models_root=root / "models", standin_dir=root / "standins", standin_fallback=standin, device=device.type, compile=False)
+    settings = Settings(models_root=root / "models", standin_dir=root / "standins", standin_fallback=standin, device=device.type,
+                        compile=compile_, compile_cache_dir=root / "inductor")
     if not standin:
         build_full_size_sd(root / "models")
     model = ModelManager(settings).get(MODELS["sd15"], allow_standin=standin)

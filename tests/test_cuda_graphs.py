@@ -92,12 +92,32 @@ def test_graphed_text_encoder_off_the_gpu_leaves_forward_as_it_was():
 
 
 @pytest.mark.parametrize("timestep", [torch.tensor(981), torch.tensor(981.5), 981, 981.5])
-def test_a_timestep_is_filled_in_on_the_device_with_its_value_and_type(timestep):
-    on_device = cuda_graphs.timestep_on(torch.device("meta"), timestep)  # meta: a device other than the CPU, no GPU needed
-    expected = torch.as_tensor(timestep)
-    assert on_device.device.type == "meta" and on_device.shape == expected.shape and on_device.dtype == expected.dtype
-    cpu = torch.tensor(5)
-    assert cuda_graphs.timestep_on(torch.device("cpu"), cpu) is cpu
+def test_a_timestep_is_filled_in_on_the_device_as_one_float_per_row(timestep):
+    on_device = cuda_graphs.timestep_on(torch.device("meta"), timestep, 2)  # meta: a device other than the CPU, no GPU needed
+    assert on_device.device.type == "meta" and on_device.shape == (2,) and on_device.dtype == torch.float32
+    on_cpu = cuda_graphs.timestep_on(torch.device("cpu"), timestep, 2)
+    assert on_cpu.tolist() == [float(timestep)] * 2
+
+
+def test_a_timestep_already_in_the_rows_form_on_the_device_is_passed_as_it_is():
+    rows = torch.tensor([5.0, 7.0])
+    assert cuda_graphs.timestep_on(torch.device("cpu"), rows, 2) is rows
+
+
+@pytest.mark.parametrize("timestep", [torch.tensor(981), torch.tensor(981.25)])
+def test_a_unet_gives_the_same_output_for_a_scalar_timestep_and_one_float_per_row(timestep):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
+    sample, context = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        scalar = unet(sample, timestep, context, return_dict=False)[0]
+        per_row = unet(sample, cuda_graphs.timestep_on(torch.device("cpu"), timestep, 2), context, return_dict=False)[0]
+    assert torch.equal(scalar, per_row)
 
 
 def test_unet_calls_say_which_path_served_them():
@@ -115,7 +135,7 @@ def test_a_graphed_unet_run_serves_plain_calls_from_graphs_and_the_rest_eagerly(
             self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
 
         def forward(self, sample, timestep, encoder_hidden_states, cross_attention_kwargs=None, return_dict=True):
-            out = self.conv(sample) * timestep.float() + encoder_hidden_states.mean()
+            out = self.conv(sample) * timestep.float().reshape(-1, 1, 1, 1) + encoder_hidden_states.mean()
             return (out,) if not return_dict else {"sample": out}
 
     unet = UNetLike().cuda().half()

@@ -197,14 +197,17 @@ def unet_step(unet: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tenso
     return type(unet).forward(unet, sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
-def timestep_on(device: torch.device, timestep: torch.Tensor | float) -> torch.Tensor:
-    """The timestep as a tensor on `device`; one from the CPU is filled in on the device, not copied: a copy from
-    pageable host memory makes the CPU wait for the GPU to finish its queue (sd_pipeline.keep_timesteps_on_the_cpu)."""
-    if isinstance(timestep, torch.Tensor):
-        if timestep.device == device:
-            return timestep
-        return torch.full(timestep.shape, timestep.item(), dtype=timestep.dtype, device=device)
-    return torch.full((), timestep, device=device)
+def timestep_on(device: torch.device, timestep: torch.Tensor | float, rows: int) -> torch.Tensor:
+    """The timestep as one float32 value per row on `device`, the form the UNet computes its embedding from (diffusers'
+    `get_timestep_embedding` expands a scalar to the batch and takes `.float()`): a solo run's call then has the same
+    shapes as a shared batch's of its row count (core.tasks.shared_batch), and both replay one graph.
+
+    One from the CPU is filled in on the device, not copied: a copy from pageable host memory makes the CPU wait for the
+    GPU to finish its queue (sd_pipeline.keep_timesteps_on_the_cpu)."""
+    if isinstance(timestep, torch.Tensor) and timestep.device == device:
+        return timestep.float().expand(rows).contiguous() if timestep.shape != (rows,) or timestep.dtype != torch.float32 else timestep
+    value = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
+    return torch.full((rows,), float(value), dtype=torch.float32, device=device)
 
 
 @contextmanager
@@ -228,7 +231,7 @@ def graphed_unet(unet: torch.nn.Module, accel: Acceleration, allowed: bool = Tru
         if not plain:
             path, output = "eager", type(unet).forward(unet, sample, timestep, encoder_hidden_states, *args, **kwargs)
         else:
-            inputs = (sample, timestep_on(sample.device, timestep), encoder_hidden_states)
+            inputs = (sample, timestep_on(sample.device, timestep, len(sample)), encoder_hidden_states)
             if accel.cuda_graphs:
                 result, path = _served(unet, entry, unet_step, inputs, accel)
             elif (fast := compiled.ready(unet, unet_step, inputs, accel.compile)) is not None:
