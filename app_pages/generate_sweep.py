@@ -129,7 +129,7 @@ def show_sweep_outcome() -> None:
     made, total = len(outcome.cells), len(outcome.plan.cells)
     if outcome.cancelled:
         st.info(f"Stopped after {made} of {total} cells: the others are grey.", icon="⏹️")
-    st.image(outcome.grid, caption=literal(f"X/Y plot: {outcome.plan.x.title}" + (f" × {outcome.plan.y.title}" if outcome.plan.y else "")), output_format="PNG")
+    st.image(outcome.grid_png, caption=literal(f"X/Y plot: {outcome.plan.x.title}" + (f" × {outcome.plan.y.title}" if outcome.plan.y else "")), output_format="PNG")
     suffix = STANDIN_FILE_SUFFIX if outcome.is_standin else ""
     grid_column, cells_column = st.columns(2)
     grid_column.download_button("Grid PNG", outcome.grid_png, file_name=f"xy-plot{suffix}.png", mime="image/png", key="generate:sweep_grid_png",

@@ -244,6 +244,18 @@ def test_the_grid_png_names_its_axes_and_reads_back_as_its_first_cell():
 # Running
 
 
+def test_a_cells_png_is_encoded_only_when_asked_for_and_once(monkeypatch):
+    encoded = []
+    real_png_bytes = pnginfo.png_bytes
+    monkeypatch.setattr(pnginfo, "png_bytes", lambda *args, **kwargs: encoded.append(args[1]) or real_png_bytes(*args, **kwargs))
+    plan = plan_sweep(BASE, cfg(), seed_axis())
+    result = sweeps.run_sweep(plan, solid, MODEL, is_standin=False)
+    assert encoded == []  # the plot's own time is the cells' and the grid's only
+    first = result.cells[0].png
+    assert result.cells[0].png is first and encoded == [plan.cells[0].settings]
+    assert pnginfo.parse_parameters(pnginfo.read_parameters(first)).settings == plan.cells[0].settings
+
+
 def test_run_sweep_makes_every_cell_in_order_and_reports_each():
     plan = plan_sweep(BASE, cfg(), seed_axis())
     reported = []
