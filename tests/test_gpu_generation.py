@@ -39,7 +39,9 @@ def sd(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("full-size")
     build_full_size_sd(root / "models")
     # Compile off: a background compile finishing mid-test would change the path; test_compiled_steps turns it on.
-    manager = ModelManager(Settings(models_root=root / "models", standin_dir=root / "standins", compile=False, compile_cache_dir=root / "inductor"))
+    # Shared batches off: these tests are about the solo path (graph vs eager bit for bit); the shared test turns them on.
+    manager = ModelManager(Settings(models_root=root / "models", standin_dir=root / "standins", compile=False, shared_batches=False,
+                                    compile_cache_dir=root / "inductor"))
     model = manager.get(MODELS["sd15"])
     assert not model.is_standin and model.dtype == torch.float16 and model.device.type == "cuda"
     yield model

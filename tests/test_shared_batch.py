@@ -212,6 +212,14 @@ def test_a_batch_over_the_row_limit_waits_for_a_free_place(sd, unet_rows):
     assert places == [1]
 
 
+def test_a_batch_takes_only_the_rows_the_available_memory_holds(sd, unet_rows, monkeypatch):
+    four_rows = sd_settings.estimate_memory(sd.info, GenerationSettings(width=RED.width, height=RED.height, num_images=2)).total_bytes
+    monkeypatch.setattr(generation, "memory_available_bytes", lambda pipe, device: four_rows)
+    denoiser = SharedDenoiser(sd.obj, sd.device, collect_window_s=0, info=sd.info)
+    together(denoiser, replace(RED, steps=2), replace(BOAT, steps=2), replace(CATS, steps=2))
+    assert [shape[0] for shape in unet_rows] == [4, 4, 2, 4, 4]  # as with a limit of 4 rows set by hand (above)
+
+
 def test_a_waiting_request_hears_its_place_in_the_gpu_queue(sd, denoiser):
     told, places = threading.Event(), []
 

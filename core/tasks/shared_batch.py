@@ -33,6 +33,7 @@ from PIL import Image
 from core.accel import EAGER, Acceleration, cuda_graphs
 from core.errors import GpuOutOfMemoryError
 from core.gpu.queue import SlotAbandoned, queue_for
+from core.models.info import ModelInfo
 from core.models.manager import LoadedModel
 from core.models.memory import out_of_memory_guard
 from core.tasks import generation
@@ -48,6 +49,7 @@ from core.tasks.sd_settings import (
     MemoryMode,
     Mode,
     Precision,
+    estimate_memory,
     memory_remedy,
 )
 
@@ -183,8 +185,10 @@ class SharedDenoiser:
         max_batch_rows: int = MAX_BATCH_ROWS,
         collect_window_s: float = COLLECT_WINDOW_S,
         buckets: tuple[int, ...] = BATCH_BUCKETS,
+        info: ModelInfo | None = None,
     ) -> None:
         self._pipe = weakref.ref(pipe)  # the model manager may evict the model: a denoiser never keeps it loaded
+        self.info = info  # the model's components: with it, a batch takes only the rows the device's memory holds
         self.device = device
         self.accel = accel  # the model's: CUDA graphs per batch-size bucket where on
         self.max_batch_rows = max_batch_rows
@@ -267,7 +271,20 @@ class SharedDenoiser:
                 entry.future.set_exception(JobCancelled())
             return not self._waiting
 
-    def _admit(self, key: tuple, rows_in_use: int) -> list[_Waiting]:
+    def _rows_that_fit(self, pipe: Any, key: tuple[int, int, Precision]) -> int:
+        """The batch's row limit: `max_batch_rows`, halved while the memory available now could not hold that many rows
+        by the run estimate admission control uses (generation.check_memory), so that on a small card a batch never runs
+        out where each of its runs alone would not. Never below one guided image's rows."""
+        if self.info is None:
+            return self.max_batch_rows
+        width, height, precision = key
+        available = generation.memory_available_bytes(pipe, self.device)
+        rows = self.max_batch_rows
+        while rows > 2 and estimate_memory(self.info, GenerationSettings(width=width, height=height, num_images=rows // 2, precision=precision)).total_bytes > available:
+            rows //= 2
+        return rows
+
+    def _admit(self, key: tuple, rows_in_use: int, row_limit: int) -> list[_Waiting]:
         """The waiting requests, from the front, that share `key` and fit; the rest hear their new place in line.
 
         None once another run waits for the device (an image to image run, another model): the batch then ends with
@@ -278,7 +295,7 @@ class SharedDenoiser:
         with self._changed:
             while not others_wait and self._waiting and self._waiting[0].request.batch_key == key:
                 rows = self._waiting[0].request.rows
-                if rows_in_use and rows_in_use + rows > self.max_batch_rows:  # a request over the limit runs, alone
+                if rows_in_use and rows_in_use + rows > row_limit:  # a request over the limit runs, alone
                     break
                 admitted.append(self._waiting.popleft())
                 rows_in_use += rows
@@ -305,6 +322,7 @@ class SharedDenoiser:
                 if self.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(self.device)
                 helper = run_pipeline(pipe, Mode.TEXT_TO_IMAGE, DEFAULT_SCHEDULER)  # encode, decode
+                row_limit = self._rows_that_fit(pipe, key)
                 with (
                     torch.no_grad(),
                     cuda_graphs.graphed_unet(pipe.unet, self.accel) as unet_calls,
@@ -314,7 +332,7 @@ class SharedDenoiser:
                     embeds = _BatchEmbeds()
                     while True:
                         active = [entry for entry in active if not _dropped_if_cancelled(entry)]
-                        for entry in self._admit(key, sum(a.request.rows for a in active)):
+                        for entry in self._admit(key, sum(a.request.rows for a in active), row_limit):
                             started = _started(pipe, helper, entry)
                             if started is not None:
                                 active.append(started)
@@ -475,7 +493,7 @@ def denoiser_for(model: LoadedModel) -> SharedDenoiser:
     with _denoisers_lock:
         denoiser = _denoisers.get(model.obj)
         if denoiser is None:
-            denoiser = _denoisers[model.obj] = SharedDenoiser(model.obj, model.device, model.accel)
+            denoiser = _denoisers[model.obj] = SharedDenoiser(model.obj, model.device, model.accel, info=model.info)
         return denoiser
 
 
