@@ -260,9 +260,14 @@ def images_phrase(count: int) -> str:
 
 
 def settings_line(settings: GenerationSettings) -> str:
+    width, height = settings.output_size
     return (
-        f"{settings.mode} · {settings.steps} steps · {settings.scheduler} · CFG {settings.guidance_scale:g} · {settings.width}×{settings.height} · "
-        f"seed {settings.seed} · {settings.precision} · memory mode {settings.memory_mode}"
+        f"{settings.mode} · {settings.steps} steps · {settings.scheduler} · CFG {settings.guidance_scale:g} · "
+        + (f"{settings.width}×{settings.height} → hires fix {width}×{height} ({settings.hires_upscaler}, "
+           f"{settings.hires_denoising_steps} steps at strength {settings.hires_strength:g})" if settings.hires else f"{width}×{height}")
+        + f" · seed {settings.seed}"
+        + (f" · variation seed {settings.variation_seed} at {settings.variation_strength:g}" if settings.varied else "")
+        + f" · {settings.precision} · memory mode {settings.memory_mode}"
         + (f" · strength {settings.strength:g}" if settings.mode is not Mode.TEXT_TO_IMAGE else "")
         + "".join(f" · LoRA {literal(name)} ×{weight:g}" for name, weight in settings.loras)
     )

@@ -51,6 +51,8 @@ def test_the_hires_inputs_make_a_larger_image_and_a_varied_one(app_env):
     assert (result.settings.variation_seed, result.settings.variation_strength, result.settings.hires_upscaler) == (77, 0.5, HiresUpscaler.IMAGE)
     text = pnginfo.read_parameters(at.session_state[key("gallery")][0].pngs[0])
     assert "Variation seed: 77, Variation seed strength: 0.5" in text and "Hires upscale: 2" in text
+    caption = next(c.value for c in at.caption if "steps" in c.value and "seed 5" in c.value)
+    assert "64×64 → hires fix 128×128" in caption and "variation seed 77 at 0.5" in caption  # the gallery says what was made
 
 
 def test_hires_inputs_are_off_by_default_and_a_too_large_scale_is_refused(app_env):
