@@ -21,6 +21,7 @@ import time
 import weakref
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -75,6 +76,14 @@ class _Request:
         return self.output
 
 
+@dataclass(frozen=True)
+class BatcherCounts:
+    """What a batcher has run so far: benchmarks read requests per forward from it."""
+
+    forwards: int  # merged forwards, each counted once (a failed one's solo retries are not counted again)
+    requests: int
+
+
 class Seat:
     """A request announced to its batcher (`SessionBatcher.joining`): a leader waits a little for it."""
 
@@ -104,6 +113,7 @@ class SessionBatcher:
         self._queue: list[_Request] = []  # submitted, not yet taken into a forward
         self._busy = False  # a leader is collecting or running a forward
         self._preparing = 0  # requests inside joining() that have not submitted yet
+        self._counts = BatcherCounts(0, 0)
 
     @contextmanager
     def joining(self) -> Iterator[Seat]:
@@ -123,6 +133,10 @@ class SessionBatcher:
         """`seat.run` without announcing first: for inputs already prepared."""
         with self.joining() as seat:
             return seat.run(inputs, forward, key)
+
+    def counts(self) -> BatcherCounts:
+        with self._changed:
+            return self._counts
 
     def wait_until_queued(self, count: int, timeout_s: float) -> bool:
         """Whether `count` requests came to wait for the running forward within `timeout_s`: tests and benchmarks line
@@ -195,6 +209,7 @@ class SessionBatcher:
     def _finish(self, batch: list[_Request]) -> None:
         """The batch's requests done, and the next forward handed to the first queued request."""
         with self._changed:
+            self._counts = BatcherCounts(self._counts.forwards + 1, self._counts.requests + len(batch))
             for request in batch:
                 if request.output is None and request.error is None:  # the leader was interrupted (KeyboardInterrupt)
                     request.error = SharedForwardInterruptedError("The forward shared with other sessions was interrupted.")
