@@ -64,7 +64,7 @@ class Threads:
             except Exception as error:  # kept for the test to check
                 self.results[index] = error
 
-        thread = threading.Thread(target=target)
+        thread = threading.Thread(target=target, daemon=True)  # a broken batcher fails the test, never hangs the run
         self._threads.append(thread)
         thread.start()
 
@@ -139,12 +139,19 @@ def test_a_lone_request_runs_at_once_as_a_batch_of_one_without_waiting_the_windo
 
 def test_a_leader_waits_for_a_request_still_preprocessing_and_they_share_one_forward(monkeypatch):
     batcher = SessionBatcher(window_s=3600)
-    leader_waits = threading.Event()
+    leader_waits, leader_acted = threading.Event(), threading.Event()  # acted: it waits, or it ran without waiting
     real_wait = batcher._changed.wait
 
     def noted_wait(timeout=None):
         leader_waits.set()
+        leader_acted.set()
         return real_wait(timeout)
+
+    def early_request() -> torch.Tensor:
+        try:
+            return batcher.run((torch.ones(1, 3),), held, "key")
+        finally:
+            leader_acted.set()
 
     monkeypatch.setattr(batcher._changed, "wait", noted_wait)
     held = HeldForward(doubled, lambda rows: len(rows))
@@ -160,8 +167,9 @@ def test_a_leader_waits_for_a_request_still_preprocessing_and_they_share_one_for
 
     threads.start(late_request)
     assert preprocessing.wait(WAIT_S)
-    threads.start(lambda: batcher.run((torch.ones(1, 3),), held, "key"))
-    assert leader_waits.wait(WAIT_S)  # the leader found one request announced and waits for it
+    threads.start(early_request)
+    assert leader_acted.wait(WAIT_S)
+    assert leader_waits.is_set(), "the leader ran without waiting for the request still preprocessing"
     ready.set()
     late, early = threads.join()
     assert held.rows == [3]
@@ -322,6 +330,7 @@ def test_with_the_setting_off_each_request_runs_its_own_forward(standin_dir, mon
     model = backend.get(MODELS["hotdog"], allow_standin=True)
     assert not model.accel.batch_sessions
     monkeypatch.setattr(cross_session, "batcher_for", lambda *args: pytest.fail("the batcher was used with the setting off"))
+    backend.classify_images(model, PICTURES[:1])  # in this thread, so that a batcher used fails here and at once
     held = HeldForward(classify._forward, lambda module, inputs, accel: len(inputs["pixel_values"]))
     monkeypatch.setattr(classify, "_forward", held)
     threads = Threads()
@@ -330,7 +339,7 @@ def test_with_the_setting_off_each_request_runs_its_own_forward(standin_dir, mon
     others = [backend.classify_images(model, [p]) for p in PICTURES[1:3]]  # done while the first forward is held
     held.release.set()
     (first,) = threads.join()
-    assert held.rows == [1, 1, 1] and len(others) == 2 and first.results[0].name == "0.png"
+    assert held.rows == [1, 1, 1] and len(others) == 2 and first.results[0].name == "0.png"  # the held one, then the others
 
 
 def test_the_settings_reach_each_model_and_its_batcher(standin_dir):
