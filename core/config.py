@@ -170,9 +170,10 @@ def _window_ms(value: str | None, default: float, variable: str) -> float:
         return default
     try:
         window_ms = float(text)
+        in_range = 0 <= window_ms <= MAX_BATCH_WINDOW_MS  # False for nan too
     except ValueError:
-        window_ms = -1.0
-    if not 0 <= window_ms <= MAX_BATCH_WINDOW_MS:
+        in_range = False
+    if not in_range:
         raise SettingsError(f"{variable} must be a number of milliseconds from 0 to {MAX_BATCH_WINDOW_MS:g}, not {value!r}")
     return window_ms
 
