@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -26,7 +25,7 @@ import torch
 from ray import serve
 
 from bench.bench_classifiers import full_size_hotdog, photos
-from bench.common import COMPILE_WAIT_S, emit, environment, median_seconds
+from bench.common import COMPILE_WAIT_S, emit, environment, median_seconds, throughput
 from core.accel import compiled
 from core.backends import ray_client as serving
 from core.backends.ray_config import KINDS, DeploymentOptions, ServingOptions
@@ -71,25 +70,6 @@ def main() -> None:
 def options(**changes: object) -> ServingOptions:
     chosen = DeploymentOptions(**changes)
     return ServingOptions({kind: chosen for kind in KINDS}, {})
-
-
-def throughput(ask: Callable[[], object], clients: int, seconds: float) -> float:
-    """Requests per second with `clients` threads calling `ask()` back to back for `seconds`."""
-    done = [0] * clients
-    deadline = time.perf_counter() + seconds
-
-    def client(index: int) -> None:
-        while time.perf_counter() < deadline:
-            ask()
-            done[index] += 1
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return sum(done) / (time.perf_counter() - started)
 
 
 def run_job(work: Callable[[JobContext], object]) -> None:

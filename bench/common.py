@@ -5,6 +5,7 @@ import json
 import os
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -86,3 +87,22 @@ def emit(figure: str, naive: float | None, ours: float, unit: str, higher_is_bet
     record = {"figure": figure, "naive": naive, "ours": ours, "unit": unit, "ratio": ratio, **details}
     print(json.dumps(record), flush=True)
     return record
+
+
+def throughput(ask: Callable[[], object], clients: int, seconds: float) -> float:
+    """Requests per second with `clients` threads calling `ask()` back to back for `seconds`."""
+    done = [0] * clients
+    deadline = time.perf_counter() + seconds
+
+    def client(index: int) -> None:
+        while time.perf_counter() < deadline:
+            ask()
+            done[index] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(done) / (time.perf_counter() - started)

@@ -160,6 +160,24 @@ def _positive_int(value: str | None, default: int, variable: str) -> int:
     return int(text)
 
 
+# A longer window would add its wait to every request that meets another: more than this is surely a unit mistake (s).
+MAX_BATCH_WINDOW_MS = 100.0
+
+
+def _window_ms(value: str | None, default: float, variable: str) -> float:
+    text = (value or "").strip()
+    if not text:
+        return default
+    try:
+        window_ms = float(text)
+        in_range = 0 <= window_ms <= MAX_BATCH_WINDOW_MS  # False for nan too
+    except ValueError:
+        in_range = False
+    if not in_range:
+        raise SettingsError(f"{variable} must be a number of milliseconds from 0 to {MAX_BATCH_WINDOW_MS:g}, not {value!r}")
+    return window_ms
+
+
 def _flag(value: str | None, default: bool, variable: str) -> bool:
     if value is None or value.strip() == "":
         return default
@@ -221,6 +239,13 @@ class Settings:
     # each image as its run alone makes it (within rounding). On a GPU only (the model manager's Acceleration): on the
     # H100 8 simultaneous images were done 1.49 times sooner and a lone run within 2 % (docs/BATCHING.md).
     shared_batches: bool = True
+    # Classifier and sentiment requests of different sessions that reach a model together share one forward
+    # (core.tasks.cross_session), each request's probabilities as alone within rounding. A lone request runs at once:
+    # only requests still preprocessing when a forward starts are waited for, at most `batch_window_ms`.
+    batch_sessions: bool = True
+    # How long a forward may wait for requests that announced themselves (sessions preprocessing their input); a few
+    # ms lets 16 sessions that ask together share one or two forwards instead of the first going alone.
+    batch_window_ms: float = 2.0
     # Every generated image with its settings (core.tasks.image_history): SQLite and PNG files, per user or browser.
     # On a Space it belongs on the persistent volume (the Dockerfile sets /data/history).
     history_dir: Path = Path.home() / ".cache" / "model-dashboard" / "history"
@@ -273,6 +298,8 @@ class Settings:
         compile_ = checked(_flag, env.get("DASH_COMPILE"), True, "DASH_COMPILE")
         cpu_bf16 = checked(_flag, env.get("DASH_CPU_BF16"), True, "DASH_CPU_BF16")
         shared_batches = checked(_flag, env.get("DASH_SHARED_BATCH"), True, "DASH_SHARED_BATCH")
+        batch_sessions = checked(_flag, env.get("DASH_BATCH_SESSIONS"), True, "DASH_BATCH_SESSIONS")
+        batch_window_ms = checked(_window_ms, env.get("DASH_BATCH_WINDOW_MS"), cls.batch_window_ms, "DASH_BATCH_WINDOW_MS")
         backend = env.get("DASH_BACKEND", "local").strip().lower() or "local"
         if backend not in BACKENDS:
             errors.append(f"DASH_BACKEND must be {' or '.join(BACKENDS)}, not {backend!r}")
@@ -309,6 +336,8 @@ class Settings:
             admins=admins,
             evict_to=EvictTo(evict_to),
             shared_batches=shared_batches,
+            batch_sessions=batch_sessions,
+            batch_window_ms=batch_window_ms,
             history_dir=Path(history_dir).expanduser() if history_dir else cls.history_dir,
             history_max_bytes=history_max_bytes,
             max_queued_runs=max_queued_runs,
@@ -357,6 +386,7 @@ def describe(settings: Settings) -> str:
         f"torch.compile:    {f'on CUDA, in the background, cache {settings.compile_cache_dir}' if settings.compile else 'off (DASH_COMPILE)'}",
         f"CPU bf16:         {'hot dog and sentiment, where the CPU has it natively' if settings.cpu_bf16 else 'off (DASH_CPU_BF16)'}",
         f"shared batches:   {'on a GPU, text-to-image runs of different sessions share UNet calls' if settings.shared_batches else 'off (DASH_SHARED_BATCH): each run alone'}",
+        f"session batches:  {f'classifier and sentiment requests that meet share a forward (window {settings.batch_window_ms:g} ms)' if settings.batch_sessions else 'off (DASH_BATCH_SESSIONS): each request its own forward'}",
         f"image history:    {settings.history_dir}, at most {settings.history_max_bytes / 2**30:.1f} GiB (oldest removed first)",
         f"queued runs:      at most {settings.max_queued_runs} per user",
         f"backend:          {_describe_backend(settings)}",

@@ -151,3 +151,17 @@ def test_check_command_prints_the_torch_hub_and_pickle_settings():
     assert done.returncode == 0, done.stderr
     assert "torch.hub repos:  pytorch/vision, someone/models" in done.stdout
     assert "full pickle:      ALLOWED (DASH_ALLOW_PICKLE)" in done.stdout
+
+
+def test_session_batching_is_on_by_default_and_its_window_is_checked(tmp_path: Path):
+    missing = tmp_path / "missing.toml"
+    default = Settings.from_env({}, secrets_file=missing)
+    assert default.batch_sessions is True and default.batch_window_ms == 2.0
+    chosen = Settings.from_env({"DASH_BATCH_SESSIONS": "off", "DASH_BATCH_WINDOW_MS": "0.5"}, secrets_file=missing)
+    assert chosen.batch_sessions is False and chosen.batch_window_ms == 0.5
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"DASH_BATCH_SESSIONS": "maybe", "DASH_BATCH_WINDOW_MS": "2s"}, secrets_file=missing)
+    assert "DASH_BATCH_SESSIONS must be 1 or 0" in str(caught.value) and "DASH_BATCH_WINDOW_MS must be a number of milliseconds from 0 to 100, not '2s'" in str(caught.value)
+    for text in ("-1", "250", "nan"):
+        with pytest.raises(SettingsError, match=f"DASH_BATCH_WINDOW_MS .*{text!r}"):
+            Settings.from_env({"DASH_BATCH_WINDOW_MS": text}, secrets_file=missing)

@@ -17,19 +17,23 @@ from core.tasks.unconditional import UnconditionalResult, UnconditionalSettings
 
 
 class LocalBackend(ModelManager):
-    """The model manager of this process, with each task run directly on its models (the `Backend` protocol)."""
+    """The model manager of this process, with each task run directly on its models (the `Backend` protocol).
+
+    Classifier and sentiment requests of different sessions share forwards here when the model's
+    `accel.batch_sessions` is on (core.tasks.cross_session); a Ray replica's manager calls the tasks without it, as
+    Serve batches its requests itself."""
 
     def classify_images(self, model: LoadedModel, images: Sequence[DecodedImage]) -> ClassificationRun:
-        return classify.classify_images(model, list(images))
+        return classify.classify_images(model, list(images), across_sessions=model.accel.batch_sessions)
 
     def classify(self, model: LoadedModel, images: Sequence[DecodedImage], top_k: int) -> ClassificationRun:
-        return imagenet.classify(model, list(images), top_k)
+        return imagenet.classify(model, list(images), top_k, across_sessions=model.accel.batch_sessions)
 
     def grad_cam(self, model: LoadedModel, image: DecodedImage, class_index: int) -> Saliency:
         return imagenet.grad_cam(model, image, class_index)
 
     def score_texts(self, model: LoadedModel, texts: Sequence[str], context: JobContext | None = None) -> SentimentScores:
-        return sentiment.score_texts(model, texts, context)
+        return sentiment.score_texts(model, texts, context, across_sessions=model.accel.batch_sessions)
 
     def explain(self, model: LoadedModel, text: str, method: str, steps: int, label: str | None) -> Attributions:
         return sentiment.explain(model, text, method, steps, label)

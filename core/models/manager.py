@@ -177,6 +177,7 @@ class ModelManager(CountsUses):
         # minutes, where a solo run's checks inside the UNet stop it within a second.
         self.accel = Acceleration(
             cuda_graphs=settings.cuda_graphs, compile=settings.compile, shared_batches=settings.shared_batches and self.device.type == "cuda",
+            batch_sessions=settings.batch_sessions, batch_window_ms=settings.batch_window_ms,
         )
         self.policy = policy or MemoryPolicy.from_settings(settings)
         self._loader = loader

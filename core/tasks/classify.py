@@ -13,6 +13,7 @@ from core.accel.cuda_graphs import graphed_forward
 from core.errors import BadInputError
 from core.models.manager import LoadedModel
 from core.models.memory import out_of_memory_guard
+from core.tasks import cross_session
 from core.tasks.images import DecodedImage
 
 # One forward pass holds at most this many images: bounds activation memory for a large multi-file upload.
@@ -89,7 +90,18 @@ def postprocess(logits: torch.Tensor, id2label: dict[int, str], images: list[Dec
     return [Classification(decoded.name, scores) for decoded, scores in zip(images, scores_from_logits(logits, labels), strict=True)]
 
 
-def classify_images(model: LoadedModel, images: list[DecodedImage]) -> ClassificationRun:
-    """Every image through the pipeline's model, batched; probabilities for every label of its config, highest first."""
+def classify_images(model: LoadedModel, images: list[DecodedImage], across_sessions: bool = False) -> ClassificationRun:
+    """Every image through the pipeline's model, batched; probabilities for every label of its config, highest first.
+
+    `across_sessions`: the forward may be shared with other threads' requests that meet it (core.tasks.cross_session)."""
     pipe = model.obj
-    return run_batched(model, images, lambda chunk: postprocess(_forward(pipe.model, preprocess(pipe, chunk), model.accel), pipe.model.config.id2label, chunk))
+
+    def logits(chunk: list[DecodedImage]) -> torch.Tensor:
+        if not across_sessions:
+            return _forward(pipe.model, preprocess(pipe, chunk), model.accel)
+        return cross_session.forward_with_other_sessions(
+            pipe.model, model.accel, MAX_BATCH, lambda: preprocess(pipe, chunk)["pixel_values"],
+            lambda pixel_values: _forward(pipe.model, {"pixel_values": pixel_values}, model.accel),
+        )
+
+    return run_batched(model, images, lambda chunk: postprocess(logits(chunk), pipe.model.config.id2label, chunk))

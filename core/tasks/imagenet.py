@@ -16,7 +16,8 @@ from core.errors import BadInputError
 from core.models.manager import LoadedModel
 from core.models.memory import out_of_memory_guard
 from core.models.registry import MODELS, ModelSpec
-from core.tasks.classify import Classification, ClassificationRun, run_batched, scores_from_logits
+from core.tasks import cross_session
+from core.tasks.classify import MAX_BATCH, Classification, ClassificationRun, run_batched, scores_from_logits
 from core.tasks.images import DecodedImage
 
 DEFAULT_TOP_K = 5
@@ -70,12 +71,22 @@ def postprocess(logits: torch.Tensor, categories: list[str], images: list[Decode
     return [Classification(d.name, scores) for d, scores in zip(images, scores_from_logits(logits, categories, top_k), strict=True)]
 
 
-def classify(model: LoadedModel, images: list[DecodedImage], top_k: int = DEFAULT_TOP_K) -> ClassificationRun:
-    """The `top_k` most likely ImageNet classes of every image, batched, highest first."""
+def classify(model: LoadedModel, images: list[DecodedImage], top_k: int = DEFAULT_TOP_K, across_sessions: bool = False) -> ClassificationRun:
+    """The `top_k` most likely ImageNet classes of every image, batched, highest first.
+
+    `across_sessions`: the forward may be shared with other threads' requests that meet it (core.tasks.cross_session)."""
     names = categories(model.spec)
     if not 1 <= top_k <= len(names):
         raise BadInputError(f"`top_k` must be between 1 and {len(names)}, not {top_k}.")
-    return run_batched(model, images, lambda chunk: postprocess(_forward(model.obj, preprocess(model, chunk), model.accel), names, chunk, top_k))
+
+    def logits(chunk: list[DecodedImage]) -> torch.Tensor:
+        if not across_sessions:
+            return _forward(model.obj, preprocess(model, chunk), model.accel)
+        return cross_session.forward_with_other_sessions(
+            model.obj, model.accel, MAX_BATCH, lambda: preprocess(model, chunk), lambda batch: _forward(model.obj, batch, model.accel),
+        )
+
+    return run_batched(model, images, lambda chunk: postprocess(logits(chunk), names, chunk, top_k))
 
 
 @dataclass(frozen=True)

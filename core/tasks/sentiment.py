@@ -24,6 +24,7 @@ from core.errors import BadInputError
 from core.models.manager import LoadedModel
 from core.models.memory import out_of_memory_guard
 from core.models.registry import MODELS, ModelSpec, custom_spec, folder_in_models_root, is_typed_folder, is_valid_repo_id
+from core.tasks import cross_session
 from core.tasks.classify import LabelScore
 from core.tasks.jobs import JobContext
 
@@ -37,6 +38,13 @@ BATCH_LIMITS = {"cuda": (512, 65_536), "cpu": (128, 4096)}
 MAX_CHARS = 100_000
 # Lines scored while the page waits (a file upload runs in the background instead): about a second on a CPU.
 MAX_LINES = 2000
+# Requests of at most this many texts (the page's single text, a few lines) may share a forward with other sessions'
+# (core.tasks.cross_session); larger ones (lines, files) keep length-sorted batches of their own.
+SHARED_TEXTS_AT_MOST = 8
+SHARED_BATCH_TEXTS = 64  # texts in one forward shared by sessions
+# Shared texts are padded to the longest of the forward: only texts of the same padded-length class (a power of two,
+# at least this) meet, so that one 500-token text never pads fifteen short ones to 500.
+SHARED_LENGTH_CLASS_MIN = 32
 # Integrated-gradients path points: with Gauss-Legendre nodes (Captum's default) the attributions add up to the
 # output change within about 1% (right Riemann sums need several times more points for the same).
 ATTRIBUTION_STEPS = 16
@@ -213,6 +221,24 @@ def pad_batch(ids: list[list[int]], rows: np.ndarray, pad_id: int, device: torch
     return ids_tensor, mask_tensor
 
 
+def padded_to_longest(pad_id: int) -> cross_session.Merge:
+    """Merges requests' (input_ids, attention_mask) of different lengths: each re-padded to the longest, its own mask
+    kept (zeros over the new padding), so each text is scored as in its own batch."""
+
+    def merge(parts: list[cross_session.Inputs]) -> cross_session.Inputs:
+        longest = max(input_ids.shape[1] for input_ids, _ in parts)
+        input_ids = torch.cat([torch.nn.functional.pad(ids, (0, longest - ids.shape[1]), value=pad_id) for ids, _ in parts])
+        attention_mask = torch.cat([torch.nn.functional.pad(mask, (0, longest - mask.shape[1]), value=0) for _, mask in parts])
+        return input_ids, attention_mask
+
+    return merge
+
+
+def length_class(padded_length: int) -> int:
+    """The power of two (at least SHARED_LENGTH_CLASS_MIN) that a request's padded length falls under."""
+    return max(SHARED_LENGTH_CLASS_MIN, 1 << (padded_length - 1).bit_length())
+
+
 # 2. Forward ----------------------------------------------------------------------------------------------------
 
 
@@ -237,13 +263,16 @@ def _slabs(texts: Sequence[str]) -> Iterator[tuple[int, Sequence[str]]]:
         yield start, texts[start : start + SLAB_TEXTS]
 
 
-def score_texts(model: LoadedModel, texts: Sequence[str], context: JobContext | None = None) -> SentimentScores:
+def score_texts(model: LoadedModel, texts: Sequence[str], context: JobContext | None = None, across_sessions: bool = False) -> SentimentScores:
     """Every text through the model in length-sorted batches; arrays in input order.
 
     With a `context` (from core.tasks.jobs.Job) it reports texts done after each batch and stops at the next batch
-    when the user cancels (raising JobCancelled).
+    when the user cancels (raising JobCancelled). `across_sessions`: a request of a few texts without a context may
+    share its forward with other threads' requests that meet it (core.tasks.cross_session).
     """
     check_inputs(texts)
+    if across_sessions and context is None and len(texts) <= SHARED_TEXTS_AT_MOST:
+        return _score_with_other_sessions(model, texts)
     pipe = model.obj
     limit = model.info.max_tokens
     max_rows, max_batch_tokens = BATCH_LIMITS["cuda" if model.device.type == "cuda" else "cpu"]
@@ -279,6 +308,26 @@ def score_texts(model: LoadedModel, texts: Sequence[str], context: JobContext | 
                 truncated[start : start + len(slab)] = encoded.truncated
     return SentimentScores(
         model.info.labels, probabilities, token_counts, truncated, limit, time.perf_counter() - started,
+        str(model.device), str(model.dtype).removeprefix("torch."), model.spec.title, model.is_standin,
+    )
+
+
+def _score_with_other_sessions(model: LoadedModel, texts: Sequence[str]) -> SentimentScores:
+    """A few texts, tokenised in this thread, in one forward that other sessions' requests may share."""
+    pipe = model.obj
+    limit = model.info.max_tokens
+    pad_id = pipe.tokenizer.pad_token_id or 0
+    batcher = cross_session.batcher_for(
+        pipe.model, lambda: cross_session.SessionBatcher(padded_to_longest(pad_id), SHARED_BATCH_TEXTS, model.accel.batch_window_ms / 1000),
+    )
+    started = time.perf_counter()
+    with out_of_memory_guard(f"classifying {len(texts):,} texts"), batcher.joining() as seat:
+        encoded = preprocess(pipe.tokenizer, texts, limit)
+        input_ids, attention_mask = pad_batch(encoded.ids, np.arange(len(texts)), pad_id, model.device)
+        key = (model.device, length_class(input_ids.shape[1]))
+        logits = seat.run((input_ids, attention_mask), lambda ids, mask: _forward(pipe.model, ids, mask), key)
+    return SentimentScores(
+        model.info.labels, postprocess(logits), encoded.token_counts, encoded.truncated, limit, time.perf_counter() - started,
         str(model.device), str(model.dtype).removeprefix("torch."), model.spec.title, model.is_standin,
     )
 
