@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,3 +183,38 @@ def test_a_batch_between_compiled_sizes_is_served_padded_by_the_compiled_step_wi
     assert served.shape == (3, 1000)
     assert ((served - expected).abs().max() / expected.abs().max()).item() < 1e-2
     compiled.forget(model)
+
+
+@pytest.mark.gpu
+def test_graphs_replay_correctly_after_an_unload_released_memory():
+    """An unload or a failed run calls release_memory() while other models' graphs live on; in a process of its own,
+    because a replay reading freed memory ends that process's CUDA context (it did, when cuBLAS's workspaces were
+    cleared there: the next graph replay was an illegal memory access)."""
+    script = """
+import torch
+from core.accel import Acceleration, cuda_graphs
+from core.models.memory import release_memory
+
+def call(module, inputs):
+    return module(inputs)
+
+torch.manual_seed(0)
+model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(8)]).cuda().half().eval()
+inputs = torch.randn(1, 2048, device="cuda", dtype=torch.half)
+accel = Acceleration(cuda_graphs=True, compile=False)
+with torch.inference_mode():
+    expected = model(inputs)
+    assert torch.equal(cuda_graphs.graphed_forward(model, call, inputs, accel), expected)  # captured here
+    garbage = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    del garbage
+    release_memory()
+    for _ in range(5):
+        assert torch.equal(cuda_graphs.graphed_forward(model, call, inputs, accel), expected)
+    torch.cuda.synchronize()
+print("replays after release_memory: equal")
+"""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0 and "equal" in done.stdout, done.stderr[-3000:]

@@ -151,9 +151,12 @@ def measure_freed(action: Callable[[], int]) -> Freed:
 
 
 def release_memory() -> None:
+    """What unloaded models and failed runs held, back to the driver. cuBLAS's workspaces stay: every CUDA graph that
+    made a matrix product recorded its stream's workspace address, and a replay after they were cleared read freed
+    memory (an illegal memory access on the H100 that ended the process's CUDA context: one unload broke every other
+    loaded model's graphs). They are one per stream, 32 MiB each on an H100, and graph warm-ups share one stream."""
     gc.collect()
     if torch.cuda.is_available():
-        torch._C._cuda_clearCublasWorkspaces()  # one per stream used; they come back on the next matrix product
         torch.cuda.empty_cache()
 
 
