@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -349,3 +350,15 @@ def test_the_settings_reach_each_model_and_its_batcher(standin_dir):
     backend.classify_images(model, PICTURES[:1])
     batcher = existing_batcher(model.obj.model)()
     assert batcher.window_s == 0.0075 and batcher.max_rows == classify.MAX_BATCH
+
+
+@pytest.mark.parametrize(("device", "cuda_graphs", "shared"), [("cpu", True, True), ("cuda", False, True), ("cuda", True, False)])
+def test_image_classifiers_share_forwards_except_on_a_gpu_with_cuda_graphs(manager, monkeypatch, device, cuda_graphs, shared):
+    model = manager.get(MODELS["hotdog"], allow_standin=True)
+    on = replace(model, device=torch.device(device), accel=replace(model.accel, batch_sessions=True, cuda_graphs=cuda_graphs))
+    asked = []
+    monkeypatch.setattr(classify, "classify_images", lambda model, images, across_sessions: asked.append(across_sessions))
+    monkeypatch.setattr(imagenet, "classify", lambda model, images, top_k, across_sessions: asked.append(across_sessions))
+    LocalBackend.classify_images(manager, on, PICTURES[:1])
+    LocalBackend.classify(manager, on, PICTURES[:1], 5)
+    assert asked == [shared, shared]

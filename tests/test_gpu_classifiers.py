@@ -67,7 +67,7 @@ def test_vit_base_hotdog_fp16_agrees_with_fp32(tmp_path: Path, count: int):
     shutil.copy(SHARED_MODELS / "hotdog-not-hotdog" / "preprocessor_config.json", folder)
     fp32, fp16 = load_both(MODELS["hotdog"], loading.ModelSource(str(folder), is_local=True))
     images = photos(count)
-    logits = [classify._forward(m.obj.model, classify.preprocess(m.obj, images)) for m in (fp32, fp16)]
+    logits = [classify._forward(m.obj.model, classify.preprocess(m.obj, images), m.accel) for m in (fp32, fp16)]
     assert_fp16_agrees(*logits, "vit-base")
     runs = [classify.classify_images(m, images) for m in (fp32, fp16)]
     assert runs[1].dtype == "float16"
@@ -84,7 +84,7 @@ def test_resnet50_fp16_agrees_with_fp32(tmp_path: Path, count: int):
     spec = MODELS["resnet50"]
     # The stand-in hub repo: torchvision's full ResNet50 with seeded random weights, through torch.hub's local loader.
     folder = standins.ensure_built(spec, tmp_path)
-    fp32, fp16 = load_both(spec, loading.ModelSource(str(folder), is_local=True))
+    fp32, fp16 = load_both(spec, loading.ModelSource(str(folder), is_local=True, is_standin=True))  # no checkpoint to look for
     torch.testing.assert_close(fp16.obj.conv1.weight.float(), fp32.obj.conv1.weight, rtol=1e-2, atol=1e-4)  # same weights, rounded
     images = photos(count)
     logits = [imagenet._forward(m.obj, imagenet.preprocess(m, images), m.accel) for m in (fp32, fp16)]
