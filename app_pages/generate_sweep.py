@@ -8,12 +8,17 @@ import zipfile
 from collections.abc import Callable
 
 import streamlit as st
+from PIL import Image
 
 from app_pages.common import STANDIN_FILE_SUFFIX, literal, show_error
 from core.api import BadInputError, GenerationSettings, Job, JobState, LoraChoice, ModelSpec, sweeps
 from core.app_state import get_backend
 
 SWEEP_RUN_KEY, SWEEP_OUTCOME_KEY, SWEEP_RATE_KEY = "generate:sweep_run", "generate:sweep_outcome", "generate:sweep_steps_per_s"
+SWEEP_SHOWN_GRID_KEY = "generate:sweep_shown_grid"
+# The grid is shown at most this wide, as a PNG made once: Streamlit scales a wider image down to its content width
+# (1460 px) and encodes it again at every rerun, half a second for a 4x4 plot at 512x512.
+SHOWN_GRID_WIDTH = 1400
 NO_AXIS = "none"
 MANY_CELLS = 16  # from here a sweep is a long wait on a CPU, and minutes on a GPU: say so in a warning
 
@@ -98,6 +103,7 @@ def finish_sweep(sweep_run: Job[sweeps.SweepResult]) -> None:
     if snapshot.state is JobState.DONE and sweep_run.result is not None:
         result = sweep_run.result
         st.session_state[SWEEP_OUTCOME_KEY] = result
+        st.session_state[SWEEP_SHOWN_GRID_KEY] = shown_grid_png(result.grid)
         steps = sum(cell.cell.settings.total_denoising_steps for cell in result.cells)
         if steps and not result.cancelled:
             st.session_state[SWEEP_RATE_KEY] = steps / snapshot.elapsed_s
@@ -129,13 +135,21 @@ def show_sweep_outcome() -> None:
     made, total = len(outcome.cells), len(outcome.plan.cells)
     if outcome.cancelled:
         st.info(f"Stopped after {made} of {total} cells: the others are grey.", icon="⏹️")
-    st.image(outcome.grid_png, caption=literal(f"X/Y plot: {outcome.plan.x.title}" + (f" × {outcome.plan.y.title}" if outcome.plan.y else "")), output_format="PNG")
+    st.image(st.session_state[SWEEP_SHOWN_GRID_KEY], caption=literal(f"X/Y plot: {outcome.plan.x.title}" + (f" × {outcome.plan.y.title}" if outcome.plan.y else "")), output_format="PNG")
     suffix = STANDIN_FILE_SUFFIX if outcome.is_standin else ""
     grid_column, cells_column = st.columns(2)
-    grid_column.download_button("Grid PNG", outcome.grid_png, file_name=f"xy-plot{suffix}.png", mime="image/png", key="generate:sweep_grid_png",
+    grid_column.download_button("Grid PNG", lambda: outcome.grid_png, file_name=f"xy-plot{suffix}.png", mime="image/png", key="generate:sweep_grid_png",
                                 icon="⬇️", on_click="ignore")
     cells_column.download_button("Each cell's PNG (zip)", cells_zip(outcome, suffix), file_name=f"xy-plot-cells{suffix}.zip", mime="application/zip",
                                  key="generate:sweep_cells_zip", icon="🗂️", on_click="ignore", disabled=not outcome.cells)
+
+
+def shown_grid_png(grid: Image.Image) -> bytes:
+    shown = grid.copy()
+    shown.thumbnail((SHOWN_GRID_WIDTH, grid.height))
+    buffer = io.BytesIO()
+    shown.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def cells_zip(outcome: sweeps.SweepResult, suffix: str) -> Callable[[], bytes]:

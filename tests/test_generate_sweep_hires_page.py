@@ -1,9 +1,13 @@
 """The generation page's X/Y plot and "Variation and hires fix" inputs through AppTest, on the stand-in SD pipeline."""
 from __future__ import annotations
 
+import io
+
+from PIL import Image
 from test_generate_page import WAIT_S, generate, key, open_page, texts
 
 from app_pages.common import literal
+from app_pages.generate_sweep import SHOWN_GRID_WIDTH, shown_grid_png
 from core.tasks import pnginfo
 from core.tasks.sd_settings import HiresUpscaler
 
@@ -26,6 +30,10 @@ def test_a_two_by_two_sweep_shows_its_grid_and_each_cells_png(app_env):
     labels = [button.proto.label for button in at.get("download_button")]
     assert "Grid PNG" in labels and "Each cell's PNG (zip)" in labels
     assert any("X/Y plot: CFG scale" in str(image.proto) for image in at.get("image"))
+    shown = Image.open(io.BytesIO(at.session_state[key("sweep_shown_grid")]))
+    assert shown.size == result.grid.size  # narrower than the page: shown as made, encoded once
+    wide = Image.new("RGB", (2432, 2120), "white")
+    assert Image.open(io.BytesIO(shown_grid_png(wide))).size == (SHOWN_GRID_WIDTH, 2120 * SHOWN_GRID_WIDTH // 2432)
 
 
 def test_bad_axis_values_are_one_message_and_no_run(app_env):

@@ -244,16 +244,18 @@ def test_the_grid_png_names_its_axes_and_reads_back_as_its_first_cell():
 # Running
 
 
-def test_a_cells_png_is_encoded_only_when_asked_for_and_once(monkeypatch):
+def test_the_pngs_of_cells_and_grid_are_encoded_only_when_asked_for_and_once(monkeypatch):
     encoded = []
-    real_png_bytes = pnginfo.png_bytes
-    monkeypatch.setattr(pnginfo, "png_bytes", lambda *args, **kwargs: encoded.append(args[1]) or real_png_bytes(*args, **kwargs))
+    real_png_with_parameters = pnginfo.png_with_parameters
+    monkeypatch.setattr(pnginfo, "png_with_parameters", lambda image, text: encoded.append(image.size) or real_png_with_parameters(image, text))
     plan = plan_sweep(BASE, cfg(), seed_axis())
     result = sweeps.run_sweep(plan, solid, MODEL, is_standin=False)
-    assert encoded == []  # the plot's own time is the cells' and the grid's only
+    assert encoded == []  # the plot's own time is its cells' and the grid's assembly
     first = result.cells[0].png
-    assert result.cells[0].png is first and encoded == [plan.cells[0].settings]
+    assert result.cells[0].png is first and encoded == [(BASE.width, BASE.height)]
     assert pnginfo.parse_parameters(pnginfo.read_parameters(first)).settings == plan.cells[0].settings
+    grid = result.grid_png
+    assert result.grid_png is grid and encoded == [(BASE.width, BASE.height), result.grid.size]
 
 
 def test_run_sweep_makes_every_cell_in_order_and_reports_each():

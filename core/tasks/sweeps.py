@@ -500,9 +500,15 @@ class SweepResult:
     plan: SweepPlan
     cells: tuple[SweepCellResult, ...]  # in plan order; fewer than the plan's when cancelled
     grid: Image.Image
-    grid_png: bytes  # with the axes and the first cell's settings
     cancelled: bool
     is_standin: bool  # a stand-in model (random weights) made the cells
+    model_name: str
+
+    @cached_property
+    def grid_png(self) -> bytes:
+        """The grid as a PNG with the axes and the first cell's settings, encoded when first asked for (the page's
+        download): a 4x4 plot's grid at 512x512 is 2432x2120 pixels, about half a second of PNG encoding."""
+        return pnginfo.png_with_parameters(self.grid, grid_parameters_text(self.plan, self.model_name, is_standin=self.is_standin))
 
 
 GenerateOne = Callable[[GenerationSettings, tuple[LoraChoice, ...]], Sequence[Image.Image]]
@@ -538,5 +544,4 @@ def run_sweep(
         results.append(SweepCellResult(cell, image, model_name, is_standin))
         on_cell_done(len(results), len(plan.cells), results[-1])
     grid = grid_image([result.image for result in results], plan)
-    grid_png = pnginfo.png_with_parameters(grid, grid_parameters_text(plan, model_name, is_standin=is_standin))
-    return SweepResult(plan, tuple(results), grid, grid_png, stopped, is_standin)
+    return SweepResult(plan, tuple(results), grid, stopped, is_standin, model_name)
