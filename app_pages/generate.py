@@ -264,7 +264,7 @@ def settings_line(settings: GenerationSettings) -> str:
     return (
         f"{settings.mode} · {settings.steps} steps · {settings.scheduler} · CFG {settings.guidance_scale:g} · "
         + (f"{settings.width}×{settings.height} → hires fix {width}×{height} ({settings.hires_upscaler}, "
-           f"{settings.hires_denoising_steps} steps at strength {settings.hires_strength:g})" if settings.hires else f"{width}×{height}")
+           f"{settings.hires_denoising_steps} step{'' if settings.hires_denoising_steps == 1 else 's'} at strength {settings.hires_strength:g})" if settings.hires else f"{width}×{height}")
         + f" · seed {settings.seed}"
         + (f" · variation seed {settings.variation_seed} at {settings.variation_strength:g}" if settings.varied else "")
         + f" · {settings.precision} · memory mode {settings.memory_mode}"
@@ -438,7 +438,7 @@ def cpu_warning(is_standin: bool) -> str:
             "which finishes in under a minute; larger sizes and more steps take much longer.")
 
 
-def stable_diffusion_form(mode: Mode, owner: str) -> None:
+def stable_diffusion_form(mode: Mode, owner: str, history_owner: str | None) -> None:
     # Above the model: a PNG that names a model this app refuses must not hide the way to drop another one.
     st.file_uploader("Drop a PNG made by this app (or AUTOMATIC1111) to fill the form with its settings", type=["png"], key=key("png"), on_change=fill_from_png)
     if st.session_state.get(PNG_ERROR_KEY):
@@ -497,7 +497,7 @@ def stable_diffusion_form(mode: Mode, owner: str) -> None:
     st.button("Generate", type="primary", key=key("start"), icon="🎨", on_click=start_run, args=(spec, model, source, loras, owner),
               help="Adds a run to your queue; you may add more while it runs.")
     if mode is Mode.TEXT_TO_IMAGE:
-        sweep_section(spec, model.is_standin, form_settings(), loras, abandoned=session_gone())
+        sweep_section(spec, model.is_standin, form_settings(), loras, abandoned=session_gone(), history_owner=history_owner)
 
 
 def unconditional_form(owner: str) -> None:
@@ -551,7 +551,7 @@ with form_column:
     if mode_name == UNCONDITIONAL:
         unconditional_form(queue_owner)
     else:
-        stable_diffusion_form(Mode(mode_name), queue_owner)
+        stable_diffusion_form(Mode(mode_name), queue_owner, history_owner)
 
 with output_column:
     generate_queue.queue_panel(queue_owner, device_word(get_backend().device))

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 import streamlit as st
+from PIL import Image
 
 from app_pages.common import literal, show_error
 from core.api import (
@@ -23,6 +24,7 @@ from core.api import (
     UnconditionalResult,
     human_bytes,
     pnginfo,
+    sweeps,
 )
 from core.app_state import get_image_history
 
@@ -35,26 +37,39 @@ def records_of(result: GenerationResult | UnconditionalResult, pngs: tuple[bytes
     """Each image's settings as the history keeps them; the parameters text is the one written into its PNG."""
     records = []
     for i, (image, png) in enumerate(zip(result.images, pngs, strict=True)):
-        parameters = pnginfo.read_parameters(png)
         if isinstance(result, UnconditionalResult):
+            parameters = pnginfo.read_parameters(png)
             records.append(ImageRecord("", "", result.model_name, image.seed, image.image.width, image.image.height, result.settings.steps, parameters))
         else:
-            settings = result.settings_for(i)
-            records.append(ImageRecord(settings.prompt, settings.negative_prompt, result.model_name, settings.seed, settings.width,
-                                       settings.height, settings.steps, parameters))
+            records.append(record_of(result.settings_for(i), image.image, result.model_name, png))
     return records
+
+
+def record_of(settings: GenerationSettings, image: Image.Image, model_name: str, png: bytes) -> ImageRecord:
+    """A text-to-image run's image as the history keeps it: its size as made (a hires fix's is larger than `settings`')."""
+    return ImageRecord(settings.prompt, settings.negative_prompt, model_name, settings.seed, image.width, image.height, settings.steps,
+                       pnginfo.read_parameters(png))
 
 
 def keep(owner: str | None, result: GenerationResult | UnconditionalResult, pngs: tuple[bytes, ...]) -> None:
     """Add a finished run's PNGs to the owner's history; with no owner yet (the browser has not answered) nothing is
     kept. A store that cannot take them (disk full, an image over the whole limit) leaves a message, not a traceback:
     the gallery has them all the same."""
+    keep_records(owner, lambda: list(zip(pngs, records_of(result, pngs), strict=True)))
+
+
+def keep_sweep(owner: str | None, result: sweeps.SweepResult) -> None:
+    """An X/Y plot's cells, each as the run of its own settings that it is (the grid is a picture of them, not kept)."""
+    keep_records(owner, lambda: [(cell.png, record_of(cell.cell.settings, cell.image, result.model_name, cell.png)) for cell in result.cells])
+
+
+def keep_records(owner: str | None, pairs: Callable[[], list[tuple[bytes, ImageRecord]]]) -> None:
     st.session_state[ERROR_KEY] = None
     if owner is None:
         return
     history = get_image_history()
     try:
-        for png, record in zip(pngs, records_of(result, pngs), strict=True):
+        for png, record in pairs():
             history.add(owner, png, record)
     except BadInputError as error:
         st.session_state[ERROR_KEY] = error

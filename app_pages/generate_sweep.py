@@ -10,6 +10,7 @@ from collections.abc import Callable
 import streamlit as st
 from PIL import Image
 
+from app_pages import generate_history
 from app_pages.common import STANDIN_FILE_SUFFIX, literal, show_error
 from core.api import BadInputError, GenerationSettings, Job, JobState, LoraChoice, ModelSpec, sweeps
 from core.app_state import get_backend
@@ -40,11 +41,11 @@ def axis_inputs(name: str, kinds: list[str], loras: tuple[LoraChoice, ...]) -> s
 
 
 def sweep_section(spec: ModelSpec, allow_standin: bool, base: GenerationSettings, loras: tuple[LoraChoice, ...],
-                  abandoned: Callable[[], bool]) -> None:
+                  abandoned: Callable[[], bool], history_owner: str | None) -> None:
     """The "X/Y plot" expander: axes, the plan's size and time, the Run button, and the sweep's progress or result."""
     sweep_run: Job[sweeps.SweepResult] | None = st.session_state.get(SWEEP_RUN_KEY)
     if sweep_run is not None and sweep_run.finished:
-        finish_sweep(sweep_run)
+        finish_sweep(sweep_run, history_owner)
         sweep_run = None
     with st.expander("X/Y plot", expanded=sweep_run is not None or st.session_state.get(SWEEP_OUTCOME_KEY) is not None):
         st.caption("One image per cell, every cell with this form's settings and seed except what its axes change. "
@@ -97,13 +98,14 @@ def start_sweep(spec: ModelSpec, allow_standin: bool, plan: sweeps.SweepPlan, ab
     st.session_state[SWEEP_RUN_KEY] = Job(work, "X/Y plot")
 
 
-def finish_sweep(sweep_run: Job[sweeps.SweepResult]) -> None:
+def finish_sweep(sweep_run: Job[sweeps.SweepResult], history_owner: str | None) -> None:
     snapshot = sweep_run.snapshot()
     del st.session_state[SWEEP_RUN_KEY]
     if snapshot.state is JobState.DONE and sweep_run.result is not None:
         result = sweep_run.result
         st.session_state[SWEEP_OUTCOME_KEY] = result
         st.session_state[SWEEP_SHOWN_GRID_KEY] = shown_grid_png(result.grid)
+        generate_history.keep_sweep(history_owner, result)  # every image made, as AUTOMATIC1111 saves a plot's cells
         steps = sum(cell.cell.settings.total_denoising_steps for cell in result.cells)
         if steps and not result.cancelled:
             st.session_state[SWEEP_RATE_KEY] = steps / snapshot.elapsed_s

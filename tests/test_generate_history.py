@@ -99,3 +99,20 @@ def test_without_a_browser_id_yet_nothing_is_kept(history_dir, monkeypatch):
     at = generate(open_page(), "before the browser answered", seed=4)
     assert len(at.session_state["generate:gallery"]) == 1 and kept_ids(at) == []
     assert get_image_history().usage().image_count == 0
+
+
+def test_an_xy_plots_cells_are_kept_each_with_its_own_settings(history_dir):
+    at = open_page()
+    at.toggle(key="generate:random_seed").set_value(False).run()
+    at.text_area(key="generate:prompt").input("a red bicycle")
+    for name, value in {"width": 64, "height": 64, "steps": 2, "seed": 5}.items():
+        at.number_input(key=f"generate:{name}").set_value(value)
+    at.run().selectbox(key="generate:sweep_X_kind").set_value("Seed").run()
+    at.text_input(key="generate:sweep_X_values").input("1-3").run()
+    at.button(key="generate:sweep_start").click().run()
+    assert at.session_state["generate:sweep_run"].wait(WAIT_S)
+    at.run()
+    assert not at.exception, at.exception
+    kept = [get_image_history().get(browser_owner(BROWSER_A), image_id) for image_id in kept_ids(at)]
+    assert sorted(image.entry.record.seed for image in kept) == [1, 2, 3] and {image.entry.record.prompt for image in kept} == {"a red bicycle"}
+    assert all(pnginfo.parse_parameters(pnginfo.read_parameters(image.png_bytes)).settings.seed == image.entry.record.seed for image in kept)

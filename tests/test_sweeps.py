@@ -2,6 +2,7 @@
 cell, the runner with a fake generator and cancel, and one 2x2 sweep on the stand-in SD model."""
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -244,18 +245,19 @@ def test_the_grid_png_names_its_axes_and_reads_back_as_its_first_cell():
 # Running
 
 
-def test_the_pngs_of_cells_and_grid_are_encoded_only_when_asked_for_and_once(monkeypatch):
+def test_cell_pngs_are_encoded_beside_the_next_cells_run_and_the_grids_only_when_asked_for(monkeypatch):
     encoded = []
     real_png_with_parameters = pnginfo.png_with_parameters
-    monkeypatch.setattr(pnginfo, "png_with_parameters", lambda image, text: encoded.append(image.size) or real_png_with_parameters(image, text))
+    monkeypatch.setattr(pnginfo, "png_with_parameters",
+                        lambda image, text: encoded.append((image.size, threading.current_thread().name)) or real_png_with_parameters(image, text))
     plan = plan_sweep(BASE, cfg(), seed_axis())
     result = sweeps.run_sweep(plan, solid, MODEL, is_standin=False)
-    assert encoded == []  # the plot's own time is its cells' and the grid's assembly
+    cell_size = (BASE.width, BASE.height)
+    assert len(encoded) == len(plan.cells) and all(size == cell_size and name.startswith("sweep-png") for size, name in encoded)
     first = result.cells[0].png
-    assert result.cells[0].png is first and encoded == [(BASE.width, BASE.height)]
     assert pnginfo.parse_parameters(pnginfo.read_parameters(first)).settings == plan.cells[0].settings
     grid = result.grid_png
-    assert result.grid_png is grid and encoded == [(BASE.width, BASE.height), result.grid.size]
+    assert result.grid_png is grid and encoded[-1] == (result.grid.size, threading.current_thread().name) and len(encoded) == len(plan.cells) + 1
 
 
 def test_run_sweep_makes_every_cell_in_order_and_reports_each():
