@@ -92,3 +92,19 @@ def wait_for_generation_runs(at, timeout_s: float) -> list[int]:
     for job_id in job_ids:
         assert get_job_board().wait(job_id, timeout_s)
     return job_ids
+
+
+def sentiment_with_spread_weights(manager):
+    """The stand-in sentiment model with larger random weights: its default init scores every text about 0.502, so a
+    row-order mistake could hide; these give texts clearly different scores."""
+    import torch
+
+    from core.models.registry import MODELS
+
+    loaded = manager.get(MODELS["sentiment"], allow_standin=True)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for weight in loaded.obj.model.parameters():
+            if weight.dim() == 2:
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.2)
+    return loaded

@@ -24,6 +24,7 @@ from core.tasks import classify, cross_session, imagenet, sentiment
 from core.tasks.cross_session import SessionBatcher, row_layout
 from core.tasks.images import decode_image
 from core.tasks.jobs import Job, JobState
+from helpers import sentiment_with_spread_weights
 
 WAIT_S = 60  # a safety net for a broken batcher (the test fails instead of hanging); never reached when it works
 # fp32 on the CPU: a row's logits in a batch of several may be summed in another order than alone.
@@ -276,14 +277,7 @@ def test_imagenet_requests_with_their_own_top_k_share_a_forward(manager, monkeyp
 
 @pytest.fixture()
 def sentiment_model(manager):
-    """The stand-in with larger random weights (as tests/test_sentiment.py): texts get clearly different scores."""
-    loaded = manager.get(MODELS["sentiment"], allow_standin=True)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for weight in loaded.obj.model.parameters():
-            if weight.dim() == 2:
-                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.2)
-    return loaded
+    return sentiment_with_spread_weights(manager)
 
 
 SHORT_TEXTS = [["good"], ["the film was ok", "I loved this movie, the cast was great"], ["awful, boring and too long. I hated it!"], ["meh"]]

@@ -16,6 +16,7 @@ from core.models.registry import MODELS, custom_spec
 from core.models.standins import ensure_built
 from core.tasks import sentiment
 from core.tasks.jobs import Job, JobState
+from helpers import sentiment_with_spread_weights
 
 TEXTS = [
     "good",
@@ -28,15 +29,8 @@ TEXTS = [
 
 @pytest.fixture()
 def model(manager):
-    """The stand-in with larger random weights: its default init scores every text about 0.502, so a row-order
-    mistake could hide; these give texts clearly different scores. The manager is this test's own."""
-    loaded = manager.get(MODELS["sentiment"], allow_standin=True)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for weight in loaded.obj.model.parameters():
-            if weight.dim() == 2:
-                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.2)
-    return loaded
+    """The stand-in with larger random weights (the manager is this test's own)."""
+    return sentiment_with_spread_weights(manager)
 
 
 def test_batched_scores_match_the_pipeline_text_by_text(model, monkeypatch):
