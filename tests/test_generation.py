@@ -350,6 +350,17 @@ def test_an_input_of_another_size_is_resized_and_said(sd):
     assert result.notes == ("The input image is 100x60 pixels; it was resized to 64x64, the size of this run.",)
 
 
+def test_inpaint_keeps_the_sources_pixels_outside_the_mask_and_blends_its_edge(sd):
+    source = SourceImages(picture(), half_mask())  # the left half repainted
+    made = pixels(generation.generate(sd, INPAINT, source=source)).astype(np.int16)
+    original = np.asarray(source.image, dtype=np.int16)
+    edge = generation.MASK_BLUR_PX * 3  # the blur's reach
+    assert np.array_equal(made[:, 32 + edge:], original[:, 32 + edge:])  # kept: exactly the source, as AUTOMATIC1111 pastes it back
+    repainted = np.abs(made[:, : 32 - edge] - original[:, : 32 - edge]).mean()
+    blended = np.abs(made[:, 32 : 32 + edge] - original[:, 32 : 32 + edge]).mean()  # kept side, within the blur
+    assert repainted > 20 and 0 < blended < repainted / 2  # the repainted area fades into the kept pixels
+
+
 def test_inpaint_repaints_under_the_mask_and_is_reproducible(sd):
     source = SourceImages(picture(), half_mask())
     first = generation.generate(sd, INPAINT, source=source)
