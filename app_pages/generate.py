@@ -538,7 +538,8 @@ st.title("🎨 Image generation")
 st.caption("Stable Diffusion 1.x (text to image, image to image, inpaint, with LoRA adapters) and unconditional DDPM models, through diffusers. "
            "Runs take turns on the GPU, one at a time: add several, and the turns go round the users.")
 form_defaults()
-history_owner = session_owner()  # None until the browser has sent its id: nothing is kept on disk for it then
+history_owner = session_owner()  # None until the browser has sent its id: images made before are kept once it has
+generate_history.keep_pending(history_owner)
 # The queue needs an owner from the first run on: without a login or a browser id, the session is its own owner.
 queue_owner = history_owner or st.session_state.setdefault(key("session_owner"), f"session:{secrets.token_hex(16)}")
 mode_name = st.radio("Mode", [m.value for m in Mode] + [UNCONDITIONAL], horizontal=True, key=key("mode"))

@@ -31,6 +31,8 @@ from core.app_state import get_image_history
 PAGE_SIZE = 9  # images per page of the history
 COLUMNS = 3  # wide enough for each image's three buttons
 QUERY_KEY, PAGE_KEY, ERROR_KEY = "generate:history_query", "generate:history_page", "generate:history_error"
+PENDING_KEY = "generate:history_pending"  # (PNG, record) of images made before the browser sent its id
+PENDING_LIMIT = 64  # images waiting for an id that never comes (a browser that blocks the component) are not all held
 
 
 def records_of(result: GenerationResult | UnconditionalResult, pngs: tuple[bytes, ...]) -> list[ImageRecord]:
@@ -65,11 +67,23 @@ def keep_sweep(owner: str | None, result: sweeps.SweepResult) -> None:
 
 def keep_records(owner: str | None, pairs: Callable[[], list[tuple[bytes, ImageRecord]]]) -> None:
     st.session_state[ERROR_KEY] = None
-    if owner is None:
+    pending: list[tuple[bytes, ImageRecord]] = st.session_state.setdefault(PENDING_KEY, [])
+    pending.extend(pairs())
+    del pending[:-PENDING_LIMIT]
+    keep_pending(owner)
+
+
+def keep_pending(owner: str | None) -> None:
+    """The images made before the browser answered with its id, kept once it has (at the next rerun): the history
+    holds every image, a session's first run too. A store that cannot take them leaves a message, not a traceback: the
+    gallery has them all the same."""
+    pending: list[tuple[bytes, ImageRecord]] = st.session_state.get(PENDING_KEY) or []
+    if owner is None or not pending:
         return
     history = get_image_history()
+    taken, pending[:] = list(pending), []
     try:
-        for png, record in pairs():
+        for png, record in taken:
             history.add(owner, png, record)
     except BadInputError as error:
         st.session_state[ERROR_KEY] = error

@@ -94,11 +94,15 @@ def test_another_browser_does_not_see_the_images(history_dir, monkeypatch):
     assert any("Nothing kept yet" in info.value for info in other.info)
 
 
-def test_without_a_browser_id_yet_nothing_is_kept(history_dir, monkeypatch):
+def test_an_image_made_before_the_browser_answered_is_kept_once_it_has(history_dir, monkeypatch):
     monkeypatch.setattr(browser_id, "browser_id", lambda: None)
     at = generate(open_page(), "before the browser answered", seed=4)
     assert len(at.session_state["generate:gallery"]) == 1 and kept_ids(at) == []
-    assert get_image_history().usage().image_count == 0
+    assert get_image_history().usage().image_count == 0  # no owner yet: nothing on disk
+    monkeypatch.setattr(browser_id, "browser_id", lambda: BROWSER_A)  # the component's answer reruns the page
+    at.run()
+    (image_id,) = kept_ids(at)
+    assert get_image_history().get(browser_owner(BROWSER_A), image_id).entry.record.prompt == "before the browser answered"
 
 
 def test_an_xy_plots_cells_are_kept_each_with_its_own_settings(history_dir):

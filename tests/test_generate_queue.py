@@ -112,5 +112,7 @@ def test_more_runs_than_the_limit_are_refused_with_a_message(device_held, monkey
         at.button(key="generate:start").click().run()
         assert len(at.session_state["generate:runs"]) == 1
         assert any("You already have 1 runs queued or running" in error.value for error in at.error)
+        device_held.set()
+        wait_for_generation_runs(at, WAIT_S)  # a run left going ended the interpreter under it: "terminate called", exit 134
     finally:
         get_job_board.clear()
