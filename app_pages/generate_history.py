@@ -116,7 +116,19 @@ def turn_page(by: int) -> None:
 def described(record: ImageRecord) -> str:
     what = f"“{literal(record.prompt)}”" if record.prompt else "no prompt (unconditional)"
     return (what + (f" · not: “{literal(record.negative_prompt)}”" if record.negative_prompt else "")
-            + f"  \n{literal(record.model)} · seed {record.seed} · {record.width}×{record.height} · {record.steps} steps")
+            + f"  \n{literal(record.model)} · seed {record.seed} · {record.width}×{record.height} · {record.steps} steps{sampling(record)}")
+
+
+def sampling(record: ImageRecord) -> str:
+    """The sampler and CFG scale from the image's own settings text: the cells of an X/Y plot often differ in them only.
+    An unconditional (DDPM) image's text has neither (the reader would fill in defaults)."""
+    if "CFG scale: " not in record.parameters:
+        return ""
+    try:
+        settings = pnginfo.parse_parameters(record.parameters).settings
+    except BadInputError:
+        return ""
+    return f" · {settings.scheduler} · CFG {settings.guidance_scale:g}"
 
 
 def show_image(owner: str, entry: HistoryEntry, fill_form: Callable[[GenerationSettings, str | None], None]) -> None:

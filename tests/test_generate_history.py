@@ -120,3 +120,12 @@ def test_an_xy_plots_cells_are_kept_each_with_its_own_settings(history_dir):
     kept = [get_image_history().get(browser_owner(BROWSER_A), image_id) for image_id in kept_ids(at)]
     assert sorted(image.entry.record.seed for image in kept) == [1, 2, 3] and {image.entry.record.prompt for image in kept} == {"a red bicycle"}
     assert all(pnginfo.parse_parameters(pnginfo.read_parameters(image.png_bytes)).settings.seed == image.entry.record.seed for image in kept)
+    assert captions(at).count("2 steps · PNDM · CFG 7.5") == 3  # each card says how it was sampled
+
+
+def test_an_unconditional_images_card_names_no_sampler_or_cfg():
+    from app_pages.generate_history import sampling
+    from core.tasks.image_history import ImageRecord
+
+    ddpm = pnginfo.unconditional_parameters_text(50, 5, "google/ddpm-cifar10-32", is_standin=False)
+    assert sampling(ImageRecord("", "", "google/ddpm-cifar10-32", 5, 32, 32, 50, ddpm)) == ""
