@@ -54,9 +54,8 @@ def record_of(settings: GenerationSettings, image: Image.Image, model_name: str,
 
 
 def keep(owner: str | None, result: GenerationResult | UnconditionalResult, pngs: tuple[bytes, ...]) -> None:
-    """Add a finished run's PNGs to the owner's history; with no owner yet (the browser has not answered) nothing is
-    kept. A store that cannot take them (disk full, an image over the whole limit) leaves a message, not a traceback:
-    the gallery has them all the same."""
+    """Add a finished run's PNGs to the owner's history; with no owner yet (the browser has not answered) they wait
+    for it (`keep_pending`)."""
     keep_records(owner, lambda: list(zip(pngs, records_of(result, pngs), strict=True)))
 
 

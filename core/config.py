@@ -386,7 +386,7 @@ def describe(settings: Settings) -> str:
         f"torch.compile:    {f'on CUDA, in the background, cache {settings.compile_cache_dir}' if settings.compile else 'off (DASH_COMPILE)'}",
         f"CPU bf16:         {'hot dog and sentiment, where the CPU has it natively' if settings.cpu_bf16 else 'off (DASH_CPU_BF16)'}",
         f"shared batches:   {'on a GPU, text-to-image runs of different sessions share UNet calls' if settings.shared_batches else 'off (DASH_SHARED_BATCH): each run alone'}",
-        f"session batches:  {f'classifier and sentiment requests that meet share a forward (window {settings.batch_window_ms:g} ms)' if settings.batch_sessions else 'off (DASH_BATCH_SESSIONS): each request its own forward'}",
+        f"session batches:  {f'sentiment requests that meet share a forward, and classifier requests except on a GPU with CUDA graphs (window {settings.batch_window_ms:g} ms)' if settings.batch_sessions else 'off (DASH_BATCH_SESSIONS): each request its own forward'}",
         f"image history:    {settings.history_dir}, at most {settings.history_max_bytes / 2**30:.1f} GiB (oldest removed first)",
         f"queued runs:      at most {settings.max_queued_runs} per user",
         f"backend:          {_describe_backend(settings)}",

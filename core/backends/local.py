@@ -19,9 +19,9 @@ from core.tasks.unconditional import UnconditionalResult, UnconditionalSettings
 class LocalBackend(ModelManager):
     """The model manager of this process, with each task run directly on its models (the `Backend` protocol).
 
-    Classifier and sentiment requests of different sessions share forwards here when the model's
-    `accel.batch_sessions` is on (core.tasks.cross_session); a Ray replica's manager calls the tasks without it, as
-    Serve batches its requests itself."""
+    Sentiment and (see `images_across_sessions`) classifier requests of different sessions share forwards here when the
+    model's `accel.batch_sessions` is on (core.tasks.cross_session); a Ray replica's manager calls the tasks without
+    it, as Serve batches its requests itself."""
 
     def classify_images(self, model: LoadedModel, images: Sequence[DecodedImage]) -> ClassificationRun:
         return classify.classify_images(model, list(images), across_sessions=images_across_sessions(model))

@@ -97,11 +97,9 @@ def classify_images(model: LoadedModel, images: list[DecodedImage], across_sessi
     pipe = model.obj
 
     def logits(chunk: list[DecodedImage]) -> torch.Tensor:
-        if not across_sessions:
-            return _forward(pipe.model, preprocess(pipe, chunk), model.accel)
-        return cross_session.forward_with_other_sessions(
+        return cross_session.forward_images(
             pipe.model, model.accel, MAX_BATCH, lambda: preprocess(pipe, chunk)["pixel_values"],
-            lambda pixel_values: _forward(pipe.model, {"pixel_values": pixel_values}, model.accel),
+            lambda pixel_values: _forward(pipe.model, {"pixel_values": pixel_values}, model.accel), across_sessions=across_sessions,
         )
 
     return run_batched(model, images, lambda chunk: postprocess(logits(chunk), pipe.model.config.id2label, chunk))

@@ -234,11 +234,13 @@ def batcher_for(module: torch.nn.Module, make: Callable[[], SessionBatcher]) -> 
         return batcher
 
 
-def forward_with_other_sessions(
-    module: torch.nn.Module, accel: Acceleration, max_rows: int, prepare: Callable[[], torch.Tensor], forward: Forward,
+def forward_images(
+    module: torch.nn.Module, accel: Acceleration, max_rows: int, prepare: Callable[[], torch.Tensor], forward: Forward, *, across_sessions: bool,
 ) -> torch.Tensor:
-    """`forward(prepare())` for a fixed-shape batch (images), sharing the forward with other sessions' requests that
-    reach `module` meanwhile; `prepare` runs in this thread, announced to the batcher."""
+    """`forward(prepare())` for a fixed-shape batch (images); `across_sessions`: sharing the forward with other
+    sessions' requests that reach `module` meanwhile, `prepare` run in this thread, announced to the batcher."""
+    if not across_sessions:
+        return forward(prepare())
     batcher = batcher_for(module, lambda: SessionBatcher(concatenated, max_rows, accel.batch_window_ms / 1000))
     with batcher.joining() as seat:
         batch = prepare()

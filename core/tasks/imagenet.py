@@ -80,10 +80,9 @@ def classify(model: LoadedModel, images: list[DecodedImage], top_k: int = DEFAUL
         raise BadInputError(f"`top_k` must be between 1 and {len(names)}, not {top_k}.")
 
     def logits(chunk: list[DecodedImage]) -> torch.Tensor:
-        if not across_sessions:
-            return _forward(model.obj, preprocess(model, chunk), model.accel)
-        return cross_session.forward_with_other_sessions(
+        return cross_session.forward_images(
             model.obj, model.accel, MAX_BATCH, lambda: preprocess(model, chunk), lambda batch: _forward(model.obj, batch, model.accel),
+            across_sessions=across_sessions,
         )
 
     return run_batched(model, images, lambda chunk: postprocess(logits(chunk), names, chunk, top_k))

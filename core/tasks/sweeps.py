@@ -544,5 +544,5 @@ def run_sweep(
                 break
             results.append(SweepCellResult(cell, image, encoder.submit(cell_png, image, cell, model_name, is_standin=is_standin)))
             on_cell_done(len(results), len(plan.cells), results[-1])
-    grid = grid_image([result.image for result in results], plan)
+        grid = grid_image([result.image for result in results], plan)  # beside the last cell's PNG
     return SweepResult(plan, tuple(results), grid, stopped, is_standin, model_name)
